@@ -1,0 +1,42 @@
+"""The `moefuse` console script: `moefuse <command> [args]`. Each command lives in its own module with a
+`main(argv)`; they are imported only when called, so `moefuse --help` is instant."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, one-line help). Each module defines `main(argv: list[str] | None) -> int | None`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "build-shards": ("moefuse.datasets.shards", "validate a manifest and write webdataset tar shards"),
+    "demo-data": ("moefuse.datasets.demo", "generate the built-in synthetic multimodal demo dataset"),
+    "train": ("moefuse.train.run", "joint multi-task training from a YAML config (also under accelerate launch)"),
+    "evaluate": ("moefuse.train.evaluate", "metrics of an exported model on shards"),
+    "predict": ("moefuse.train.predict", "predictions for one sample or a manifest, as JSON Lines"),
+    "demo": ("moefuse.train.demo", "demo data -> shards -> train -> evaluate -> predict, end to end"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: moefuse <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`moefuse <command> --help` describes a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"moefuse: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

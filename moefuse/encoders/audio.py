@@ -1,0 +1,109 @@
+"""Audio encoder: transformers Wav2Vec2Model (Baevski et al. 2020) on raw 16 kHz waveforms.
+
+Waveforms are normalised per utterance over their real samples (zero mean, unit variance, as
+Wav2Vec2FeatureExtractor does); the frame mask follows from the sample mask through the conv stack's lengths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+from moefuse.configutil import ConfigError, check
+from moefuse.encoders.base import EncoderOutput, Finetune, apply_finetune, check_finetune
+
+# tiny/small: random init; 5 conv layers with total stride 320 (50 frames/s, like wav2vec2-base) but 32 channels.
+AUDIO_PRESETS: dict[str, dict] = {
+    "tiny": dict(source="config", hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                 conv_dim=(32, 32, 32, 32, 32), conv_stride=(5, 4, 4, 2, 2), conv_kernel=(10, 8, 4, 4, 2),
+                 num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, apply_spec_augment=False,
+                 feat_extract_norm="layer", do_stable_layer_norm=True),
+    "small": dict(source="config", hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  intermediate_size=256, conv_dim=(64, 64, 64, 64, 64), conv_stride=(5, 4, 4, 2, 2),
+                  conv_kernel=(10, 8, 4, 4, 2), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+                  apply_spec_augment=False, feat_extract_norm="layer", do_stable_layer_norm=True),
+    "local": dict(source="folder"),
+}
+
+
+@dataclass
+class AudioEncoderConfig:
+    preset: str = "tiny"
+    """One of AUDIO_PRESETS: tiny | small (random init) or local (`path`, a saved Wav2Vec2 checkpoint)."""
+    path: str | None = None
+    """Local folder with a Wav2Vec2 config.json and weights (preset `local`)."""
+    sample_rate: int = 16000
+    """Rate the model expects; other rates are resampled with torchaudio when media are loaded."""
+    max_seconds: float = 2.0
+    """Longer clips are cropped (random crop in training, from the start in evaluation); shorter are padded."""
+    finetune: Finetune = "full"
+    """full: train all weights; frozen: no gradients; lora: train peft LoRA adapters only."""
+    lora_r: int = 8
+    """LoRA rank."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Names of the wav2vec2 attention projections that get adapters."""
+
+    def __post_init__(self) -> None:
+        check(self.preset in AUDIO_PRESETS, "encoders.audio.preset",
+              f"unknown audio preset {self.preset!r}; choose one of {', '.join(AUDIO_PRESETS)}")
+        if self.preset == "local":
+            check(self.path is not None, "encoders.audio.path", "preset 'local' needs path: a local wav2vec2 folder")
+        check(self.sample_rate >= 1000, "encoders.audio.sample_rate", f"must be >= 1000, got {self.sample_rate}")
+        check(0.1 <= self.max_seconds <= 60, "encoders.audio.max_seconds", f"must be in [0.1, 60], got "
+              f"{self.max_seconds}")
+        check_finetune("encoders.audio", self.finetune, self.lora_r, self.lora_alpha, self.lora_dropout)
+
+    @property
+    def max_samples(self) -> int:
+        return int(round(self.max_seconds * self.sample_rate))
+
+
+class AudioEncoder(nn.Module):
+    """Wav2Vec2Model -> frame tokens [B, F, D_enc] and the frame mask [B, F]."""
+
+    modality = "audio"
+
+    def __init__(self, cfg: AudioEncoderConfig, wav2vec2: Wav2Vec2Model):
+        super().__init__()
+        self.cfg, self.wav2vec2 = cfg, wav2vec2
+        self.out_dim = wav2vec2.config.hidden_size
+        self.sample_rate = cfg.sample_rate
+        # Models with group-norm feature extractors (wav2vec2-base) were trained on zero-padded input without an
+        # attention mask; HF's processor passes the mask only for layer-norm ones. Do the same.
+        self.pass_mask = wav2vec2.config.feat_extract_norm == "layer"
+
+    def forward(self, input_values: torch.Tensor, sample_mask: torch.Tensor) -> EncoderOutput:
+        if input_values.dim() != 2 or sample_mask.shape != input_values.shape:
+            raise ValueError(f"audio encoder expects input_values [B, S] and sample_mask [B, S], got "
+                             f"{tuple(input_values.shape)} and {tuple(sample_mask.shape)}")
+        m = sample_mask.to(input_values.dtype)
+        n = m.sum(-1, keepdim=True).clamp_min(1.0)  # [B, 1]
+        mean = (input_values * m).sum(-1, keepdim=True) / n
+        var = ((input_values - mean).square() * m).sum(-1, keepdim=True) / n
+        x = (input_values - mean) / torch.sqrt(var + 1e-7) * m  # [B, S], padding stays 0
+        out = self.wav2vec2(x, attention_mask=sample_mask.long() if self.pass_mask else None)
+        frames = out.last_hidden_state  # [B, F, D_enc]
+        lengths = self.wav2vec2._get_feat_extract_output_lengths(sample_mask.sum(-1))  # [B]
+        frame_mask = torch.arange(frames.shape[1], device=frames.device)[None, :] < lengths[:, None]  # [B, F]
+        return EncoderOutput(tokens=frames, mask=frame_mask)
+
+
+def build_audio_encoder(cfg: AudioEncoderConfig) -> AudioEncoder:
+    preset = AUDIO_PRESETS[cfg.preset]
+    if preset["source"] == "config":
+        model = Wav2Vec2Model(Wav2Vec2Config(**{k: v for k, v in preset.items() if k != "source"}))
+    else:
+        folder = Path(cfg.path).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"encoders.audio: no wav2vec2 checkpoint at {folder} (config.json missing)")
+        model = Wav2Vec2Model.from_pretrained(folder, local_files_only=True)
+    model = apply_finetune(model, cfg.finetune, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    return AudioEncoder(cfg, model)

@@ -1,0 +1,106 @@
+"""Image encoder: a timm Vision Transformer (Dosovitskiy et al. 2021); its patch tokens plus CLS are the tokens.
+
+Pretrained weights load only from a local file through timm's `pretrained_cfg_overlay=dict(file=...)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+from timm.data import create_transform, resolve_model_data_config
+from torch import nn
+
+from moefuse.configutil import ConfigError, check
+from moefuse.encoders.base import EncoderOutput, Finetune, apply_finetune, check_finetune
+
+# Presets are `timm.create_model` arguments. tiny/small are random init sized for 2 CPU cores; vit_* are the
+# standard timm architectures, pretrained when `checkpoint_file` points at their weights.
+IMAGE_PRESETS: dict[str, dict] = {
+    "tiny": dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2),
+    "small": dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=128, depth=4,
+                  num_heads=4),
+    "vit_tiny": dict(model_name="vit_tiny_patch16_224"),
+    "vit_small": dict(model_name="vit_small_patch16_224"),
+    "vit_base": dict(model_name="vit_base_patch16_224"),
+}
+
+
+@dataclass
+class ImageEncoderConfig:
+    preset: str = "tiny"
+    """One of IMAGE_PRESETS (tiny | small | vit_tiny | vit_small | vit_base)."""
+    model_name: str | None = None
+    """Any timm model name, overriding the preset's (its other arguments are kept)."""
+    checkpoint_file: str | None = None
+    """Local weights (.safetensors/.pth/.bin) for the timm model; None = random init."""
+    image_size: int | None = None
+    """Input resolution override (timm `img_size`); None = the preset's."""
+    finetune: Finetune = "full"
+    """full: train all weights; frozen: no gradients; lora: train peft LoRA adapters only."""
+    lora_r: int = 8
+    """LoRA rank."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    lora_targets: list[str] = field(default_factory=lambda: ["qkv"])
+    """Names of the ViT linear layers that get adapters."""
+
+    def __post_init__(self) -> None:
+        check(self.preset in IMAGE_PRESETS, "encoders.image.preset",
+              f"unknown image preset {self.preset!r}; choose one of {', '.join(IMAGE_PRESETS)}")
+        check(self.image_size is None or self.image_size >= 8, "encoders.image.image_size",
+              f"must be >= 8, got {self.image_size}")
+        check_finetune("encoders.image", self.finetune, self.lora_r, self.lora_alpha, self.lora_dropout)
+
+
+class ImageEncoder(nn.Module):
+    """timm ViT -> tokens [B, 1 + P, D_enc] (CLS/prefix tokens then P patches); every token is real."""
+
+    modality = "image"
+
+    def __init__(self, cfg: ImageEncoderConfig, vit: nn.Module, data_config: dict):
+        super().__init__()
+        self.cfg, self.vit, self.data_config = cfg, vit, data_config
+        self.out_dim = vit.num_features
+        # timm's eval transform: resize, centre crop, to tensor, normalise with the model's mean/std.
+        self.transform: Callable = create_transform(**data_config, is_training=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
+        expected = self.data_config["input_size"]
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != tuple(expected):
+            raise ValueError(f"image encoder expects pixel_values [B, {', '.join(map(str, expected))}], "
+                             f"got {tuple(pixel_values.shape)}")
+        tokens = self.vit.forward_features(pixel_values)  # [B, 1 + P, D_enc]
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)  # [B, 1 + P]
+        return EncoderOutput(tokens=tokens, mask=mask)
+
+
+def build_image_encoder(cfg: ImageEncoderConfig) -> ImageEncoder:
+    kwargs = dict(IMAGE_PRESETS[cfg.preset])
+    name = cfg.model_name or kwargs.pop("model_name")
+    kwargs.pop("model_name", None)
+    if cfg.image_size is not None:
+        kwargs["img_size"] = cfg.image_size
+    pretrained = cfg.checkpoint_file is not None
+    if pretrained:
+        path = Path(cfg.checkpoint_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"encoders.image.checkpoint_file: {path} does not exist or is not a file")
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
+    try:
+        vit = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+    except RuntimeError as e:  # timm raises RuntimeError for unknown model names
+        raise ConfigError(f"encoders.image: timm cannot build {name!r}: {e}") from None
+    data_config = resolve_model_data_config(vit)
+    img_size = getattr(getattr(vit, "patch_embed", None), "img_size", None)
+    if img_size is not None:  # the pretrained cfg keeps 224 even when img_size is overridden
+        data_config["input_size"] = (3, *img_size)
+    if not pretrained:
+        data_config["crop_pct"] = 1.0  # images are normalised at shard build time: resize, do not crop
+    vit = apply_finetune(vit, cfg.finetune, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    return ImageEncoder(cfg, vit, data_config)

