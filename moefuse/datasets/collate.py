@@ -55,6 +55,10 @@ class Collator:
         self._rng = random.Random(self.seed)
         self._index = {t: {v: i for i, v in enumerate(vocab)} for t, vocab in zip(self.task_names, self.vocabularies)}
 
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the crop RNG per epoch, so a resumed run replays an epoch's crops exactly."""
+        self._rng = random.Random(self.seed * 1_000_003 + epoch)
+
     def __call__(self, samples: Sequence[dict]) -> dict:
         if not samples:
             raise ValueError("cannot collate an empty list of samples")

@@ -96,9 +96,13 @@ class AudioEncoder(nn.Module):
         return EncoderOutput(tokens=frames, mask=frame_mask)
 
 
-def build_audio_encoder(cfg: AudioEncoderConfig) -> AudioEncoder:
+def build_audio_encoder(cfg: AudioEncoderConfig, arch_dir: str | Path | None = None) -> AudioEncoder:
+    """Build from the preset; with `arch_dir` (an exported model's audio/ folder holding config.json) build the
+    same architecture with random init, for a state dict to be loaded into."""
     preset = AUDIO_PRESETS[cfg.preset]
-    if preset["source"] == "config":
+    if arch_dir is not None:
+        model = Wav2Vec2Model(Wav2Vec2Config.from_pretrained(arch_dir, local_files_only=True))
+    elif preset["source"] == "config":
         model = Wav2Vec2Model(Wav2Vec2Config(**{k: v for k, v in preset.items() if k != "source"}))
     else:
         folder = Path(cfg.path).expanduser()

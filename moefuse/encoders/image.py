@@ -5,6 +5,7 @@ Pretrained weights load only from a local file through timm's `pretrained_cfg_ov
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +81,14 @@ class ImageEncoder(nn.Module):
         return EncoderOutput(tokens=tokens, mask=mask)
 
 
-def build_image_encoder(cfg: ImageEncoderConfig) -> ImageEncoder:
+def build_image_encoder(cfg: ImageEncoderConfig, arch_dir: str | Path | None = None) -> ImageEncoder:
+    """Build from the preset; with `arch_dir` (an exported model's image/ folder) skip the pretrained file and
+    build the same architecture with random init, for a state dict to be loaded into."""
+    if arch_dir is not None:
+        from dataclasses import replace
+
+        cfg = replace(cfg, checkpoint_file=None)
+        saved = json.loads((Path(arch_dir) / "data_config.json").read_text())
     kwargs = dict(IMAGE_PRESETS[cfg.preset])
     name = cfg.model_name or kwargs.pop("model_name")
     kwargs.pop("model_name", None)
@@ -102,5 +110,8 @@ def build_image_encoder(cfg: ImageEncoderConfig) -> ImageEncoder:
         data_config["input_size"] = (3, *img_size)
     if not pretrained:
         data_config["crop_pct"] = 1.0  # images are normalised at shard build time: resize, do not crop
+    if arch_dir is not None:
+        data_config.update(saved, input_size=tuple(saved["input_size"]), mean=tuple(saved["mean"]),
+                           std=tuple(saved["std"]))  # the preprocessing the model was trained with
     vit = apply_finetune(vit, cfg.finetune, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
     return ImageEncoder(cfg, vit, data_config)

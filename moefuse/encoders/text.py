@@ -111,7 +111,16 @@ class TextEncoder(nn.Module):
         return EncoderOutput(tokens=hidden, mask=attention_mask.bool())
 
 
-def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
+def build_text_encoder(cfg: TextEncoderConfig, arch_dir: str | Path | None = None) -> TextEncoder:
+    """Build from the preset; with `arch_dir` (an exported model's text/ folder: config.json + tokenizer, no
+    weights) build the same architecture with random init, for a state dict to be loaded into."""
+    if arch_dir is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(arch_dir, local_files_only=True)
+        bert = BertModel(BertConfig.from_pretrained(arch_dir, local_files_only=True), add_pooling_layer=False)
+        bert = apply_finetune(bert, cfg.finetune, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        return TextEncoder(cfg, bert, tokenizer)
     folder = resolve_text_folder(cfg)
     if folder is None:
         preset = {k: v for k, v in TEXT_PRESETS[cfg.preset].items() if k != "source"}

@@ -11,6 +11,7 @@ have it). The batch format is documented in `moefuse.datasets.collate`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from moefuse.encoders import (
     build_text_encoder,
 )
 from moefuse.fusion.heads import HeadsConfig, TaskConfig, TaskOutput, VotingHeads
+from moefuse.fusion.moe import MoEOutput
 from moefuse.fusion.stack import FusionConfig, FusionStack
 
 MODALITIES = ("text", "image", "audio")
@@ -80,6 +82,9 @@ class ModelOutput:
     modality_expert_counts: torch.Tensor | None  # [L, M + 1, E] rows: text, image, audio, fusion token
     dropped_tokens: torch.Tensor  # scalar, over all layers
     routed_tokens: torch.Tensor  # scalar: real tokens x layers x top_k (the denominator of the dropped fraction)
+    token_mask: torch.Tensor  # [B, T] real tokens of the fused sequence
+    modality_ids: torch.Tensor  # [B, T] 0 text, 1 image, 2 audio, 3 fusion token
+    moe_layers: list[MoEOutput]  # per MoE layer: routing of the real tokens in [B, T] row-major order
 
 
 class MultimodalMoEModel(nn.Module):
@@ -184,6 +189,9 @@ class MultimodalMoEModel(nn.Module):
             modality_expert_counts=torch.stack([o.modality_expert_counts for o in moes]) if moes else None,
             dropped_tokens=sum((o.dropped_tokens for o in moes), torch.zeros((), dtype=torch.long)),
             routed_tokens=torch.tensor(int(mask.sum()) * len(moes) * self.cfg.fusion.top_k),
+            token_mask=mask,
+            modality_ids=modality_ids,
+            moe_layers=moes,
         )
 
 
@@ -191,13 +199,16 @@ class MultimodalMoEModel(nn.Module):
 # builders
 
 
-def build_encoders(cfg: EncodersConfig) -> dict[str, nn.Module]:
+def build_encoders(cfg: EncodersConfig, arch_dir: str | Path | None = None) -> dict[str, nn.Module]:
+    """The configured encoders; with `arch_dir` (an exported model folder) each is built from the architecture
+    saved in `arch_dir/<modality>/` with random init, ready for the exported state dict."""
     builders = {"text": build_text_encoder, "image": build_image_encoder, "audio": build_audio_encoder}
-    return {m: builders[m](getattr(cfg, m)) for m in MODALITIES if getattr(cfg, m) is not None}
+    return {m: builders[m](getattr(cfg, m), **({"arch_dir": Path(arch_dir) / m} if arch_dir else {}))
+            for m in MODALITIES if getattr(cfg, m) is not None}
 
 
-def build_model(cfg: ModelConfig) -> MultimodalMoEModel:
-    return MultimodalMoEModel(cfg, build_encoders(cfg.encoders))
+def build_model(cfg: ModelConfig, arch_dir: str | Path | None = None) -> MultimodalMoEModel:
+    return MultimodalMoEModel(cfg, build_encoders(cfg.encoders, arch_dir))
 
 
 def build_collator(model: MultimodalMoEModel, train: bool = False, seed: int = 0) -> Collator:

@@ -81,9 +81,12 @@ def native_grouped_mm_available(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether torch._grouped_mm has a kernel for these inputs (CPU: torch >= 2.9; CUDA: bf16 on sm80+)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
+    # The kernels need 16-byte aligned strides and data (e.g. fp32 widths divisible by 4).
+    aligned = all(t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
+                  for t in (x, w))
     if x.device.type == "cuda":
-        return w.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
-    return x.device.type == "cpu" and x.dtype == w.dtype
+        return aligned and w.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return aligned and x.device.type == "cpu" and x.dtype == w.dtype
 
 
 def grouped_mm(
@@ -97,6 +100,11 @@ def grouped_mm(
 
 # ----------------------------------------------------------------------------------------------------------------
 # experts and the dense floor
+
+
+class Router(nn.Linear):
+    """The gating projection. A distinct type so that int8 dynamic quantisation (which matches exact types)
+    leaves it in fp32: near-tied top-k choices flip under quantisation."""
 
 
 class Experts(nn.Module):
@@ -219,7 +227,7 @@ class SparseMoE(nn.Module):
         self.balance_coef, self.z_coef = balance_coef, z_coef
         self.local_entropy_coef, self.global_entropy_coef = local_entropy_coef, global_entropy_coef
         self.backend = backend
-        self.router = nn.Linear(d_model, num_experts, bias=False)
+        self.router = Router(d_model, num_experts, bias=False)
         nn.init.normal_(self.router.weight, std=d_model**-0.5 * 0.1)  # near-uniform routing at init
         self.experts = Experts(num_experts, d_model, d_hidden, activation)
         self.shared_expert = DenseFFN(d_model, shared_expert_hidden, activation) if shared_expert_hidden else None

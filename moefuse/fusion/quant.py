@@ -1,0 +1,67 @@
+"""Dynamic int8 quantisation for CPU inference (`moefuse predict --int8`).
+
+Every nn.Linear becomes torch.ao's DynamicQuantizedLinear (int8 weights, activations quantised per batch on the
+fly; Jacob et al. 2018), and each MoE expert's stacked weights become one such layer per expert, applied to that
+expert's contiguous slice of the sorted tokens. Routers stay fp32 (see `moe.Router`).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moefuse.fusion.moe import Experts
+
+
+def _quantized_linear(weight: torch.Tensor) -> nn.Module:
+    """weight [in, out] (x @ W layout) -> an int8 dynamic linear computing x @ W."""
+    from torch.ao.quantization import quantize_dynamic
+
+    lin = nn.Linear(weight.shape[0], weight.shape[1], bias=False)
+    lin.weight.data.copy_(weight.t())
+    return quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)[0]
+
+
+class Int8Experts(nn.Module):
+    """Experts with one int8 dynamic linear per expert and matrix; same forward contract as `Experts`."""
+
+    def __init__(self, experts: Experts):
+        super().__init__()
+        self.activation = experts.activation
+        with torch.no_grad():
+            self.w_in = nn.ModuleList(_quantized_linear(w) for w in experts.w_in.detach().float())
+            self.w_out = nn.ModuleList(_quantized_linear(w) for w in experts.w_out.detach().float())
+
+    def forward(self, x_sorted: torch.Tensor, offs: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        bounds = [0, *offs.tolist()]
+        out = x_sorted.new_zeros(x_sorted.shape)  # [S, D]
+        for e, (w_in, w_out) in enumerate(zip(self.w_in, self.w_out)):
+            s, t = bounds[e], bounds[e + 1]
+            if t == s:
+                continue
+            h = w_in(x_sorted[s:t])  # [S_e, 2H] or [S_e, H]
+            if self.activation == "swiglu":
+                gate, up = h.chunk(2, dim=-1)
+                h = F.silu(gate) * up
+            else:
+                h = F.gelu(h)
+            out[s:t] = w_out(h)
+        return out
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Quantise a (CPU, eval-mode) model in place: every nn.Linear and every MoE expert; routers stay fp32."""
+    from torch.ao.quantization import quantize_dynamic
+
+    model = model.cpu().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao
+        for name, module in list(model.named_modules()):
+            if isinstance(module, Experts):
+                parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+                setattr(parent, name.rsplit(".", 1)[-1], Int8Experts(module))
+        quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    return model

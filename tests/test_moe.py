@@ -1,0 +1,199 @@
+"""SparseMoE: shapes, routing invariants, losses, peers (transformers' Mixtral block and balance loss)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, load_balancing_loss_func
+
+from moefuse.fusion.moe import SparseMoE, grouped_mm
+
+BACKENDS = ["native", "loop"]
+
+
+def mixtral_block(d: int = 32, h: int = 48, e: int = 8, k: int = 2) -> MixtralSparseMoeBlock:
+    torch.manual_seed(0)
+    block = MixtralSparseMoeBlock(MixtralConfig(hidden_size=d, intermediate_size=h, num_local_experts=e,
+                                                num_experts_per_tok=k, router_jitter_noise=0.0))
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    return block.eval()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(13, 32), (3, 7, 32)])
+def test_shapes_and_types(backend: str, shape: tuple[int, ...]) -> None:
+    moe = SparseMoE(32, 48, 4, top_k=2, backend=backend)
+    out = moe(torch.randn(shape))
+    assert out.out.shape == shape
+    n = math.prod(shape[:-1])
+    assert out.router_logits.shape == (n, 4) and out.router_logits.dtype == torch.float32
+    assert out.top_k_index.shape == (n, 2)
+    assert int(out.tokens_per_expert.sum()) == n * 2
+    assert int(out.dropped_tokens) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_from_mixtral_matches_peer(backend: str, k: int) -> None:
+    block = mixtral_block(k=k)
+    moe = SparseMoE.from_mixtral(block, backend=backend).eval()
+    x = torch.randn(4, 9, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x).out, block(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_balance_loss_equals_transformers(masked: bool) -> None:
+    block = mixtral_block()
+    moe = SparseMoE.from_mixtral(block)
+    x = torch.randn(3, 11, 32)
+    mask = torch.rand(3, 11) > 0.3 if masked else None
+    out = moe(x, mask=mask)
+    logits = torch.nn.functional.linear(x.reshape(-1, 32), block.gate.weight)  # [N, E]
+    ref = load_balancing_loss_func((logits,), 8, 2, mask)
+    torch.testing.assert_close(out.balance_loss, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_combine_weights_sum_to_one_and_dropless() -> None:
+    moe = SparseMoE(16, 32, 8, top_k=3)
+    out = moe(torch.randn(64, 16))
+    torch.testing.assert_close(out.combine_weights.sum(-1), torch.ones(64))
+    assert int(out.dropped_tokens) == 0
+    assert int(out.tokens_per_expert.sum()) == 64 * 3
+
+
+def test_unnormalised_weights_are_router_probabilities() -> None:
+    moe = SparseMoE(16, 32, 4, top_k=1, normalize_top_k=False)
+    out = moe(torch.randn(20, 16))
+    probs = out.router_logits.softmax(-1)
+    torch.testing.assert_close(out.combine_weights[:, 0], probs.max(-1).values)
+
+
+def test_capacity_drops_are_counted() -> None:
+    torch.manual_seed(1)
+    moe = SparseMoE(16, 32, 4, top_k=2, capacity_factor=0.5)
+    with torch.no_grad():
+        moe.router.weight[0] += 5.0  # skew routing so expert 0 overflows
+    x = torch.randn(40, 16).abs()
+    out = moe(x)
+    capacity = math.ceil(0.5 * 40 * 2 / 4)
+    assert int(out.tokens_per_expert.max()) <= capacity
+    assert int(out.dropped_tokens) > 0
+    assert int(out.dropped_tokens) + int(out.tokens_per_expert.sum()) == 40 * 2
+    assert int((out.combine_weights == 0).sum()) == int(out.dropped_tokens)
+
+
+def test_capacity_keeps_first_choices_first() -> None:
+    """GShard priority: a token's first choice is kept before any token's second choice."""
+    moe = SparseMoE(4, 8, 2, top_k=2, capacity_factor=0.5)  # capacity = N*K/E/2 = N/2
+    top_i = torch.tensor([[0, 1]] * 6 + [[1, 0]] * 2)  # expert 0: 6 first choices, 2 second choices
+    keep = moe.capacity_keep(top_i)
+    assert keep[:4, 0].all() and not keep[4:6, 0].any()  # 4 slots, taken by first choices in token order
+    assert not keep[6:, 1].any()  # second choices of expert 0 lose to the first choices
+
+
+def test_padding_takes_no_part() -> None:
+    moe = SparseMoE(16, 32, 4, top_k=2, num_modalities=2).eval()
+    x = torch.randn(2, 10, 16)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[0, 6:] = False
+    mods = torch.zeros(2, 10, dtype=torch.long)
+    mods[1] = 1
+    a = moe(x, modality_ids=mods, mask=mask)
+    y = x.clone()
+    y[0, 6:] = 100.0  # garbage in padding must not change anything
+    b = moe(y, modality_ids=mods, mask=mask)
+    torch.testing.assert_close(a.out[mask], b.out[mask])
+    assert (b.out[~mask] == 0).all()
+    for name in ("balance_loss", "z_loss", "local_entropy_loss", "global_entropy_loss"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name))
+    assert int(a.tokens_per_expert.sum()) == 16 * 2
+    assert a.modality_expert_counts.sum(1).tolist() == [6 * 2, 10 * 2]
+
+
+def test_entropy_losses_at_uniform_routing() -> None:
+    moe = SparseMoE(16, 32, 8, top_k=2, num_modalities=2, local_entropy_coef=1.0, global_entropy_coef=1.0)
+    with torch.no_grad():
+        moe.router.weight.zero_()  # uniform routing: local entropy = log E, global = -log E
+    out = moe(torch.randn(12, 16), modality_ids=torch.tensor([0] * 6 + [1] * 6))
+    torch.testing.assert_close(out.local_entropy_loss, torch.tensor(math.log(8)))
+    torch.testing.assert_close(out.global_entropy_loss, torch.tensor(-math.log(8)))
+    torch.testing.assert_close(out.z_loss, torch.tensor(math.log(8) ** 2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_reach_router_and_experts(backend: str) -> None:
+    moe = SparseMoE(16, 32, 4, top_k=2, backend=backend, shared_expert_hidden=8)
+    out = moe(torch.randn(30, 16))
+    (out.out.sum() + out.aux_loss).backward()
+    assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
+    assert moe.experts.w_in.grad.abs().sum() > 0 and moe.experts.w_out.grad.abs().sum() > 0
+    assert moe.shared_expert.w_in.weight.grad.abs().sum() > 0
+
+
+def test_grouped_mm_backends_agree_with_gradients() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(50, 8, requires_grad=True)
+    w = torch.randn(5, 8, 12, requires_grad=True)  # widths divisible by 4: native kernels need 16-byte strides
+    offs = torch.tensor([10, 10, 25, 40, 50], dtype=torch.int32)  # includes an empty group
+    g = torch.randn(50, 12)
+    grads = []
+    for backend in BACKENDS:
+        x.grad = w.grad = None
+        y = grouped_mm(x, w, offs, backend)
+        y.backward(g)
+        grads.append((y.detach(), x.grad.clone(), w.grad.clone()))
+    ref = torch.cat([x[0:10] @ w[0], x[10:25] @ w[2], x[25:40] @ w[3], x[40:50] @ w[4]]).detach()
+    for y, gx, gw in grads:
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gx, grads[0][1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gw, grads[0][2], atol=1e-5, rtol=1e-5)
+    assert (grads[1][2][1] == 0).all()  # the empty group's gradient is zero
+
+
+def test_auto_backend_falls_back_on_unaligned_widths() -> None:
+    x, w = torch.randn(10, 8), torch.randn(2, 8, 6)  # 6 floats = 24-byte rows: no native kernel
+    offs = torch.tensor([4, 10], dtype=torch.int32)
+    torch.testing.assert_close(grouped_mm(x, w, offs, "auto"), torch.cat([x[:4] @ w[0], x[4:] @ w[1]]))
+
+
+def test_noise_only_in_training() -> None:
+    moe = SparseMoE(16, 32, 4, router_jitter=0.5, router_noise_std=1.0).eval()
+    x = torch.randn(20, 16)
+    torch.testing.assert_close(moe(x).router_logits, moe(x).router_logits)
+    moe.train()
+    assert not torch.equal(moe(x).router_logits, moe(x).router_logits)
+
+
+def test_bad_arguments_name_the_problem() -> None:
+    with pytest.raises(ValueError, match="top_k"):
+        SparseMoE(16, 32, 4, top_k=5)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        SparseMoE(16, 32, 4, capacity_factor=-1)
+    moe = SparseMoE(16, 32, 4)
+    with pytest.raises(ValueError, match=r"\[N, 16\]"):
+        moe(torch.randn(4, 8))
+    with pytest.raises(ValueError, match="mask"):
+        moe(torch.randn(2, 3, 16), mask=torch.ones(3, 2, dtype=torch.bool))
+
+
+def test_golden_values() -> None:
+    """Fixed seed -> fixed numbers: catches silent changes to init, routing or dispatch."""
+    torch.manual_seed(1234)
+    moe = SparseMoE(8, 16, 4, top_k=2)
+    x = torch.randn(6, 8)
+    out = moe(x)
+    assert out.top_k_index.tolist() == GOLDEN_TOPK
+    torch.testing.assert_close(out.out[0, :4], torch.tensor(GOLDEN_OUT), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.balance_loss, torch.tensor(GOLDEN_BALANCE), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.router_logits[0], torch.tensor(GOLDEN_LOGITS), atol=1e-5, rtol=1e-4)
+
+
+GOLDEN_TOPK = [[2, 3], [1, 2], [1, 0], [0, 3], [3, 0], [1, 2]]
+GOLDEN_OUT = [-0.086044, -0.03967, 0.345732, -0.199807]
+GOLDEN_BALANCE = 2.0
+GOLDEN_LOGITS = [-0.032403, 0.04161, 0.140437, 0.127559]
