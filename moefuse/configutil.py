@@ -72,6 +72,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if value is None:
         raise ConfigError(f"{key}: null is not allowed, expected {_type_name(tp)}")
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string; accept what float() accepts
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)

@@ -60,6 +60,8 @@ class TrainConfig:
     """With nan_policy=skip, stop anyway after this many skipped batches."""
     tensorboard: bool = True
     """Also write metrics to TensorBoard under output_dir/tensorboard."""
+    record_sample_ids: bool = False
+    """Write the ids each process trained on, per epoch, to output_dir/sample_ids/ (to audit data splitting)."""
 
     def __post_init__(self) -> None:
         check(self.max_steps >= 1, "train.max_steps", f"must be >= 1, got {self.max_steps}")

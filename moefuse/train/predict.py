@@ -17,13 +17,14 @@ from pathlib import Path
 import torch
 
 from moefuse.configutil import ConfigError, atomic_write_text
-from moefuse.datasets.media import MediaError, load_audio, normalise_image, open_image
+from moefuse.datasets.media import MediaError, check_file, load_audio, normalise_image, open_image
 from moefuse.fusion.model import ROUTING_ROWS, ModelOutput, MultimodalMoEModel, build_collator
 from moefuse.train.checkpoint import load_exported
 from moefuse.train.metrics import records_from_output
 
 MAX_IMAGE_PIXELS = 100_000_000
 MAX_AUDIO_SECONDS = 3600.0
+MAX_FILE_BYTES = 1 << 30
 
 
 def load_media_sample(model: MultimodalMoEModel, sid: str, task: str, *, text: str | None = None,
@@ -43,10 +44,12 @@ def load_media_sample(model: MultimodalMoEModel, sid: str, task: str, *, text: s
         if "image" not in model.encoders:
             raise ConfigError("this model has no image encoder; drop --image")
         size = model.encoders["image"].data_config["input_size"][-1]
+        check_file(Path(image), "image", MAX_FILE_BYTES)
         sample["image"] = normalise_image(open_image(Path(image), MAX_IMAGE_PIXELS), size, "pad")
     if audio is not None:
         if "audio" not in model.encoders:
             raise ConfigError("this model has no audio encoder; drop --audio")
+        check_file(Path(audio), "audio", MAX_FILE_BYTES)
         sample["audio"] = load_audio(Path(audio), model.encoders["audio"].sample_rate, MAX_AUDIO_SECONDS)
     return sample
 

@@ -15,11 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -84,6 +87,22 @@ def lr_lambda(cfg: ExperimentConfig):
         return t.min_lr_ratio + (1 - t.min_lr_ratio) * decay
 
     return f
+
+
+@contextmanager
+def preserved_rng(enabled: bool = True):
+    """Restore the torch, numpy and Python RNG states on exit: replaying data on resume (creating a DataLoader
+    iterator draws a base seed from torch's RNG) must not shift the RNG the checkpoint restored."""
+    if not enabled:
+        yield
+        return
+    states = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -193,6 +212,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
         raise ConfigError("data.train_shards is empty: give the folder build-shards wrote (or shard URLs)")
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        print(f"training on {accelerator.device} with {world} process{'es' if world > 1 else ''} "
+              f"({accelerator.distributed_type.value}, mixed precision {accelerator.mixed_precision})")
         if not resume and latest_checkpoint(ckpt_root) is not None:
             raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose "
                               f"another train.output_dir")
@@ -273,10 +294,11 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
         epoch = state["epoch"]
         train_collator.set_epoch(epoch)
         loader.set_epoch(epoch)  # shard order and shuffle are a function of (seed, epoch): resumable
-        iterator = iter(loader)
         skip = state["batches_in_epoch"]  # resume: fast-forward to the saved data position
-        for _ in range(skip):
-            next(iterator, None)
+        with preserved_rng(enabled=skip > 0):  # the checkpoint's RNG state already includes these draws
+            iterator = iter(loader)
+            for _ in range(skip):
+                next(iterator, None)
         last_batch = None
         while True:
             batch = next(iterator, None)
@@ -292,6 +314,11 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
             else:
                 state["batches_in_epoch"] += 1
                 state["skipped_corrupt"] += int(batch.get("skipped", 0))
+                if t.record_sample_ids:
+                    ids_file = out / "sample_ids" / f"epoch{epoch:04d}-rank{rank:03d}.txt"
+                    ids_file.parent.mkdir(parents=True, exist_ok=True)
+                    with open(ids_file, "a", encoding="utf-8") as f:
+                        f.write("".join(f"{i}\n" for i in batch["ids"]))
             last_batch = batch
             batch = to_device(batch, accelerator.device)
             with accelerator.accumulate(model):
@@ -319,21 +346,21 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
                 optimizer.zero_grad(set_to_none=True)
             n = len(batch["ids"]) if weight else 0
             state["samples_seen"] += n
-            window_loss += float(loss) * (1 if weight else 0)
+            window_loss += loss.item() * (1 if weight else 0)
             window_samples += n
             if not accelerator.sync_gradients:
                 continue
             state["step"] += 1
             step = state["step"]
-            state["last_loss"] = float(loss)
+            state["last_loss"] = loss.item()
             bar.update(1)
             if step % t.log_every == 0 or step == t.max_steps:
                 elapsed = time.perf_counter() - window_start
                 sps = window_samples * world / max(elapsed, 1e-9)
                 micro = t.log_every * t.grad_accum
-                record = {"train/loss": window_loss / max(1, micro), "train/task_loss": float(output.task_loss),
-                          "train/aux_loss": float(output.aux_loss), "train/balance_loss": float(output.balance_loss),
-                          "train/z_loss": float(output.z_loss), "train/samples_per_s": sps,
+                record = {"train/loss": window_loss / max(1, micro), "train/task_loss": output.task_loss.item(),
+                          "train/aux_loss": output.aux_loss.item(), "train/balance_loss": output.balance_loss.item(),
+                          "train/z_loss": output.z_loss.item(), "train/samples_per_s": sps,
                           "train/epoch": epoch, "train/skipped_corrupt": state["skipped_corrupt"],
                           "train/skipped_nonfinite": state["skipped_nonfinite"]}
                 for g in optimizer.param_groups:
