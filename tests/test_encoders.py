@@ -103,7 +103,8 @@ def test_local_folders_load_offline(tmp_path) -> None:
     text.bert.save_pretrained(tmp_path / "bert")
     text.tokenizer.save_pretrained(tmp_path / "bert")
     again = build_text_encoder(TextEncoderConfig(preset="local", path=str(tmp_path / "bert")))
-    torch.testing.assert_close(again.bert.embeddings.word_embeddings.weight, text.bert.embeddings.word_embeddings.weight)
+    emb = again.bert.embeddings.word_embeddings.weight
+    torch.testing.assert_close(emb, text.bert.embeddings.word_embeddings.weight)
 
     audio = build_audio_encoder(AudioEncoderConfig())
     audio.wav2vec2.save_pretrained(tmp_path / "w2v")

@@ -17,7 +17,8 @@ DIGITS = [str(i) for i in range(10)]
 
 def tiny_cfg(**fusion) -> ModelConfig:
     return ModelConfig(fusion=FusionConfig(d_model=64, num_heads=2, d_expert=64, num_experts=4, **fusion),
-                       tasks=[TaskConfig("digit", "classification", DIGITS), TaskConfig("avqa", "qa", ["yes", "no", *DIGITS])])
+                       tasks=[TaskConfig("digit", "classification", DIGITS),
+                              TaskConfig("avqa", "qa", ["yes", "no", *DIGITS])])
 
 
 SUBSETS = [s for n in (1, 2, 3) for s in itertools.combinations(("text", "image", "audio"), n)]

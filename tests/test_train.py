@@ -155,7 +155,8 @@ def test_accelerate_two_processes_see_every_sample_once(demo: dict, tmp_path: Pa
     steps_per_epoch = -(-len(train_ids) // 2 // 16)  # enough steps to finish epoch 0
     # `--cpu --num_processes 2` would start ONE process unless MPI is set up (accelerate's multi-CPU path runs
     # mpirun); `--multi_gpu` on a machine without GPUs starts 2 torch-elastic processes on gloo, on the CPU.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "moefuse.train", str(TINY),
            f"data.train_shards=[{demo['shards']}]", f"data.val_shards=[{demo['shards']}]", f"train.output_dir={out}",
            "data.batch_size=16", "encoders.audio.max_seconds=0.5", "train.tensorboard=false",

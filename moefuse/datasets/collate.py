@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 IGNORE_INDEX = -100
 
@@ -49,6 +50,8 @@ class Collator:
     """Crop long audio at a random offset (training) instead of from the start (evaluation)."""
     seed: int = 0
     _rng: random.Random = field(init=False, repr=False)
+    _epoch: int = field(init=False, repr=False, default=0)
+    _rng_worker: int | None = field(init=False, repr=False, default=None)
     _index: dict[str, dict[str, int]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -57,14 +60,27 @@ class Collator:
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed the crop RNG per epoch, so a resumed run replays an epoch's crops exactly."""
+        self._epoch = epoch
         self._rng = random.Random(self.seed * 1_000_003 + epoch)
+        self._rng_worker = None
+
+    def _crop_rng(self) -> random.Random:
+        """The epoch's RNG, reseeded once inside each DataLoader worker (each worker holds a copy of this
+        collator; without this they would all draw the same crops)."""
+        info = get_worker_info()
+        worker = info.id if info is not None else None
+        if worker != self._rng_worker:
+            self._rng = random.Random((self.seed * 1_000_003 + self._epoch) * 1_009 + (worker or 0) + 1)
+            self._rng_worker = worker
+        return self._rng
 
     def __call__(self, samples: Sequence[dict]) -> dict:
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
         unknown = sorted({s["task"] for s in samples} - set(self._index))
         if unknown:
-            raise ValueError(f"sample task {unknown[0]!r} is not one of the model's tasks: {', '.join(self.task_names)}")
+            raise ValueError(f"sample task {unknown[0]!r} is not one of the model's tasks: "
+                             f"{', '.join(self.task_names)}")
         configured = {"text": self.tokenizer, "image": self.image_transform, "audio": self.audio_max_samples}
         for s in samples:
             for modality, has in (("text", s.get("text") or s.get("question")), ("image", s.get("image") is not None),
@@ -119,7 +135,7 @@ class Collator:
             if wav is None or len(wav) == 0:
                 continue
             wav = np.asarray(wav, dtype=np.float32).reshape(-1)
-            start = self._rng.randint(0, len(wav) - n) if (self.random_crop and len(wav) > n) else 0
+            start = self._crop_rng().randint(0, len(wav) - n) if (self.random_crop and len(wav) > n) else 0
             clip = torch.from_numpy(wav[start : start + n].copy())
             audio[i, : len(clip)] = clip
             mask[i, : len(clip)] = True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[1/5] demo data -> {data}")
     manifest = make_demo_data(data, count=args.count, seed=args.seed, overwrite=True)
     print(f"[2/5] build-shards -> {shards}")
-    build_shards(manifest, shards, BuildOptions(overwrite=True, seed=args.seed))
+    build_shards(manifest, shards, BuildOptions(overwrite=True, seed=args.seed, maxcount=200,
+                                                workers=min(8, os.cpu_count() or 1)))
     print(f"[3/5] train {args.config} -> {run}")
     try:
         cfg = load_config(args.config, [f"data.train_shards=[{shards}]", f"data.val_shards=[{shards}]",

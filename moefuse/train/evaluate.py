@@ -59,14 +59,16 @@ def format_summary(result: dict) -> str:
                      + f", best single head {d['best_single_head_accuracy']:.4f}, ECE {d['ece']:.4f}")
         avc = d["agreement_vs_correctness"]
         if avc["accuracy_when_split"] is not None:
-            lines.append(f"  heads unanimous on {avc['unanimous_fraction']:.1%}: accuracy {avc['accuracy_when_unanimous']:.4f}"
-                         f" when unanimous, {avc['accuracy_when_split']:.4f} when split")
+            lines.append(f"  heads unanimous on {avc['unanimous_fraction']:.1%}: accuracy "
+                         f"{avc['accuracy_when_unanimous']:.4f} when unanimous, {avc['accuracy_when_split']:.4f} "
+                         f"when split")
         for subset, v in d["accuracy_by_modalities"].items():
             lines.append(f"  {subset:<18} {v['accuracy']:.4f}  ({v['samples']})")
         for qtype, v in d["accuracy_by_qtype"].items():
             lines.append(f"  qtype {qtype:<12} {v['accuracy']:.4f}  ({v['samples']})")
         if d["unseen_targets"]:
-            lines.append(f"  {d['unseen_targets']} samples have a target outside the model's vocabulary (counted wrong)")
+            lines.append(f"  {d['unseen_targets']} samples have a target outside the model's vocabulary "
+                         f"(counted wrong)")
     if result.get("skipped_corrupt"):
         lines.append(f"skipped {result['skipped_corrupt']} corrupt samples")
     return "\n".join(lines)

@@ -144,7 +144,8 @@ def compute_metrics(records: list[dict], vocabularies: dict[str, list[str]], tas
                 "accuracy_when_split": mean([c for c, u in zip(correct, unanimous) if not u]),
                 "unanimous_fraction": mean(unanimous),
             },
-            "accuracy_by_modalities": {s: {"accuracy": mean(cs), "samples": len(cs)} for s, cs in sorted(subsets.items())},
+            "accuracy_by_modalities": {s: {"accuracy": mean(cs), "samples": len(cs)}
+                                       for s, cs in sorted(subsets.items())},
             "accuracy_by_qtype": {q: {"accuracy": mean(cs), "samples": len(cs)} for q, cs in sorted(qtypes.items())},
             "per_class": [{**row, "class": vocab[row["class"]]} for row in report],
             "confusion_matrix": {"labels": vocab, "matrix": confusion},

@@ -286,7 +286,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
 
     model.train()
     bar = tqdm(total=t.max_steps, initial=state["step"], desc="train", disable=not main, dynamic_ncols=True)
-    window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
+    window_loss, window_batches, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
     last_metrics: dict | None = None
     stop_reason = "max_steps"
     done = False
@@ -346,7 +346,9 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
                 optimizer.zero_grad(set_to_none=True)
             n = len(batch["ids"]) if weight else 0
             state["samples_seen"] += n
-            window_loss += loss.item() * (1 if weight else 0)
+            if weight:
+                window_loss += loss.item()
+                window_batches += 1
             window_samples += n
             if not accelerator.sync_gradients:
                 continue
@@ -357,8 +359,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
             if step % t.log_every == 0 or step == t.max_steps:
                 elapsed = time.perf_counter() - window_start
                 sps = window_samples * world / max(elapsed, 1e-9)
-                micro = t.log_every * t.grad_accum
-                record = {"train/loss": window_loss / max(1, micro), "train/task_loss": output.task_loss.item(),
+                record = {"train/loss": window_loss / max(1, window_batches),
+                          "train/task_loss": output.task_loss.item(),
                           "train/aux_loss": output.aux_loss.item(), "train/balance_loss": output.balance_loss.item(),
                           "train/z_loss": output.z_loss.item(), "train/samples_per_s": sps,
                           "train/epoch": epoch, "train/skipped_corrupt": state["skipped_corrupt"],
@@ -367,7 +369,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
                     record[f"lr/{g['name']}"] = g["lr"]
                 log.write(step, record)
                 bar.set_postfix(loss=f"{record['train/loss']:.4f}", sps=f"{sps:.0f}")
-                window_loss, window_samples, window_start = 0.0, 0, time.perf_counter()
+                window_loss, window_batches, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
             is_best = False
             if step % t.eval_every == 0 or step == t.max_steps:
                 metrics = validate(step)
@@ -388,7 +390,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
                     else:
                         state["evals_without_improvement"] += 1
                     if t.early_stopping_patience and state["evals_without_improvement"] >= t.early_stopping_patience:
-                        stop_reason = f"early stopping: no improvement of {t.metric} in {t.early_stopping_patience} evals"
+                        stop_reason = (f"early stopping: no improvement of {t.metric} in "
+                                       f"{t.early_stopping_patience} evals")
                         done = True
             if step % t.save_every == 0 or step == t.max_steps or is_best or done:
                 save_checkpoint(accelerator, ckpt_root, step, state, t.keep_last, is_best)

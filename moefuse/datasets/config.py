@@ -1,0 +1,78 @@
+"""The `data:` section of the experiment config, and the loaders it builds (see loader.py for the semantics)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from moefuse.configutil import check
+from moefuse.datasets.loader import ShardLoader, make_loader
+
+
+@dataclass
+class DataConfig:
+    train_shards: list[str] = field(default_factory=list)
+    """Training sources: dataset folders (from `moefuse build-shards`; their `train_split` is read), dataset.json
+    paths/URLs, or shard patterns/URLs such as `data/train-{000000..000009}.tar`. Several are read as one stream."""
+    val_shards: list[str] = field(default_factory=list)
+    """Validation sources, same forms (their `val_split` is read from dataset folders); [] = no validation."""
+    train_split: str = "train"
+    """Split read from dataset folders in train_shards."""
+    val_split: str = "val"
+    """Split read from dataset folders in val_shards."""
+    batch_size: int = 32
+    """Training samples per batch, per process."""
+    eval_batch_size: int = 64
+    """Evaluation samples per batch, per process."""
+    num_workers: int = 0
+    """DataLoader worker processes per training process (0 = load in the main process)."""
+    shuffle_buffer: int = 1000
+    """Training samples held in webdataset's shuffle buffer (shards are shuffled too); 0 = no shuffling."""
+    resampled: bool = False
+    """Draw training shards at random with replacement, an endless stream cut into epochs of epoch_samples: the
+    recommended mode for multi-node training (every rank gets the same number of batches)."""
+    epoch_samples: int | None = None
+    """Samples per training epoch across all ranks in resampled mode; null = the training split's size."""
+    task_weights: dict[str, float] = field(default_factory=dict)
+    """Share of each task in the training stream, e.g. {digit: 1, avqa: 3}; needs resampled: true and a weight
+    for every training task. {} = proportional to the number of samples (every sample once per epoch)."""
+
+    def __post_init__(self) -> None:
+        for key in ("train_shards", "val_shards"):
+            for i, spec in enumerate(getattr(self, key)):
+                check(isinstance(spec, str) and spec.strip() != "", f"data.{key}[{i}]",
+                      "must be a non-empty path, pattern or URL")
+        check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+        check(self.eval_batch_size >= 1, "data.eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+        check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        check(self.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
+        check(self.epoch_samples is None or self.resampled, "data.epoch_samples",
+              "applies only with resampled: true (a finite epoch reads every sample once)")
+        check(self.epoch_samples is None or self.epoch_samples >= 1, "data.epoch_samples",
+              f"must be >= 1, got {self.epoch_samples}")
+        check(not self.task_weights or self.resampled, "data.task_weights",
+              "needs resampled: true (a finite epoch that reads every sample once cannot follow other task shares)")
+        check(all(w >= 0 for w in self.task_weights.values()), "data.task_weights", "weights must be >= 0")
+        check(not self.task_weights or sum(self.task_weights.values()) > 0, "data.task_weights",
+              "at least one weight must be > 0")
+
+
+def build_train_loader(cfg: DataConfig, collator: Callable, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                       audio_sample_rate: int | None = 16000) -> ShardLoader:
+    """The training loader; the trainer passes accelerator.process_index / num_processes as rank / world_size."""
+    check(bool(cfg.train_shards), "data.train_shards", "is empty; give the dataset folder(s) to train on")
+    return make_loader(cfg.train_shards, collator, cfg.batch_size, split=cfg.train_split,
+                       num_workers=cfg.num_workers, shuffle=cfg.shuffle_buffer, resampled=cfg.resampled,
+                       epoch_samples=cfg.epoch_samples, rank=rank, world_size=world_size, seed=seed,
+                       audio_sample_rate=audio_sample_rate, task_weights=cfg.task_weights or None)
+
+
+def build_eval_loader(cfg: DataConfig, collator: Callable, *, sources: list[str] | None = None,
+                      split: str | None = None, rank: int = 0, world_size: int = 1,
+                      audio_sample_rate: int | None = 16000) -> ShardLoader:
+    """An evaluation loader (no shuffle, every sample once across ranks) over `sources` (default: val_shards)."""
+    sources = cfg.val_shards if sources is None else sources
+    check(bool(sources), "data.val_shards", "is empty; give the dataset folder(s) to evaluate on")
+    return make_loader(sources, collator, cfg.eval_batch_size, split=split or cfg.val_split,
+                       num_workers=cfg.num_workers, rank=rank, world_size=world_size,
+                       audio_sample_rate=audio_sample_rate)

@@ -1,0 +1,411 @@
+"""Streaming loader: webdataset shards -> decoded samples (collate.py's contract) -> model batches.
+
+    loader = make_loader(["data/shards"], collator, batch_size=32, split="train", shuffle=1000,
+                         rank=accelerator.process_index, world_size=accelerator.num_processes, num_workers=2)
+    for batch in loader:          # a new epoch (shard order, shuffle) each time the loader is iterated
+        skipped += batch["skipped"]
+
+A source is a dataset folder (its dataset.json names the shards of each split), a path or URL of a dataset.json,
+or anything webdataset opens: a brace pattern `data/train-{000000..000009}.tar`, an http(s)/gs/pipe: URL.
+
+Splitting (the standard webdataset recipe, done here explicitly): in the finite mode the shard list (shuffled
+per epoch with a seed every rank shares) is dealt out to the `world_size * num_workers` (rank, worker) slots,
+shard i to slot i mod slots, so every sample is read exactly once per epoch across all processes. Rank and
+world size come from the caller (the trainer passes accelerator.process_index / num_processes), never from
+environment variables or torch.distributed: reading those as well as letting accelerate shard again is how
+webdataset pipelines double-shard (webdataset#188, #194, #303). Do not pass the loader to
+`accelerator.prepare`: it would wrap it again and dispatch batches from rank 0 (accelerate#3547); move the
+batches to the device yourself. Ranks may get different numbers of batches (shards differ in size): fine for
+evaluation (sum the metrics), but distributed training needs either `resampled=True` or a loop that stops all
+ranks together.
+
+Resampled mode (`resampled=True`, for multi-node training): every slot draws shards at random with replacement
+(like webdataset's ResampledShards, but weighted by the shards' sample counts when known and seeded per epoch,
+rank and worker), an endless stream cut into epochs of `epoch_samples` samples across all ranks (default: the
+split's size): each worker yields ceil(epoch_samples / (world_size * max(1, num_workers) * batch_size)) full
+batches (webdataset's `with_epoch` counted per worker), so every rank gets the same number of batches.
+`task_weights` ({task: weight}) sets each task's share of the stream in this mode: a task is drawn by weight,
+then the next sample of that task from the shards that hold it.
+
+Corrupt data never stops training: a shard that cannot be opened, a damaged tar member or a sample that does not
+decode is skipped with a warning (logger `moefuse.data`), and each batch carries `batch["skipped"]`, the number
+of samples and read errors skipped in that worker since its previous batch; sum it over batches (and ranks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.shardlists import expand_urls
+
+from moefuse.datasets.media import decode_audio, decode_image
+
+log = logging.getLogger("moefuse.data")
+
+
+class DataError(ValueError):
+    """Shards or a dataset.json cannot be used; the message names the source and the fix."""
+
+
+@dataclass
+class ShardSource:
+    """One source resolved to its shard URLs; per-shard sample and task counts when it has a dataset.json."""
+
+    spec: str
+    urls: list[str]
+    samples: list[int] | None = None
+    tasks: list[dict[str, int]] | None = None
+    info: dict | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _is_url(spec: str) -> bool:
+    return "://" in spec or spec.startswith("pipe:")
+
+
+def _read_info(location: str) -> dict:
+    """dataset.json from a local path or any URL webdataset's gopen reads."""
+    try:
+        if _is_url(location):
+            with wds.gopen(location, "rb") as f:
+                data = f.read()
+        else:
+            data = Path(location).read_bytes()
+        info = json.loads(data)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read dataset description {location}: {e}") from None
+    if not isinstance(info, dict) or "splits" not in info:
+        raise DataError(f"{location} is not a dataset.json written by `moefuse build-shards` (no 'splits')")
+    return info
+
+
+def load_dataset_info(spec: str) -> dict:
+    """The dataset.json of a dataset folder, or of a path/URL that names the dataset.json itself."""
+    if spec.endswith("dataset.json"):
+        return _read_info(spec)
+    if Path(spec).is_dir():
+        if not (Path(spec) / "dataset.json").is_file():
+            raise DataError(f"{spec} is a folder without dataset.json: build it with `moefuse build-shards "
+                            f"--manifest M --out {spec}`, or give a shard pattern such as "
+                            f"{spec}/train-{{000000..000009}}.tar")
+        return _read_info(str(Path(spec) / "dataset.json"))
+    raise DataError(f"{spec} is neither a dataset folder nor a dataset.json")
+
+
+def resolve_source(spec: str, split: str) -> ShardSource:
+    """A dataset folder or dataset.json (with `split`), or a shard pattern/URL (split ignored) -> ShardSource."""
+    if spec.endswith("dataset.json") or Path(spec).is_dir():
+        info = load_dataset_info(spec)
+        if split not in info["splits"]:
+            raise DataError(f"{spec} has no {split!r} split; it has: {', '.join(info['splits']) or 'none'}")
+        base = spec.rsplit("/", 1)[0] if spec.endswith("dataset.json") else spec.rstrip("/")
+        shards = info["splits"][split]["shards"]
+        return ShardSource(spec, [f"{base}/{s['name']}" for s in shards], [s["samples"] for s in shards],
+                           [s.get("tasks", {}) for s in shards], info)
+    urls = expand_urls(spec)
+    missing = [u for u in urls if not _is_url(u) and not Path(u).is_file()]
+    if missing:
+        raise DataError(f"shard {missing[0]} (from {spec!r}) does not exist" +
+                        (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return ShardSource(spec, urls)
+
+
+def shard_urls(dataset_dir: str | Path, split: str) -> list[str]:
+    """The shard paths of one split of a dataset folder, in order (from its dataset.json)."""
+    return resolve_source(str(dataset_dir), split).urls
+
+
+def collect_tasks(specs: Sequence[str]) -> dict[str, dict]:
+    """{task: {"type", "vocabulary"}} merged over the dataset.json of each source, tasks sorted by name. A task's
+    vocabulary is the union of its labels/answers, in the builder's order (integers first, then text)."""
+    from moefuse.datasets.shards import vocabulary_order
+
+    merged: dict[str, dict] = {}
+    for spec in specs:
+        for name, task in load_dataset_info(spec)["tasks"].items():
+            vocab = task.get("labels") or task.get("answers") or []
+            entry = merged.setdefault(name, {"type": task["type"], "vocabulary": set(), "from": spec})
+            if entry["type"] != task["type"]:
+                raise DataError(f"task {name!r} is {entry['type']} in {entry['from']} but {task['type']} in {spec}")
+            entry["vocabulary"].update(vocab)
+    return {name: {"type": e["type"], "vocabulary": sorted(e["vocabulary"], key=vocabulary_order)}
+            for name, e in sorted(merged.items())}
+
+
+def decode_sample(raw: dict, audio_rate: int | None) -> dict:
+    """A webdataset sample (member extension -> bytes) -> a decoded sample (collate.py's contract)."""
+    key = raw.get("__key__")
+    if "sample.json" not in raw:
+        raise DataError(f"sample {key!r} in {raw.get('__url__')} has no sample.json member")
+    meta = json.loads(raw["sample.json"])
+    image = raw.get("png", raw.get("jpg", raw.get("jpeg")))
+    audio = raw.get("flac", raw.get("wav"))
+    return {
+        "id": meta["id"],
+        "task": meta["task"],
+        "text": raw["txt"].decode("utf-8") if "txt" in raw else None,
+        "question": meta.get("question"),
+        "image": decode_image(image) if image is not None else None,
+        "audio": decode_audio(audio, audio_rate) if audio is not None else None,
+        "target": meta.get("label", meta.get("answer")),
+        "meta": meta.get("meta") or {},
+    }
+
+
+class SkipCounter:
+    """A webdataset exception handler that skips the failing sample or shard, logs it and counts it. Each worker
+    process has its own copy; `take()` hands the count since the last call to the batch being built."""
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.total = 0
+
+    def __call__(self, exn: BaseException) -> bool:
+        self.pending += 1
+        self.total += 1
+        log.warning("skipped a corrupt sample or shard (%d so far in this process): %s: %s", self.total,
+                    type(exn).__name__, exn)
+        return True  # continue
+
+    def take(self) -> int:
+        n, self.pending = self.pending, 0
+        return n
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# blocks
+
+
+class ShardStream(IterableDataset):
+    """The webdataset pipeline: shards -> (split, resample, mix) -> shuffle -> decode -> batches. See the module
+    docstring for the splitting and epoch rules. `epoch` is the epoch the next iteration runs."""
+
+    def __init__(self, sources: list[ShardSource], collator: Callable, batch_size: int, *, shuffle: int = 0,
+                 resampled: bool = False, epoch_samples: int | None = None, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, seed: int = 0, audio_sample_rate: int | None = 16000,
+                 task_weights: dict[str, float] | None = None):
+        super().__init__()
+        self.sources, self.collator, self.batch_size = sources, collator, batch_size
+        self.shuffle, self.resampled, self.seed = shuffle, resampled, seed
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.audio_sample_rate = audio_sample_rate
+        self.task_weights = dict(task_weights or {})
+        self.urls = [u for s in sources for u in s.urls]
+        self.weights = [n for s in sources for n in (s.samples or [1] * len(s.urls))]
+        self.shard_tasks = [t for s in sources for t in (s.tasks or [{}] * len(s.urls))]
+        self.epoch = 0
+        self.skips = SkipCounter()
+        self.batches_per_worker: int | None = None
+        if resampled:
+            known = all(s.samples is not None for s in sources)
+            if epoch_samples is None and not known:
+                raise DataError("resampled loading needs epoch_samples: the sources are shard patterns without a "
+                                "dataset.json, so the number of samples is unknown")
+            epoch_samples = epoch_samples if epoch_samples is not None else sum(self.weights)
+            slots = world_size * max(1, num_workers)
+            self.batches_per_worker = max(1, math.ceil(epoch_samples / (slots * batch_size)))
+        if task_weights:
+            self._check_task_weights()
+
+    def _check_task_weights(self) -> None:
+        if not self.resampled:
+            raise DataError("task_weights need resampled loading (data.resampled: true): a finite epoch that reads "
+                            "every sample once cannot also follow other task shares")
+        if any(s.tasks is None for s in self.sources):
+            raise DataError("task_weights need dataset folders (with dataset.json) as sources, so the tasks in each "
+                            "shard are known")
+        present = sorted({t for tasks in self.shard_tasks for t in tasks})
+        unknown = sorted(set(self.task_weights) - set(present))
+        missing = sorted(set(present) - set(self.task_weights))
+        if unknown or missing:
+            raise DataError(f"task_weights must give a weight to each task in the training data ({', '.join(present)})"
+                            + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+                            + (f"; missing: {', '.join(missing)}" if missing else ""))
+        if any(w < 0 for w in self.task_weights.values()) or sum(self.task_weights.values()) <= 0:
+            raise DataError("task_weights must be >= 0 with a positive sum")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches_per_rank(self) -> int | None:
+        """Batches one rank gets per epoch: exact in resampled mode; in the finite mode an estimate from the
+        sample counts (shards differ in size, and each worker ends with a partial batch); None when unknown."""
+        workers = max(1, self.num_workers)
+        if self.batches_per_worker is not None:
+            return self.batches_per_worker * workers
+        if any(s.samples is None for s in self.sources):
+            return None
+        return math.ceil(sum(self.weights) / self.world_size / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        # A plain function (not a generator) so the epoch is read now, when the DataLoader starts the iteration.
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self._batches(self.epoch, worker, workers)
+
+    def _shard_samples(self, urls: Iterator[str], endless: bool) -> Iterator[dict]:
+        """Raw samples of the given shards, bad ones skipped. An endless stream stops with an error when many
+        shards in a row give no sample at all (all corrupt or unreachable), instead of spinning forever."""
+        empty = 0
+        for url in urls:
+            n = 0
+            for sample in wds.tarfile_samples([{"url": url}], handler=self.skips):
+                n += 1
+                yield sample
+            empty = 0 if n else empty + 1
+            if endless and empty >= max(20, 2 * len(self.urls)):
+                raise DataError(f"{empty} shards in a row gave no readable sample (last: {url}); check the shards")
+
+    def _only_task(self, samples: Iterator[dict], task: str) -> Iterator[dict]:
+        """The samples of one task (only the small sample.json is parsed here; media stay undecoded)."""
+        for sample in samples:
+            try:
+                keep = json.loads(sample["sample.json"])["task"] == task
+            except Exception as e:
+                self.skips(DataError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')}: "
+                                     f"{type(e).__name__}: {e}"))
+                continue
+            if keep:
+                yield sample
+
+    def _draw(self, rng: random.Random, weights: list[float]) -> Iterator[str]:
+        while True:
+            yield rng.choices(self.urls, weights=weights)[0]
+
+    def _samples(self, epoch: int, worker: int, workers: int) -> Iterator[dict]:
+        slot, slots = self.rank * workers + worker, self.world_size * workers
+        if not self.resampled:
+            urls = list(self.urls)
+            if self.shuffle:
+                random.Random(f"shards:{self.seed}:{epoch}").shuffle(urls)  # the same order on every rank
+            yield from self._shard_samples(iter(urls[slot::slots]), endless=False)
+            return
+        rng = random.Random(f"resample:{self.seed}:{epoch}:{self.rank}:{worker}")
+        if not self.task_weights:
+            yield from self._shard_samples(self._draw(rng, self.weights), endless=True)
+            return
+        tasks = [t for t, w in self.task_weights.items() if w > 0]
+        streams = {}
+        for t in tasks:
+            weights = [tasks_in.get(t, 0) for tasks_in in self.shard_tasks]
+            streams[t] = self._only_task(self._shard_samples(self._draw(rng, weights), endless=True), t)
+        while True:
+            task = rng.choices(tasks, weights=[self.task_weights[t] for t in tasks])[0]
+            yield next(streams[task])
+
+    def _decoded(self, raw: Iterator[dict]) -> Iterator[dict]:
+        good = bad = 0
+        for sample in raw:
+            try:
+                decoded = decode_sample(sample, self.audio_sample_rate)
+            except Exception as e:
+                self.skips(DataError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')}: "
+                                     f"{type(e).__name__}: {e}"))
+                bad += 1
+                if bad >= 50 and good == 0:  # not a few corrupt samples: the wrong kind of shards
+                    raise DataError(f"none of the first {bad} samples could be decoded (last from "
+                                    f"{sample.get('__url__')}); are these shards written by `moefuse build-shards`?"
+                                    ) from e
+                continue
+            good += 1
+            yield decoded
+
+    def _batches(self, epoch: int, worker: int, workers: int) -> Iterator[dict]:
+        samples = self._samples(epoch, worker, workers)
+        if self.shuffle:
+            rng = random.Random(f"shuffle:{self.seed}:{epoch}:{self.rank}:{worker}")
+            samples = wds.shuffle(self.shuffle, initial=min(self.shuffle, 100), rng=rng)(samples)
+        decoded = self._decoded(samples)
+
+        def collate(batch: list[dict]) -> dict:
+            out = self.collator(batch)
+            out["skipped"] = self.skips.take()
+            return out
+
+        batches = wds.batched(self.batch_size, collation_fn=collate, partial=True)(decoded)
+        if self.batches_per_worker is not None:
+            for _, batch in zip(range(self.batches_per_worker), batches):
+                yield batch
+            return
+        yield from batches
+
+
+def _as_is(batch: dict) -> dict:
+    # DataLoader's default (batch_size=None) would run default_convert, turning tuples into lists and arrays into
+    # tensors; batches leave the stream exactly as the collator made them.
+    return batch
+
+
+class ShardLoader(DataLoader):
+    """A DataLoader (batch_size=None: the stream batches) that starts the next epoch of its ShardStream each time
+    it is iterated; `set_epoch(n)` sets the next epoch explicitly (e.g. when resuming)."""
+
+    dataset: ShardStream
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def batches_per_rank(self) -> int | None:
+        return self.dataset.batches_per_rank()
+
+    def __iter__(self):
+        it = super().__iter__()  # the workers copy the dataset, with its current epoch, here
+        self.dataset.set_epoch(self.dataset.epoch + 1)
+        return it
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# main things
+
+
+def make_loader(sources: str | Sequence[str], collator: Callable, batch_size: int, *, split: str = "train",
+                num_workers: int = 0, shuffle: int = 0, resampled: bool = False, epoch_samples: int | None = None,
+                rank: int = 0, world_size: int = 1, seed: int = 0, audio_sample_rate: int | None = 16000,
+                task_weights: dict[str, float] | None = None, pin_memory: bool = False) -> ShardLoader:
+    """A loader over one or more sources (see the module docstring); `split` picks the split of dataset folders.
+
+    shuffle: sample shuffle buffer size, 0 = keep shard order (evaluation); shards are also shuffled per epoch
+    when > 0. audio_sample_rate: the audio encoder's rate (None keeps the stored rate)."""
+    specs = [sources] if isinstance(sources, (str, Path)) else list(sources)
+    if not specs:
+        raise DataError("no shard sources given")
+    if batch_size < 1 or num_workers < 0 or shuffle < 0:
+        raise DataError(f"batch_size must be >= 1, num_workers and shuffle >= 0; got {batch_size}, {num_workers}, "
+                        f"{shuffle}")
+    if not (world_size >= 1 and 0 <= rank < world_size):
+        raise DataError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
+    if epoch_samples is not None and not resampled:
+        raise DataError("epoch_samples applies to resampled loading only; a finite epoch reads every sample once")
+    if num_workers > 0:
+        # Fast (Rust) tokenizers used in the parent and then forked into workers warn and may deadlock; the
+        # collator tokenises inside the workers, so their own thread pool is not needed.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    resolved = [resolve_source(str(s), split) for s in specs]
+    stream = ShardStream(resolved, collator, batch_size, shuffle=shuffle, resampled=resampled,
+                         epoch_samples=epoch_samples, rank=rank, world_size=world_size, num_workers=num_workers,
+                         seed=seed, audio_sample_rate=audio_sample_rate, task_weights=task_weights)
+    slots = world_size * max(1, num_workers)
+    if not resampled and len(stream.urls) < slots:
+        warnings.warn(f"{len(stream.urls)} shards for {world_size} ranks x {max(1, num_workers)} workers: "
+                      f"{slots - len(stream.urls)} of the {slots} reader slots get no shard and stay idle (every "
+                      f"sample is still read once); rebuild with a smaller --maxcount for more shards, or use fewer "
+                      f"workers", stacklevel=2)
+    return ShardLoader(stream, batch_size=None, collate_fn=_as_is, num_workers=num_workers, pin_memory=pin_memory,
+                       persistent_workers=False)
+
+
+__all__ = ["DataError", "ShardLoader", "ShardSource", "ShardStream", "SkipCounter", "collect_tasks",
+           "decode_sample", "load_dataset_info", "make_loader", "resolve_source", "shard_urls"]

@@ -1,0 +1,227 @@
+"""Media normalisation shared by the shard builder and the loader: decode, check, resize/resample, encode.
+
+Images (Pillow): EXIF orientation applied, converted to RGB (transparency composited onto black), resized so
+that the longer side equals `size` and padded to a black square (`fit="pad"`, letterboxing; nothing is cut off)
+or resized so that the shorter side equals `size` and centre-cropped (`fit="crop"`, like torchvision's
+Resize + CenterCrop), then stored as PNG (lossless) or JPEG (quality 95).
+Audio (soundfile/libsndfile: wav, flac, ogg, mp3): averaged to mono, resampled with torchaudio's windowed-sinc
+resampler (the same one HF feature extractors recommend), clipped to [-1, 1] and stored as 16-bit FLAC.
+Every failure raises MediaError with a message that names the problem, never a bare library exception.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import soundfile as sf
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageFit = Literal["pad", "crop"]
+ImageFormat = Literal["png", "jpg"]
+JPEG_QUALITY = 95
+
+
+class MediaError(ValueError):
+    """An image or audio file (or shard member) that cannot be used; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def check_file(path: Path, kind: str, max_bytes: int) -> None:
+    """Cheap checks before decoding: it exists, is a regular file, is readable and not over the size limit."""
+    if not path.exists():
+        raise MediaError(f"{kind} file {path} does not exist")
+    if path.is_dir():
+        raise MediaError(f"{kind} path {path} is a folder, not a file")
+    if not path.is_file():
+        raise MediaError(f"{kind} path {path} is not a regular file")
+    size = path.stat().st_size
+    if size == 0:
+        raise MediaError(f"{kind} file {path} is empty (0 bytes)")
+    if size > max_bytes:
+        raise MediaError(f"{kind} file {path} is {size / 2**20:.1f} MiB, over the limit of {max_bytes / 2**20:.1f} "
+                         f"MiB (raise it with --max-file-mb)")
+    if not os.access(path, os.R_OK):
+        raise MediaError(f"{kind} file {path} is not readable (permission denied)")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB. 16-bit and float greyscale are scaled to 8 bits (Pillow's own convert would clip
+    them); transparent pixels become black, the same colour as the padding."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64) / 257.0  # 16-bit range -> 8-bit range
+        img = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if arr.size and arr.max() <= 1.0 else 1.0  # float images are usually in [0, 1]
+        img = Image.fromarray(np.clip(arr * scale, 0, 255).round().astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _riff_truncation(path: Path) -> str | None:
+    """libsndfile silently reads a truncated WAV up to where the data stops; the RIFF header still says how
+    long the `data` chunk should be, so compare. Returns a reason or None."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
+            return None
+        endian = "<" if head[:4] == b"RIFF" else ">"
+        file_size = path.stat().st_size
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                return None
+            cid, size = chunk[:4], struct.unpack(endian + "I", chunk[4:])[0]
+            if cid == b"data":
+                available = file_size - f.tell()
+                # 0 and 0xFFFFFFFF are the placeholders of streamed WAVs (e.g. ffmpeg to a pipe), not truncation.
+                if size not in (0, 0xFFFFFFFF) and size > available:
+                    return f"truncated WAV: the header declares {size} bytes of audio but the file holds {available}"
+                return None
+            f.seek(size + (size & 1), 1)  # chunks are padded to even sizes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# images
+
+
+def open_image(path: Path, max_pixels: int) -> Image.Image:
+    """Decode an image file fully (so truncation and corruption show up here, not at training time)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise MediaError(f"image {path} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
+                                     f"(raise it with --max-image-pixels)")
+                img.load()
+                return ImageOps.exif_transpose(img)
+    except MediaError:
+        raise
+    except UnidentifiedImageError:
+        raise MediaError(f"image {path} is not an image Pillow can read (corrupt, or an unknown format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise MediaError(f"image {path} is too large to decode safely: {e}") from None
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... on corrupt data
+        raise MediaError(f"image {path} is corrupt: {type(e).__name__}: {e}") from None
+
+
+def normalise_image(img: Image.Image, size: int, fit: ImageFit = "pad") -> Image.Image:
+    """RGB, `size` x `size`: letterbox (pad) or centre crop, see the module docstring."""
+    img = _to_rgb(img)
+    w, h = img.size
+    if fit == "pad":
+        scale = size / max(w, h)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        resized = img.resize((nw, nh), Image.Resampling.BICUBIC) if (nw, nh) != (w, h) else img
+        canvas = Image.new("RGB", (size, size), (0, 0, 0))
+        canvas.paste(resized, ((size - nw) // 2, (size - nh) // 2))
+        return canvas
+    if fit == "crop":
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        resized = img.resize((nw, nh), Image.Resampling.BICUBIC) if (nw, nh) != (w, h) else img
+        left, top = (nw - size) // 2, (nh - size) // 2
+        return resized.crop((left, top, left + size, top + size))
+    raise ValueError(f"image fit must be 'pad' or 'crop', got {fit!r}")
+
+
+def encode_image(img: Image.Image, fmt: ImageFormat = "png") -> bytes:
+    """PNG (lossless) or JPEG; both encoders are deterministic for a given Pillow/zlib/libjpeg version."""
+    buf = io.BytesIO()
+    if fmt == "png":
+        img.save(buf, format="PNG", compress_level=6)
+    elif fmt == "jpg":
+        img.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    else:
+        raise ValueError(f"image format must be 'png' or 'jpg', got {fmt!r}")
+    return buf.getvalue()
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Shard member bytes -> PIL RGB image (the loader's decoder)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return img.convert("RGB")
+    except Exception as e:
+        raise MediaError(f"corrupt image in shard: {type(e).__name__}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# audio
+
+
+def resample(wav: np.ndarray, orig_rate: int, rate: int) -> np.ndarray:
+    """torchaudio's band-limited sinc resampler, in float64 so the result does not depend on the thread count."""
+    if orig_rate == rate:
+        return wav.astype(np.float32, copy=False)
+    import torch
+    import torchaudio.functional as AF
+
+    out = AF.resample(torch.from_numpy(wav.astype(np.float64)), orig_rate, rate)
+    return out.numpy().astype(np.float32)
+
+
+def load_audio(path: Path, rate: int, max_seconds: float) -> np.ndarray:
+    """Decode an audio file to mono float32 at `rate`. Truncated, empty, over-long or non-finite audio raises."""
+    try:
+        info = sf.info(str(path))
+    except Exception as e:
+        raise MediaError(f"audio {path} is not audio libsndfile can read (corrupt, or an unsupported format): "
+                         f"{e}") from None
+    if info.samplerate <= 0 or info.channels <= 0:
+        raise MediaError(f"audio {path} has an invalid header ({info.samplerate} Hz, {info.channels} channels)")
+    if info.frames > 0 and info.frames / info.samplerate > max_seconds:
+        raise MediaError(f"audio {path} lasts {info.frames / info.samplerate:.1f} s, over the limit of "
+                         f"{max_seconds:g} s (raise it with --max-audio-seconds, or cut the recording)")
+    truncated = _riff_truncation(path) if info.format == "WAV" or info.format == "WAVEX" else None
+    if truncated:
+        raise MediaError(f"audio {path}: {truncated}")
+    try:
+        with sf.SoundFile(str(path)) as f:
+            declared = f.frames
+            wav = f.read(dtype="float32", always_2d=True)  # [S, C]
+    except Exception as e:
+        raise MediaError(f"audio {path} is corrupt: {e}") from None
+    if 0 < len(wav) < declared:
+        raise MediaError(f"audio {path} is truncated: {len(wav)} of {declared} frames could be read")
+    if len(wav) == 0:
+        raise MediaError(f"audio {path} holds no samples")
+    if not np.isfinite(wav).all():
+        raise MediaError(f"audio {path} contains NaN or infinite sample values")
+    mono = wav.mean(axis=1)  # [S]
+    return np.clip(resample(mono, info.samplerate, rate), -1.0, 1.0)
+
+
+def encode_flac(wav: np.ndarray, rate: int) -> bytes:
+    """16-bit FLAC (lossless for 16-bit sources, about half the size of WAV). Clipped first: libsndfile wraps
+    float values outside [-1, 1] around instead of clipping them."""
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(wav, -1.0, 1.0), rate, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def decode_audio(data: bytes, rate: int | None) -> np.ndarray:
+    """Shard member bytes -> mono float32 [S] at `rate` (None keeps the stored rate; the loader's decoder)."""
+    try:
+        wav, orig = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)  # [S, C]
+    except Exception as e:
+        raise MediaError(f"corrupt audio in shard: {e}") from None
+    mono = wav.mean(axis=1)
+    return mono if rate is None else resample(mono, orig, rate)
