@@ -48,6 +48,9 @@ class Collator:
     """Crop/pad length in samples; None = no audio encoder."""
     random_crop: bool = False
     """Crop long audio at a random offset (training) instead of from the start (evaluation)."""
+    drop_modalities: tuple[str, ...] = ()
+    """Modalities removed from every sample before collation (ablations such as image-only); "text" removes the
+    text and, for QA samples, the question."""
     seed: int = 0
     _rng: random.Random = field(init=False, repr=False)
     _epoch: int = field(init=False, repr=False, default=0)
@@ -81,6 +84,10 @@ class Collator:
         if unknown:
             raise ValueError(f"sample task {unknown[0]!r} is not one of the model's tasks: "
                              f"{', '.join(self.task_names)}")
+        if self.drop_modalities:
+            fields = {"text": ("text", "question"), "image": ("image",), "audio": ("audio",)}
+            gone = {f: None for m in self.drop_modalities for f in fields[m]}
+            samples = [{**s, **gone} for s in samples]
         configured = {"text": self.tokenizer, "image": self.image_transform, "audio": self.audio_max_samples}
         for s in samples:
             for modality, has in (("text", s.get("text") or s.get("question")), ("image", s.get("image") is not None),

@@ -37,7 +37,13 @@ class DataConfig:
     """Share of each task in the training stream, e.g. {digit: 1, avqa: 3}; needs resampled: true and a weight
     for every training task. {} = proportional to the number of samples (every sample once per epoch)."""
 
+    drop_modalities: list[str] = field(default_factory=list)
+    """Modalities removed from every sample in training and validation, for ablations (e.g. [audio] with
+    encoders.audio: null trains an image-only model on audio-visual shards)."""
+
     def __post_init__(self) -> None:
+        check(set(self.drop_modalities) <= {"text", "image", "audio"}, "data.drop_modalities",
+              f"must list only text, image, audio; got {self.drop_modalities}")
         for key in ("train_shards", "val_shards"):
             for i, spec in enumerate(getattr(self, key)):
                 check(isinstance(spec, str) and spec.strip() != "", f"data.{key}[{i}]",

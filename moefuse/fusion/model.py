@@ -211,8 +211,9 @@ def build_model(cfg: ModelConfig, arch_dir: str | Path | None = None) -> Multimo
     return MultimodalMoEModel(cfg, build_encoders(cfg.encoders, arch_dir))
 
 
-def build_collator(model: MultimodalMoEModel, train: bool = False, seed: int = 0) -> Collator:
-    """The collator that turns decoded samples into this model's batches."""
+def build_collator(model: MultimodalMoEModel, train: bool = False, seed: int = 0,
+                   drop_modalities: tuple[str, ...] | list[str] = ()) -> Collator:
+    """The collator that turns decoded samples into this model's batches (optionally without some modalities)."""
     enc = model.encoders
     text, image, audio = enc["text"] if "text" in enc else None, enc["image"] if "image" in enc else None, \
         enc["audio"] if "audio" in enc else None
@@ -226,4 +227,5 @@ def build_collator(model: MultimodalMoEModel, train: bool = False, seed: int = 0
         audio_max_samples=audio.cfg.max_samples if audio is not None else None,
         random_crop=train,
         seed=seed,
+        drop_modalities=tuple(drop_modalities),
     )

@@ -43,7 +43,10 @@ class _LoopGroupedMatmul(torch.autograd.Function):
     """Fallback with the same contract as torch._grouped_mm for 2D x 3D inputs.
 
     Unlike slicing `w[e]` under autograd (whose backward materialises a full [E, ...] gradient per slice, so the
-    cost grows with E), the backward here writes each expert's gradient into one preallocated tensor.
+    cost grows with E), the backward here writes each expert's gradient into one preallocated tensor. Every output
+    and gradient is allocated uninitialised and written once by `mm(out=...)`; only the rows past the last group and
+    the experts that got no rows are zero-filled (a full zero pass over the [E, K, N] weight gradient would double
+    its memory traffic, which at large E is most of the dispatch overhead).
     """
 
     @staticmethod
@@ -64,11 +67,15 @@ class _LoopGroupedMatmul(torch.autograd.Function):
         x, w = ctx.saved_tensors
         bounds = ctx.bounds
         grad = grad.contiguous()
-        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if ctx.needs_input_grad[0] else None
+        grad_w = torch.empty_like(w, memory_format=torch.contiguous_format) if ctx.needs_input_grad[1] else None
+        if grad_x is not None:
+            grad_x[bounds[-1] :].zero_()
         for e in range(w.shape[0]):
             s, t = bounds[e], bounds[e + 1]
             if t == s:
+                if grad_w is not None:
+                    grad_w[e].zero_()
                 continue
             if grad_x is not None:
                 torch.mm(grad[s:t], w[e].t(), out=grad_x[s:t])

@@ -25,14 +25,21 @@ from moefuse.train.run import evaluate_loader, routing_summary
 
 
 def evaluate(checkpoint: str | Path, shards: list[str], split: str = "val", batch_size: int = 64,
-             num_workers: int = 0, int8: bool = False, heatmap: Path | None = None, progress: bool = True) -> dict:
+             num_workers: int = 0, int8: bool = False, heatmap: Path | None = None, progress: bool = True,
+             drop_modalities: list[str] | None = None) -> dict:
+    """Metrics of an exported model. `drop_modalities` defaults to what the model was trained without
+    (export.json), so an image-only model is evaluated on the images of audio-visual shards."""
     model = load_exported(checkpoint)
     if int8:
         from moefuse.fusion.quant import quantize_int8
 
         model = quantize_int8(model)
     audio_rate = model.encoders["audio"].sample_rate if "audio" in model.encoders else None
-    loader = make_loader(shards, build_collator(model, train=False), batch_size, split=split,
+    if drop_modalities is None:
+        export = Path(checkpoint) / "export.json"
+        drop_modalities = json.loads(export.read_text()).get("drop_modalities", []) if export.exists() else []
+    collator = build_collator(model, train=False, drop_modalities=drop_modalities)
+    loader = make_loader(shards, collator, batch_size, split=split,
                          num_workers=num_workers, audio_sample_rate=audio_rate)
     records, stats = evaluate_loader(model, loader, torch.device("cpu"), progress=progress)
     if not records:
@@ -44,6 +51,7 @@ def evaluate(checkpoint: str | Path, shards: list[str], split: str = "val", batc
     result["skipped_corrupt"] = stats["skipped_corrupt"]
     result["checkpoint"] = str(checkpoint)
     result["shards"] = list(shards)
+    result["drop_modalities"] = list(drop_modalities)
     if heatmap is not None and stats["modality_expert_counts"] is not None:
         save_png_atomic(draw_routing_heatmap(stats["modality_expert_counts"], list(ROUTING_ROWS), "evaluate"),
                         heatmap)
@@ -85,10 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--int8", action="store_true", help="evaluate the dynamic-int8 quantised model")
+    p.add_argument("--drop", nargs="*", choices=["text", "image", "audio"], default=None,
+                   help="modalities to remove from every sample (default: those the model was trained without)")
     args = p.parse_args(argv)
     try:
         result = evaluate(args.checkpoint, args.shards, args.split, args.batch_size, args.num_workers, args.int8,
-                          args.heatmap)
+                          args.heatmap, drop_modalities=args.drop)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         print(f"moefuse evaluate: error: {e}", file=sys.stderr)
         return 2

@@ -223,8 +223,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
     if main:
         save_config(cfg, out / "config.yaml")
     model = build_model(cfg.model_config())
-    train_collator = build_collator(model, train=True, seed=t.seed)
-    eval_collator = build_collator(model, train=False, seed=t.seed)
+    train_collator = build_collator(model, train=True, seed=t.seed, drop_modalities=cfg.data.drop_modalities)
+    eval_collator = build_collator(model, train=False, seed=t.seed, drop_modalities=cfg.data.drop_modalities)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=tuple(t.betas or (0.9, 0.999)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     # The loaders are NOT passed to accelerate.prepare: each process streams its own shard split (webdataset
@@ -423,6 +423,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
             raw_model.load_state_dict(load_file(str(best_dir / "model.safetensors")))
         export_model(raw_model, out / "model", {"step": state["best_step"] or state["step"], "result": result,
                                                 "final_val_metrics": last_metrics,
+                                                "drop_modalities": list(d.drop_modalities),
                                                 "train_shards": list(d.train_shards)})
         result["model_dir"] = str(out / "model")
         result["final_val_metrics"] = last_metrics

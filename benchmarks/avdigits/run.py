@@ -1,0 +1,168 @@
+"""AV-digits end to end: prepare -> build-shards -> train configs/avdigits.yaml and its ablations -> evaluate ->
+benchmarks/avdigits/RESULTS.md.
+
+    python benchmarks/avdigits/run.py --data ../shared/data --work runs/avdigits       (make bench-avdigits)
+
+Variants, all with the same data, seed, steps and heads (validation = the held-out speaker theo, MNIST 7000-7999):
+    image_only  encoders.audio: null, audio removed from every sample   (text still reads avqa questions)
+    audio_only  encoders.image: null, images removed from every sample
+    concat      late fusion: per-modality means + presence flags -> MLP
+    dense       fusion blocks with a dense SwiGLU FFN of width top_k * d_expert (equal active compute to moe)
+    moe         the sparse-MoE fusion stack (configs/avdigits.yaml as is); its export stays in WORK/moe/model
+Nothing here reads the reserved split (speaker yweweler, MNIST >= 8000): prepare.py writes it only when asked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO))
+
+VARIANTS: dict[str, list[str]] = {
+    "image_only": ["encoders.audio=null", "data.drop_modalities=[audio]"],
+    "audio_only": ["encoders.image=null", "data.drop_modalities=[image]"],
+    "concat": ["fusion.kind=concat"],
+    "dense": ["fusion.kind=dense"],
+    "moe": [],
+}
+QTYPES = ["written", "spoken", "sum", "same", "larger"]
+
+
+def prepare(data: Path, work: Path, quick: bool) -> Path:
+    out = work / "data"
+    if not (out / "manifest.jsonl").exists():
+        cmd = [sys.executable, str(HERE / "prepare.py"), "--fsdd", str(data / "fsdd"), "--mnist", str(data / "mnist"),
+               "--out", str(out)]
+        if quick:
+            cmd += ["--limit", "200"]
+        subprocess.run(cmd, check=True)
+    return out / "manifest.jsonl"
+
+
+def build(manifest: Path, work: Path) -> Path:
+    from moefuse.datasets import BuildOptions, build_shards
+
+    shards = work / "shards"
+    if not (shards / "dataset.json").exists():
+        build_shards(manifest, shards, BuildOptions(maxcount=500, image_size=32, workers=2, overwrite=True))
+    return shards
+
+
+def train_variant(name: str, shards: Path, work: Path, extra: list[str]) -> Path:
+    from moefuse.config import load_config
+    from moefuse.train.run import train
+
+    run = work / name
+    if (run / "model" / "model.safetensors").exists():
+        print(f"[{name}] reusing {run / 'model'}")
+        return run / "model"
+    if run.exists():
+        shutil.rmtree(run)
+    cfg = load_config(REPO / "configs" / "avdigits.yaml",
+                      [f"data.train_shards=[{shards}]", f"data.val_shards=[{shards}]", f"train.output_dir={run}",
+                       *VARIANTS[name], *extra])
+    start = time.perf_counter()
+    train(cfg)
+    (run / "train_seconds.txt").write_text(f"{time.perf_counter() - start:.0f}\n")
+    return run / "model"
+
+
+def pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def write_results(results: dict[str, dict], work: Path, extra: list[str]) -> Path:
+    lines = ["# AV-digits results", "",
+             "Validation = speaker theo (unseen in training) and MNIST test images 7000-7999; the reserved split "
+             "(yweweler, MNIST >= 8000) was not read. Accuracy in %.", "",
+             f"Command: `python benchmarks/avdigits/run.py {' '.join(sys.argv[1:])}`"
+             + (f" (overrides: {' '.join(extra)})" if extra else ""), "",
+             "| variant | digit | avqa | " + " | ".join(f"avqa {q}" for q in QTYPES)
+             + " | digit best head | avqa best head | train s |",
+             "|---|---|---|" + "---|" * len(QTYPES) + "---|---|---|"]
+    for name, r in results.items():
+        d, a = r["tasks"].get("digit", {}), r["tasks"].get("avqa", {})
+        by_q = a.get("accuracy_by_qtype", {})
+        lines.append(f"| {name} | {pct(d.get('accuracy'))} | {pct(a.get('accuracy'))} | "
+                     + " | ".join(pct(by_q.get(q, {}).get("accuracy")) for q in QTYPES)
+                     + f" | {pct(d.get('best_single_head_accuracy'))} | {pct(a.get('best_single_head_accuracy'))} | "
+                     + f"{r.get('train_seconds', '–')} |")
+    lines += ["", "## Targets", ""]
+
+    def acc(v: str, t: str) -> float | None:
+        return results.get(v, {}).get("tasks", {}).get(t, {}).get("accuracy")
+
+    checks = []
+    single = [x for x in (acc("image_only", "digit"), acc("audio_only", "digit")) if x is not None]
+    fused = acc("moe", "digit")
+    if single and fused is not None:
+        checks.append((f"fusion (moe) beats the best single modality on digit by >= 3 points: "
+                       f"{pct(fused)} vs {pct(max(single))}", fused - max(single) >= 0.03))
+    avqa = results.get("moe", {}).get("tasks", {}).get("avqa")
+    if avqa:
+        worst = min((v["accuracy"] for v in avqa["accuracy_by_qtype"].values()), default=0.0)
+        checks.append((f"avqa >= 90% overall ({pct(avqa['accuracy'])}) with every question type >= 80% "
+                       f"(worst {pct(worst)})", avqa["accuracy"] >= 0.9 and worst >= 0.8))
+    for task in ("digit", "avqa"):
+        m, dn = acc("moe", task), acc("dense", task)
+        if m is not None and dn is not None:
+            checks.append((f"MoE within 1 point of dense or above on {task}: {pct(m)} vs {pct(dn)}", m >= dn - 0.01))
+        t = results.get("moe", {}).get("tasks", {}).get(task)
+        if t:
+            checks.append((f"ensemble >= its best single head on {task}: {pct(t['accuracy'])} vs "
+                           f"{pct(t['best_single_head_accuracy'])}", t["accuracy"] >= t["best_single_head_accuracy"]))
+    lines += [f"- {'met' if ok else '**missed**'}: {text}" for text, ok in checks]
+    lines += ["", "## Routing (moe)", "", "![modality x expert routing](routing_heatmap.png)", "",
+              "Fraction of each modality's routed assignments per expert, per layer, on the validation split.", ""]
+    moe = results.get("moe", {})
+    if moe.get("routing"):
+        for k, v in moe["routing"].items():
+            if k.startswith("expert_load/"):
+                lines.append(f"- {k.split('/', 1)[1]}: {', '.join(f'{x:.2f}' for x in v)}")
+    lines += ["", f"The exported MoE model: `{work / 'moe' / 'model'}`.", ""]
+    out = HERE / "RESULTS.md"
+    out.write_text("\n".join(lines))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="folder with fsdd/ and mnist/")
+    p.add_argument("--work", type=Path, default=REPO / "runs" / "avdigits")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--quick", action="store_true", help="200-sample subset and 20 steps: a smoke run, not results")
+    p.add_argument("overrides", nargs="*", help="config overrides for every variant, e.g. train.max_steps=300")
+    args = p.parse_args(argv)
+    if not (args.data / "fsdd").is_dir() or not (args.data / "mnist").is_dir():
+        print(f"error: {args.data} must hold fsdd/ and mnist/ (see ../shared/data/README.md)", file=sys.stderr)
+        return 2
+    extra = list(args.overrides) + (["train.max_steps=20", "train.eval_every=10", "train.save_every=10"]
+                                    if args.quick else [])
+    manifest = prepare(args.data, args.work, args.quick)
+    shards = build(manifest, args.work)
+    from moefuse.train.evaluate import evaluate
+
+    results = {}
+    for name in args.variants:
+        model = train_variant(name, shards, args.work, extra)
+        heatmap = HERE / "routing_heatmap.png" if name == "moe" and not args.quick else None
+        results[name] = evaluate(model, [str(shards)], split="val", heatmap=heatmap, progress=False)
+        seconds = model.parent / "train_seconds.txt"
+        results[name]["train_seconds"] = seconds.read_text().strip() if seconds.exists() else "–"
+        (args.work / f"eval-{name}.json").write_text(json.dumps(results[name], indent=2))
+        print(f"[{name}] " + ", ".join(f"{t}={d['accuracy']:.3f}" for t, d in results[name]["tasks"].items()))
+    if not args.quick:
+        print(f"wrote {write_results(results, args.work, extra)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
