@@ -300,6 +300,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
             for _ in range(skip):
                 next(iterator, None)
         last_batch = None
+        batches_this_epoch = 0
         while True:
             batch = next(iterator, None)
             # Every process must take part in each step; stop the epoch when all are out of data, and let an
@@ -307,7 +308,12 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
             has = torch.tensor([0.0 if batch is None else 1.0], device=accelerator.device)
             any_left = accelerator.gather(has).max().item() > 0
             if not any_left:
+                if batches_this_epoch == 0 and skip == 0:
+                    raise DataError(f"the training data yielded no batch in epoch {epoch} "
+                                    f"({', '.join(d.train_shards)}, split {d.train_split!r}): is the split empty, "
+                                    f"or every sample corrupt ({state['skipped_corrupt']} skipped)?")
                 break
+            batches_this_epoch += 1
             weight = 1.0
             if batch is None:
                 batch, weight = last_batch, 0.0
