@@ -27,5 +27,18 @@ lint: $(STAMP)
 bench-moe: $(STAMP)
 	$(PY) benchmarks/moe_dispatch.py
 
+bench-data: $(STAMP)
+	$(PY) benchmarks/data_throughput.py
+
+bench-train: $(STAMP)
+	$(PY) benchmarks/train_throughput.py
+
+bench-predict: $(STAMP)
+	$(PY) benchmarks/predict_latency.py
+
+# prepare -> build-shards -> train configs/avdigits.yaml and its ablations -> evaluate -> RESULTS.md
+bench-avdigits: $(STAMP)
+	$(PY) benchmarks/avdigits/run.py --data ../shared/data --work runs/avdigits
+
 clean:
 	rm -rf $(VENV) outputs runs .pytest_cache
