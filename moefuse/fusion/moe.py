@@ -49,10 +49,11 @@ def _empty_weight_grad(w: torch.Tensor) -> torch.Tensor:
     """An uninitialised contiguous tensor like the [E, K, N] weight `w`, backed by transparent huge pages if it can.
 
     The weight gradient is E times a dense layer's and freshly allocated on every backward (grads are set to None
-    between steps), so on CPU its first touch costs one page fault per 4 KiB: at E=64 experts of 256x1024 + 512x256
-    that is ~24k faults, ~45 ms per step on one core, more than the grouped matmuls' own overhead. Advising the
-    untouched buffer as huge pages (what PyTorch's opt-in THP_MEM_ALLOC_ENABLE=1 does for every large tensor) cuts
-    the faults 512-fold. Best effort: a no-op off Linux, off CPU, for small buffers, or where THP is disabled.
+    between steps), so on CPU its first touch costs one page fault per 4 KiB: at E=64 experts of 256x(2*512) and
+    512x256 that is 96 MiB, ~24k faults, ~45 ms per step on one core of the 2-core dev VM (7 ms with huge pages),
+    the largest single cost that grows with E. Advising the untouched buffer as transparent huge pages (what
+    PyTorch's opt-in THP_MEM_ALLOC_ENABLE=1 does for every large tensor) cuts the faults 512-fold. Best effort: a
+    no-op off Linux, off CPU, for small buffers, or where THP is disabled.
     """
     out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
     if out.device.type != "cpu" or out.nbytes < _HUGEPAGE_MIN_BYTES:
@@ -85,10 +86,9 @@ class _LoopGroupedMatmul(torch.autograd.Function):
     """Fallback with the same contract as torch._grouped_mm for 2D x 3D inputs.
 
     Unlike slicing `w[e]` under autograd (whose backward materialises a full [E, ...] gradient per slice, so the
-    cost grows with E), the backward here writes each expert's gradient into one preallocated tensor. Every output
-    and gradient is allocated uninitialised and written once by `mm(out=...)`; only the rows past the last group and
-    the experts that got no rows are zero-filled (a full zero pass over the [E, K, N] weight gradient would double
-    its memory traffic, which at large E is most of the dispatch overhead).
+    cost grows with E), the backward here writes each expert's gradient into one preallocated tensor. Outputs and
+    gradients are allocated uninitialised and written once by `mm(out=...)`; only the rows past the last group and
+    the experts that got no rows are zero-filled. The weight gradient is allocated by `_empty_weight_grad`.
     """
 
     @staticmethod

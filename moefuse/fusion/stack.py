@@ -62,7 +62,8 @@ class FusionConfig:
     modality_dropout: float = 0.0
     """In training, drop each present modality of a sample with this probability (never all of them)."""
     backend: Literal["auto", "native", "loop"] = "auto"
-    """Grouped-matmul kernel for the experts: auto = torch._grouped_mm where it runs, else the loop fallback."""
+    """Grouped-matmul kernel for the experts: auto = torch._grouped_mm where it has a kernel (on CPU only when no
+    weight gradient is needed: the loop backward measured faster there), else the loop fallback."""
 
     def __post_init__(self) -> None:
         check(self.d_model >= 8, "fusion.d_model", f"must be >= 8, got {self.d_model}")
