@@ -1,0 +1,302 @@
+"""Inference latency, throughput and accuracy of the tiny model: dynamic int8 (`--int8`) as a ratio to fp32.
+
+What is measured (CPU, torch's default thread count, ``torch.no_grad``, eval mode):
+
+* The model: by default the tiny config trained for --steps steps (150) on freshly made demo shards through
+  ``moefuse.train.run.train`` (``train.eval_every=1000 train.save_every=1000 train.tensorboard=false``; the run
+  validates and exports once, at the last step); or an existing export with ``--checkpoint DIR`` (then give its
+  data with ``--shards``, e.g. ``outputs/demo/shards``). fp32 is ``load_model(DIR)``, int8 ``load_model(DIR,
+  int8=True)`` (``quantize_int8``: every nn.Linear and every expert dynamic-int8, routers fp32).
+* Inputs: samples of the validation split, decoded from the shards exactly as the loader decodes them
+  (``decode_sample``), held in memory; no file reading is timed.
+* ``latency, batch 1``: for --latency-samples evenly spaced validation samples (both tasks, every modality mix),
+  two ways: ``model forward`` (the model alone on that sample pre-collated into a batch of 1 by the eval collator)
+  and ``predict_samples`` (``predict_samples(model, [sample], batch_size=1)``: collator set-up, collation, forward,
+  routing summary and records, i.e. ``moefuse predict`` minus reading files). p50 and p95 over all timed calls;
+  the samples have different modality subsets, so the spread is partly the data.
+* ``throughput, batch 32``: samples/s of the model forward on the full batches of 32 of the validation split
+  (pre-collated), and of ``predict_samples(model, those samples, batch_size=32)``.
+* ``accuracy``: ``evaluate(DIR, [shards], split="val", int8=...)`` per task (``evaluate`` takes ``int8``), and the
+  share of validation samples on which the two models give the same answer (from ``predict_samples``).
+
+How: both models first run every sample and batch once, untimed (first-call costs per shape). Then --rounds
+rounds; in each, every latency sample is timed on both models back to back (fp32 first on even samples, int8 first
+on odd ones), then each batch-32 measurement on both (order alternating between rounds). Per round: int8 p50 / fp32
+p50, int8 p95 / fp32 p95, int8 / fp32 throughput; the table leads with the medians of these per-round ratios (± half
+their interquartile range), and gives the absolute values pooled over all rounds as secondary columns. Shared
+machines are noisy, so ratios taken close together in time are far steadier than absolute numbers.
+
+Usage::
+
+    python benchmarks/predict_latency.py                      # train 150 steps on demo data, then measure
+    python benchmarks/predict_latency.py --quick              # smoke run: 400 samples, 5 steps, 3 rounds
+    python benchmarks/predict_latency.py --checkpoint outputs/demo/run/model --shards outputs/demo/shards
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import webdataset as wds
+
+try:
+    import moefuse  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moefuse.config import load_config  # noqa: E402
+from moefuse.datasets.demo import make_demo_data  # noqa: E402
+from moefuse.datasets.loader import decode_sample, shard_urls  # noqa: E402
+from moefuse.datasets.shards import BuildOptions, build_shards  # noqa: E402
+from moefuse.fusion.model import MultimodalMoEModel, build_collator  # noqa: E402
+from moefuse.train.evaluate import evaluate  # noqa: E402
+from moefuse.train.predict import load_model, predict_samples  # noqa: E402
+from moefuse.train.run import train  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "tiny.yaml"
+BATCH = 32
+MODELS = ("fp32", "int8")
+MEASURES = ("forward", "predict")
+
+
+def summary(values: list[float]) -> tuple[float, float]:
+    """Median and half the interquartile range."""
+    if len(values) < 2:
+        return values[0], 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return statistics.median(values), (q3 - q1) / 2
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100), linear interpolation between order statistics."""
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def command_line() -> str:
+    exe = Path(sys.executable)
+    try:
+        exe = exe.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    return shlex.join([str(exe), *sys.argv])
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# setup
+
+
+def make_shards(work: Path, count: int, seed: int) -> Path:
+    manifest = make_demo_data(work / "data", count=count, seed=seed, overwrite=True, progress=False)
+    shards = work / "shards"
+    build_shards(manifest, shards, BuildOptions(maxcount=100, workers=1, overwrite=True, progress=False, seed=seed))
+    return shards
+
+
+def train_tiny(work: Path, shards: Path, steps: int, seed: int) -> Path:
+    run = work / "run"
+    cfg = load_config(CONFIG, [f"data.train_shards=[{shards}]", f"data.val_shards=[{shards}]",
+                               f"train.output_dir={run}", f"train.max_steps={steps}", "train.eval_every=1000",
+                               "train.save_every=1000", "train.tensorboard=false", f"train.seed={seed}"])
+    with contextlib.redirect_stdout(sys.stderr):  # the trainer's messages; stdout is for the report
+        train(cfg)
+    return run / "model"
+
+
+def val_samples(shards: Path, model: MultimodalMoEModel) -> list[dict]:
+    """Every validation sample, decoded as the loader decodes it (at the audio encoder's rate)."""
+    rate = model.encoders["audio"].sample_rate if "audio" in model.encoders else None
+    samples = []
+    for url in shard_urls(shards, "val"):
+        for raw in wds.tarfile_samples([{"url": url}], handler=wds.reraise_exception):
+            samples.append(decode_sample(raw, rate))
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# measurement
+
+
+class Runs:
+    """Per model and measure: latencies (s) per round, and batch-32 seconds per round."""
+
+    def __init__(self, rounds: int):
+        self.latency = {(m, k): [[] for _ in range(rounds)] for m in MODELS for k in MEASURES}
+        self.batch = {(m, k): [0.0] * rounds for m in MODELS for k in MEASURES}
+
+    def pooled(self, model: str, measure: str) -> list[float]:
+        return [t for r in self.latency[(model, measure)] for t in r]
+
+    def ratios(self, measure: str, q: float) -> list[float]:
+        return [percentile(i8, q) / percentile(f32, q)
+                for f32, i8 in zip(self.latency[("fp32", measure)], self.latency[("int8", measure)])]
+
+    def throughput_ratios(self, measure: str) -> list[float]:
+        return [f32 / i8 for f32, i8 in zip(self.batch[("fp32", measure)], self.batch[("int8", measure)])]
+
+
+def measure(models: dict[str, MultimodalMoEModel], samples: list[dict], rounds: int,
+            latency_samples: int) -> tuple[Runs, int, int]:
+    collator = build_collator(models["fp32"], train=False)
+    k = min(latency_samples, len(samples))  # evenly spaced: both tasks (stored one after the other), every modality mix
+    latency_set = [samples[i * len(samples) // k] for i in range(k)]
+    singles = [collator([s]) for s in latency_set]
+    full = len(samples) // BATCH * BATCH
+    if full == 0:
+        raise SystemExit(f"only {len(samples)} validation samples: need at least {BATCH} for the batch measurement")
+    batch_samples = samples[:full]
+    batches = [collator(batch_samples[i:i + BATCH]) for i in range(0, full, BATCH)]
+
+    def single(name: str, i: int, kind: str) -> Callable[[], object]:
+        model = models[name]
+        if kind == "forward":
+            return lambda: model(singles[i])
+        return lambda: predict_samples(model, [latency_set[i]], batch_size=1)
+
+    def batched(name: str, kind: str) -> Callable[[], object]:
+        model = models[name]
+        if kind == "forward":
+            return lambda: [model(b) for b in batches]
+        return lambda: predict_samples(model, batch_samples, batch_size=BATCH)
+
+    with torch.no_grad():
+        for name in MODELS:  # warm-up, untimed
+            for i in range(len(latency_set)):
+                for kind in MEASURES:
+                    single(name, i, kind)()
+            for kind in MEASURES:
+                batched(name, kind)()
+        runs = Runs(rounds)
+        for r in range(rounds):
+            t0 = time.perf_counter()
+            for i in range(len(latency_set)):
+                for kind in MEASURES:
+                    order = MODELS if i % 2 == 0 else MODELS[::-1]
+                    for name in order:
+                        runs.latency[(name, kind)][r].append(timed(single(name, i, kind)))
+            for kind in MEASURES:
+                order = MODELS if r % 2 == 0 else MODELS[::-1]
+                for name in order:
+                    runs.batch[(name, kind)][r] = timed(batched(name, kind))
+            print(f"round {r + 1}/{rounds}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return runs, len(latency_set), full
+
+
+def agreement(models: dict[str, MultimodalMoEModel], samples: list[dict]) -> tuple[float, dict[str, dict]]:
+    """Share of samples with the same answer from both models; per model and task, accuracy from predict_samples."""
+    preds = {name: predict_samples(model, samples, batch_size=BATCH) for name, model in models.items()}
+    same = sum(a["prediction"] == b["prediction"] for a, b in zip(preds["fp32"], preds["int8"]))
+    acc: dict[str, dict] = {}
+    for name, rows in preds.items():
+        for task in sorted({r["task"] for r in rows}):
+            mine = [r for r in rows if r["task"] == task and "correct" in r]
+            acc.setdefault(name, {})[task] = sum(r["correct"] for r in mine) / max(1, len(mine))
+    return same / len(samples), acc
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# report
+
+
+def print_report(runs: Runs, rounds: int, n_single: int, n_batch: int, evals: dict[str, dict], same: float,
+                 own_acc: dict[str, dict], checkpoint: Path | str) -> None:
+    print(f"\nint8 / fp32 (median over {rounds} rounds of per-round ratios, ± half the interquartile range); "
+          f"fp32 and int8 columns are absolute, pooled over all rounds, secondary:\n")
+    print("| measure | int8 / fp32 | fp32 | int8 |")
+    print("|---|---:|---:|---:|")
+    names = {"forward": "model forward", "predict": "predict_samples"}
+    for kind in MEASURES:
+        for q in (50, 95):
+            med, half_iqr = summary(runs.ratios(kind, q))
+            f32, i8 = (percentile(runs.pooled(m, kind), q) * 1e3 for m in MODELS)
+            print(f"| latency p{q}, batch 1, {names[kind]} (ms) | {med:.2f}x ±{half_iqr:.2f} | {f32:.1f} | "
+                  f"{i8:.1f} |")
+    for kind in MEASURES:
+        med, half_iqr = summary(runs.throughput_ratios(kind))
+        f32, i8 = (n_batch * rounds / sum(runs.batch[(m, kind)]) for m in MODELS)
+        print(f"| throughput, batch {BATCH}, {names[kind]} (samples/s) | {med:.2f}x ±{half_iqr:.2f} | {f32:.0f} | "
+              f"{i8:.0f} |")
+    for task, result in evals["fp32"]["tasks"].items():
+        a32, a8 = result["accuracy"], evals["int8"]["tasks"][task]["accuracy"]
+        print(f"| accuracy {task}, val ({result['samples']} samples) | {a8 - a32:+.4f} (int8 - fp32) | {a32:.4f} | "
+              f"{a8:.4f} |")
+    print(f"| same answer as fp32, val | {same:.1%} | - | - |")
+    print(f"\nlatency: {n_single} validation samples (evenly spaced) x {rounds} rounds per model and measure; "
+          f"throughput: {n_batch} samples ({n_batch // BATCH} batch{'es' if n_batch > BATCH else ''} of {BATCH}) per "
+          f"round; checkpoint {checkpoint}")
+    consistent = all(abs(own_acc[m][t] - evals[m]["tasks"][t]["accuracy"]) < 1e-9
+                     for m in MODELS for t in evals[m]["tasks"] if t in own_acc[m])
+    print(f"accuracy check: predict_samples on the decoded val samples gives the same accuracies as evaluate(): "
+          f"{'yes' if consistent else 'NO: ' + repr(own_acc)}")
+    print(f"\nCommand: {command_line()}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, help="an exported model folder to use instead of training one")
+    parser.add_argument("--shards", type=Path, help="dataset folder with a val split (default: make demo shards)")
+    parser.add_argument("--work", type=Path, help="folder for demo data, shards and the run (default: temp)")
+    parser.add_argument("--count", type=int, default=1200, help="demo samples (default 1200)")
+    parser.add_argument("--steps", type=int, default=150, help="training steps when no --checkpoint (default 150)")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (default 7)")
+    parser.add_argument("--latency-samples", type=int, default=48,
+                        help="validation samples (evenly spaced) timed one at a time per round (default 48)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 400 samples, 5 training steps, 3 rounds, 8 latency samples")
+    if parser.parse_args(argv).quick:  # the smoke-run presets; flags given explicitly still win
+        parser.set_defaults(count=400, steps=5, rounds=3, latency_samples=8)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    with tempfile.TemporaryDirectory(prefix="moefuse-predict-bench-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao deprecation and other one-time notices
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        shards = args.shards or make_shards(work, args.count, args.seed)
+        trained = "given"
+        checkpoint = args.checkpoint
+        if checkpoint is None:
+            checkpoint = train_tiny(work, shards, args.steps, args.seed)
+            trained = f"tiny config trained {args.steps} steps"
+        shown = checkpoint if args.checkpoint or args.work else "trained in a temp folder, removed"
+        print(f"setup: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        models = {"fp32": load_model(checkpoint), "int8": load_model(checkpoint, int8=True)}
+        samples = val_samples(shards, models["fp32"])
+        evals = {name: evaluate(checkpoint, [str(shards)], split="val", int8=name == "int8", progress=False)
+                 for name in MODELS}
+        same, own_acc = agreement(models, samples)
+        runs, n_single, n_batch = measure(models, samples, args.rounds, args.latency_samples)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPU cores, load average "
+          f"{load:.1f} at start; model: {trained}; {len(samples)} validation samples, {args.rounds} rounds after "
+          f"1 warm-up pass")
+    print_report(runs, args.rounds, n_single, n_batch, evals, same, own_acc, shown)
+
+
+if __name__ == "__main__":
+    main()
