@@ -137,6 +137,29 @@ def param_counts(model: Any) -> dict[str, int]:
     return {"total": total, "active": total - inactive, "ffn_total": ffn_total, "ffn_active": ffn_total - inactive}
 
 
+def count_grouped_mm_calls(fn: Any) -> int:
+    """Run fn() with torch._grouped_mm wrapped; how many times it was called."""
+    import torch
+
+    orig = getattr(torch, "_grouped_mm", None)
+    if orig is None:
+        fn()
+        return 0
+    calls = 0
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return orig(*args, **kwargs)
+
+    torch._grouped_mm = counted
+    try:
+        fn()
+    finally:
+        torch._grouped_mm = orig
+    return calls
+
+
 def child(work: Path, name: str, warmup: int, threads: int | None, proto: TextIO) -> None:
     """One variant: build, warm up, then on each "run" line time one pass over the batches; "quit" reports memory."""
     start_kib = maxrss_kib()
@@ -147,7 +170,6 @@ def child(work: Path, name: str, warmup: int, threads: int | None, proto: TextIO
 
     from moefuse.config import load_config
     from moefuse.fusion.model import build_model
-    from moefuse.fusion.moe import native_grouped_mm_available
     from moefuse.train.run import param_groups, resolve_tasks
 
     warnings.simplefilter("ignore")  # one-time notices of transformers / torch
@@ -178,11 +200,18 @@ def child(work: Path, name: str, warmup: int, threads: int | None, proto: TextIO
     proto.flush()
     if sys.stdin.readline().strip() != "warmup":  # the parent warms the variants up one at a time
         return
-    for _ in range(warmup):
-        one_pass()
-    probe = torch.zeros(64, 64)
-    backend = cfg.fusion.backend if cfg.fusion.backend != "auto" else \
-        ("native" if native_grouped_mm_available(probe, probe.expand(2, 64, 64).contiguous()) else "loop")
+    grouped_mm_calls = None  # torch._grouped_mm calls in the last warm-up pass: which expert kernel training uses
+    for i in range(warmup):
+        if i == warmup - 1:
+            grouped_mm_calls = count_grouped_mm_calls(one_pass)
+        else:
+            one_pass()
+    if cfg.fusion.kind != "moe" or grouped_mm_calls is None:
+        backend = "-"
+    elif grouped_mm_calls:
+        backend = f"native (torch._grouped_mm, {grouped_mm_calls} calls per pass)"
+    else:
+        backend = "loop (no torch._grouped_mm call in a training pass)"
 
     def reply(obj: dict) -> None:
         proto.write(json.dumps(obj) + "\n")
@@ -190,7 +219,7 @@ def child(work: Path, name: str, warmup: int, threads: int | None, proto: TextIO
 
     reply({"ready": True, "params": param_counts(model), "start_kib": start_kib, "base_kib": base_kib,
            "samples": sum(len(b["ids"]) for b in batches), "threads": torch.get_num_threads(),
-           "torch": torch.__version__, "backend": backend if cfg.fusion.kind == "moe" else "-"})
+           "torch": torch.__version__, "backend": backend})
     for line in sys.stdin:
         if line.strip() == "run":
             reply({"seconds": one_pass()})
@@ -294,8 +323,8 @@ def print_table(children: list[Child], args: argparse.Namespace) -> None:
     starts = [c.info["start_kib"] / mib for c in children]
     print(f"\nru_maxrss at each child's start, before importing torch: {min(starts):.0f}-{max(starts):.0f} MiB "
           f"(the interpreter, plus whatever exec carries over from the torch-free parent; included in peak RSS); "
-          f"MoE expert backend: "
-          f"{', '.join(sorted({c.info['backend'] for c in children if c.info['backend'] != '-'}))}")
+          f"MoE experts in training (fusion.backend=auto): "
+          f"{'; '.join(sorted({c.info['backend'] for c in children if c.info['backend'] != '-'})) or '-'}")
 
     moes = [c for c in children if c.name != "dense"]
     top = max(moes, key=experts_of, default=None)
