@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shlex
 import shutil
 import statistics
 import sys
@@ -57,6 +56,8 @@ try:
     import moefuse  # noqa: F401
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _bench import command_line, summary
 
 from moefuse.config import ExperimentConfig, load_config  # noqa: E402
 from moefuse.datasets.demo import make_demo_data  # noqa: E402
@@ -85,21 +86,6 @@ class Variant:
     ratios: list[float] = field(default_factory=list)  # per round, to the group's reference
 
 
-def summary(values: list[float]) -> tuple[float, float]:
-    """Median and half the interquartile range."""
-    if len(values) < 2:
-        return values[0], 0.0
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return statistics.median(values), (q3 - q1) / 2
-
-
-def command_line() -> str:
-    exe = Path(sys.executable)
-    try:
-        exe = exe.relative_to(Path.cwd())
-    except ValueError:
-        pass
-    return shlex.join([str(exe), *sys.argv])
 
 
 def tiny_config(shards: Path) -> ExperimentConfig:

@@ -62,6 +62,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _bench import summary
 from transformers import MixtralConfig  # noqa: E402
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa: E402
 
@@ -262,13 +263,6 @@ def ratios_used(v: Variant, mode: str) -> tuple[list[float], bool]:
         return clean, True
     return v.ratios[mode], False
 
-
-def summary(values: list[float]) -> tuple[float, float]:
-    """Median and half the interquartile range."""
-    if len(values) < 2:
-        return values[0], 0.0
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return statistics.median(values), (q3 - q1) / 2
 
 
 def print_tables(results: dict[int, list[Variant]], experts: list[int]) -> None:

@@ -38,8 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -54,6 +52,8 @@ try:
     import moefuse  # noqa: F401
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _bench import command_line, summary
 
 from moefuse.config import load_config  # noqa: E402
 from moefuse.datasets.demo import make_demo_data  # noqa: E402
@@ -71,13 +71,6 @@ MODELS = ("fp32", "int8")
 MEASURES = ("forward", "predict")
 
 
-def summary(values: list[float]) -> tuple[float, float]:
-    """Median and half the interquartile range."""
-    if len(values) < 2:
-        return values[0], 0.0
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return statistics.median(values), (q3 - q1) / 2
-
 
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (0-100), linear interpolation between order statistics."""
@@ -87,14 +80,6 @@ def percentile(values: list[float], q: float) -> float:
     hi = min(lo + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
-
-def command_line() -> str:
-    exe = Path(sys.executable)
-    try:
-        exe = exe.relative_to(Path.cwd())
-    except ValueError:
-        pass
-    return shlex.join([str(exe), *sys.argv])
 
 
 def timed(fn: Callable[[], object]) -> float:

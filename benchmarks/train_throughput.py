@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
+
+from _bench import command_line, summary
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny.yaml"
@@ -65,21 +66,6 @@ def maxrss_kib() -> int:
     return rss // 1024 if sys.platform == "darwin" else rss
 
 
-def summary(values: list[float]) -> tuple[float, float]:
-    """Median and half the interquartile range."""
-    if len(values) < 2:
-        return values[0], 0.0
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return statistics.median(values), (q3 - q1) / 2
-
-
-def command_line() -> str:
-    exe = Path(sys.executable)
-    try:
-        exe = exe.relative_to(Path.cwd())
-    except ValueError:
-        pass
-    return shlex.join([str(exe), *sys.argv])
 
 
 def variant_overrides(name: str) -> list[str]:
