@@ -33,5 +33,6 @@ def test_train_reports_config_errors(tmp_path, capsys) -> None:
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", TINY, "fusion.num_expert=4"]) == 2
     assert "unknown config key fusion.num_expert" in capsys.readouterr().err
-    assert main(["train", TINY, f"data.train_shards=[{tmp_path}/nothing]"]) == 2
+    # Its own output_dir: the default (outputs/demo/run) may hold a demo run, which is a different error.
+    assert main(["train", TINY, f"data.train_shards=[{tmp_path}/nothing]", f"train.output_dir={tmp_path}/run"]) == 2
     assert "nothing" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """`moefuse demo-data`: a self-contained synthetic multimodal dataset (no downloads), written as a manifest plus
 media files so that the demo goes through the real `build-shards` path.
 
-    moefuse demo-data --out outputs/demo/data [--count 1200] [--seed 0]
+    moefuse demo-data --out outputs/demo/data [--count 2000] [--seed 0]
 
 Media: a digit rendered with Pillow's embedded font (Aileron; random size, rotation, position, grey levels and
 pixel noise) as a 64x64 PNG; the digit as a DTMF tone pair (ITU-T Q.23 row + column frequencies; random onset,
@@ -76,13 +76,13 @@ def render_digit(digit: int, rng: np.random.Generator) -> Image.Image:
     bg, fg = int(rng.integers(0, 70)), int(rng.integers(170, 256))
     scale = 2  # draw large and downsample: smooth edges at any rotation
     canvas = Image.new("L", (IMAGE_SIZE * scale, IMAGE_SIZE * scale), bg)
-    font = ImageFont.load_default(size=int(rng.integers(28, 46)) * scale)
+    font = ImageFont.load_default(size=int(rng.integers(34, 48)) * scale)
     draw = ImageDraw.Draw(canvas)
     left, top, right, bottom = draw.textbbox((0, 0), str(digit), font=font)
     cx, cy = (IMAGE_SIZE * scale - (right - left)) / 2, (IMAGE_SIZE * scale - (bottom - top)) / 2
-    dx, dy = rng.integers(-7, 8, size=2) * scale
+    dx, dy = rng.integers(-4, 5, size=2) * scale
     draw.text((cx - left + dx, cy - top + dy), str(digit), fill=fg, font=font, stroke_width=scale, stroke_fill=fg)
-    canvas = canvas.rotate(float(rng.uniform(-20, 20)), resample=Image.Resampling.BICUBIC, fillcolor=bg)
+    canvas = canvas.rotate(float(rng.uniform(-12, 12)), resample=Image.Resampling.BICUBIC, fillcolor=bg)
     small = np.asarray(canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX), dtype=np.float64)
     noisy = small + rng.normal(0.0, float(rng.uniform(3, 12)), small.shape)
     return Image.fromarray(np.clip(noisy, 0, 255).round().astype(np.uint8), mode="L").convert("RGB")
@@ -176,7 +176,7 @@ def wav_bytes(wav: np.ndarray) -> bytes:
 # main things
 
 
-def make_demo_data(out: str | Path, count: int = 1200, seed: int = 0, overwrite: bool = False,
+def make_demo_data(out: str | Path, count: int = 2000, seed: int = 0, overwrite: bool = False,
                    progress: bool = True) -> Path:
     """Write `count` samples (half `digit`, half `avqa`) under `out`; returns the manifest path."""
     out = Path(out)
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="moefuse demo-data", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="folder for manifest.jsonl and media/")
-    p.add_argument("--count", type=int, default=1200, help="samples in all, half per task")
+    p.add_argument("--count", type=int, default=2000, help="samples in all, half per task")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
     p.add_argument("--overwrite", action="store_true", help="regenerate over an earlier demo-data run")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="moefuse demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("outputs/demo"), help="folder for every demo output")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="training config (default configs/tiny.yaml)")
-    p.add_argument("--count", type=int, default=1200, help="demo samples to generate")
+    p.add_argument("--count", type=int, default=2000, help="demo samples to generate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("overrides", nargs="*", help="extra config overrides, e.g. train.max_steps=50")
     args = p.parse_args(argv)
