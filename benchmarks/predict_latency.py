@@ -16,7 +16,7 @@ What is measured (CPU, torch's default thread count, ``torch.no_grad``, eval mod
   the samples have different modality subsets, so the spread is partly the data.
 * ``throughput, batch 32``: samples/s of the model forward on the full batches of 32 of the validation split
   (pre-collated), and of ``predict_samples(model, those samples, batch_size=32)``.
-* ``accuracy``: ``evaluate(DIR, [shards], split="val", int8=...)`` per task (``evaluate`` takes ``int8``), and the
+* ``accuracy``: ``evaluate(DIR, [shards], split="val", batch_size=32, int8=...)`` per task, and the
   share of validation samples on which the two models give the same answer (from ``predict_samples``).
 
 How: both models first run every sample and batch once, untimed (first-call costs per shape). Then --rounds
@@ -273,8 +273,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"setup: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         models = {"fp32": load_model(checkpoint), "int8": load_model(checkpoint, int8=True)}
         samples = val_samples(shards, models["fp32"])
-        evals = {name: evaluate(checkpoint, [str(shards)], split="val", int8=name == "int8", progress=False)
-                 for name in MODELS}
+        # The batch size of predict_samples: dynamic int8 scales activations per batch, so int8 answers depend
+        # on which samples share a batch, and the accuracy check below compares like with like.
+        evals = {name: evaluate(checkpoint, [str(shards)], split="val", batch_size=BATCH, int8=name == "int8",
+                                progress=False) for name in MODELS}
         same, own_acc = agreement(models, samples)
         runs, n_single, n_batch = measure(models, samples, args.rounds, args.latency_samples)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPU cores, load average "
