@@ -26,6 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 
+from moefuse.configutil import atomic_write_text  # noqa: E402  (after the path insert, for a plain checkout)
+
 VARIANTS: dict[str, list[str]] = {
     "image_only": ["encoders.audio=null", "data.drop_modalities=[audio]"],
     "audio_only": ["encoders.image=null", "data.drop_modalities=[image]"],
@@ -71,7 +73,7 @@ def train_variant(name: str, shards: Path, work: Path, extra: list[str]) -> Path
                        *VARIANTS[name], *extra])
     start = time.perf_counter()
     train(cfg)
-    (run / "train_seconds.txt").write_text(f"{time.perf_counter() - start:.0f}\n")
+    atomic_write_text(run / "train_seconds.txt", f"{time.perf_counter() - start:.0f}\n")
     return run / "model"
 
 
@@ -121,15 +123,21 @@ def write_results(results: dict[str, dict], work: Path, extra: list[str]) -> Pat
                            f"{pct(t['best_single_head_accuracy'])}", t["accuracy"] >= t["best_single_head_accuracy"]))
     lines += [f"- {'met' if ok else '**missed**'}: {text}" for text, ok in checks]
     lines += ["", "## Routing (moe)", "", "![modality x expert routing](routing_heatmap.png)", "",
-              "Fraction of each modality's routed assignments per expert, per layer, on the validation split.", ""]
+              "Fraction of each modality's routed assignments per expert on the validation split: per layer in the "
+              "heatmap, summed over the layers below (experts 0..E-1).", ""]
     moe = results.get("moe", {})
     if moe.get("routing"):
         for k, v in moe["routing"].items():
             if k.startswith("expert_load/"):
                 lines.append(f"- {k.split('/', 1)[1]}: {', '.join(f'{x:.2f}' for x in v)}")
-    lines += ["", f"The exported MoE model: `{work / 'moe' / 'model'}`.", ""]
+    shown = work.resolve().relative_to(REPO) if work.resolve().is_relative_to(REPO) else work
+    lines += ["", f"The exported MoE model: `{shown / 'moe' / 'model'}` (loaded by `moefuse evaluate` and "
+              f"`moefuse predict --checkpoint`).", ""]
+    notes = HERE / "NOTES.md"  # hand-written: what the figures mean, what was tried where a target is missed
+    if notes.exists():
+        lines += [notes.read_text().rstrip(), ""]
     out = HERE / "RESULTS.md"
-    out.write_text("\n".join(lines))
+    atomic_write_text(out, "\n".join(lines))
     return out
 
 
@@ -139,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=REPO / "runs" / "avdigits")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--quick", action="store_true", help="200-sample subset and 20 steps: a smoke run, not results")
-    p.add_argument("overrides", nargs="*", help="config overrides for every variant, e.g. train.max_steps=300")
+    p.add_argument("overrides", nargs="*", help="config overrides for every variant, e.g. train.max_steps=300 "
+                   "(put them before --variants, which takes every word after it)")
     args = p.parse_args(argv)
     if not (args.data / "fsdd").is_dir() or not (args.data / "mnist").is_dir():
         print(f"error: {args.data} must hold fsdd/ and mnist/ (see ../shared/data/README.md)", file=sys.stderr)
@@ -157,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = evaluate(model, [str(shards)], split="val", heatmap=heatmap, progress=False)
         seconds = model.parent / "train_seconds.txt"
         results[name]["train_seconds"] = seconds.read_text().strip() if seconds.exists() else "–"
-        (args.work / f"eval-{name}.json").write_text(json.dumps(results[name], indent=2))
+        atomic_write_text(args.work / f"eval-{name}.json", json.dumps(results[name], indent=2))
         print(f"[{name}] " + ", ".join(f"{t}={d['accuracy']:.3f}" for t, d in results[name]["tasks"].items()))
     if not args.quick:
         print(f"wrote {write_results(results, args.work, extra)}")
