@@ -97,7 +97,7 @@ def write_results(results: dict[str, dict], work: Path, extra: list[str]) -> Pat
                      + " | ".join(pct(by_q.get(q, {}).get("accuracy")) for q in QTYPES)
                      + f" | {pct(d.get('best_single_head_accuracy'))} | {pct(a.get('best_single_head_accuracy'))} | "
                      + f"{r.get('train_seconds', '–')} |")
-    lines += ["", "## Targets", ""]
+    lines += ["", "## Targets, on these runs (one seed; NOTES below add a second seed of dense and moe)", ""]
 
     def acc(v: str, t: str) -> float | None:
         return results.get(v, {}).get("tasks", {}).get(t, {}).get("accuracy")
