@@ -1,11 +1,19 @@
-"""Helpers shared by the benchmark scripts (run as `python benchmarks/<name>.py`, so this folder is on sys.path)."""
+"""Helpers shared by the benchmark scripts (run as `python benchmarks/<name>.py`, so this folder is on sys.path).
+
+Importing this module also makes `moefuse` importable from a checkout without `pip install -e .`.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import shlex
 import statistics
 import sys
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if importlib.util.find_spec("moefuse") is None:
+    sys.path.insert(0, str(REPO))
 
 
 def summary(values: list[float]) -> tuple[float, float]:
@@ -24,3 +32,16 @@ def command_line() -> str:
     except ValueError:
         pass
     return shlex.join([str(exe), *sys.argv])
+
+
+def demo_shards(work: Path, count: int, seed: int, maxcount: int = 100) -> Path:
+    """Demo data (`moefuse demo-data`, `count` samples, manifest in WORK/data/manifest.jsonl) -> shards of
+    `maxcount` samples in WORK/shards, quietly; returns the shards folder."""
+    from moefuse.datasets.demo import make_demo_data
+    from moefuse.datasets.shards import BuildOptions, build_shards
+
+    manifest = make_demo_data(work / "data", count=count, seed=seed, overwrite=True, progress=False)
+    shards = work / "shards"
+    opts = BuildOptions(maxcount=maxcount, workers=1, overwrite=True, progress=False, seed=seed)
+    build_shards(manifest, shards, opts)
+    return shards

@@ -51,20 +51,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from _bench import command_line, demo_shards, summary
 
-try:
-    import moefuse  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _bench import command_line, summary
-
-from moefuse.config import ExperimentConfig, load_config  # noqa: E402
-from moefuse.datasets.demo import make_demo_data  # noqa: E402
-from moefuse.datasets.loader import make_loader  # noqa: E402
-from moefuse.datasets.shards import BuildOptions, build_shards  # noqa: E402
-from moefuse.fusion.model import MultimodalMoEModel, build_collator, build_model  # noqa: E402
-from moefuse.train.run import param_groups, resolve_tasks  # noqa: E402
+from moefuse.config import ExperimentConfig, load_config
+from moefuse.datasets.loader import make_loader
+from moefuse.datasets.shards import BuildOptions, build_shards
+from moefuse.fusion.model import MultimodalMoEModel, build_collator, build_model
+from moefuse.train.run import param_groups, resolve_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny.yaml"
@@ -211,9 +204,8 @@ def main(argv: list[str] | None = None) -> None:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        manifest = make_demo_data(work / "data", count=args.count, seed=args.seed, overwrite=True, progress=False)
-        shards = work / "shards"
-        build_shards(manifest, shards, BuildOptions(maxcount=MAXCOUNT, workers=1, overwrite=True, progress=False))
+        shards = demo_shards(work, args.count, args.seed, maxcount=MAXCOUNT)
+        manifest = work / "data" / "manifest.jsonl"
         cfg = tiny_config(shards)
         torch.manual_seed(args.seed)
         model = build_model(cfg.model_config())

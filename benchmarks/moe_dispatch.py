@@ -48,25 +48,17 @@ import argparse
 import copy
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from torch import nn
-
-try:
-    import moefuse  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from _bench import summary
-from transformers import MixtralConfig  # noqa: E402
-from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa: E402
+from torch import nn
+from transformers import MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-from moefuse.fusion.moe import DenseFFN, SparseMoE  # noqa: E402
+from moefuse.fusion.moe import DenseFFN, SparseMoE
 
 MODES = ("fwd", "fwd+bwd")
 TARGET_RATIO = 1.3  # the target for SparseMoE forward+backward, relative to the dense floor

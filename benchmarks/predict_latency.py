@@ -47,22 +47,14 @@ from pathlib import Path
 
 import torch
 import webdataset as wds
+from _bench import command_line, demo_shards, summary
 
-try:
-    import moefuse  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from _bench import command_line, summary
-
-from moefuse.config import load_config  # noqa: E402
-from moefuse.datasets.demo import make_demo_data  # noqa: E402
-from moefuse.datasets.loader import decode_sample, shard_urls  # noqa: E402
-from moefuse.datasets.shards import BuildOptions, build_shards  # noqa: E402
-from moefuse.fusion.model import MultimodalMoEModel, build_collator  # noqa: E402
-from moefuse.train.evaluate import evaluate  # noqa: E402
-from moefuse.train.predict import load_model, predict_samples  # noqa: E402
-from moefuse.train.run import train  # noqa: E402
+from moefuse.config import load_config
+from moefuse.datasets.loader import decode_sample, shard_urls
+from moefuse.fusion.model import MultimodalMoEModel, build_collator
+from moefuse.train.evaluate import evaluate
+from moefuse.train.predict import load_model, predict_samples
+from moefuse.train.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny.yaml"
@@ -90,13 +82,6 @@ def timed(fn: Callable[[], object]) -> float:
 
 # ---------------------------------------------------------------------------------------------------------------
 # setup
-
-
-def make_shards(work: Path, count: int, seed: int) -> Path:
-    manifest = make_demo_data(work / "data", count=count, seed=seed, overwrite=True, progress=False)
-    shards = work / "shards"
-    build_shards(manifest, shards, BuildOptions(maxcount=100, workers=1, overwrite=True, progress=False, seed=seed))
-    return shards
 
 
 def train_tiny(work: Path, shards: Path, steps: int, seed: int) -> Path:
@@ -263,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        shards = args.shards or make_shards(work, args.count, args.seed)
+        shards = args.shards or demo_shards(work, args.count, args.seed)
         trained = "given"
         checkpoint = args.checkpoint
         if checkpoint is None:

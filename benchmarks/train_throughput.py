@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from _bench import command_line, summary
+from _bench import command_line, demo_shards, summary
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny.yaml"
@@ -86,15 +86,11 @@ def prepare(work: Path, count: int, batches: int, seed: int) -> None:
     import torch
 
     from moefuse.config import load_config
-    from moefuse.datasets.demo import make_demo_data
     from moefuse.datasets.loader import make_loader
-    from moefuse.datasets.shards import BuildOptions, build_shards
     from moefuse.fusion.model import build_collator, build_model
     from moefuse.train.run import resolve_tasks
 
-    manifest = make_demo_data(work / "data", count=count, seed=seed, overwrite=True, progress=False)
-    shards = work / "shards"
-    build_shards(manifest, shards, BuildOptions(maxcount=100, workers=1, overwrite=True, progress=False))
+    shards = demo_shards(work, count, seed)
     cfg = load_config(CONFIG, [f"data.train_shards=[{shards}]"])
     cfg = dataclasses.replace(cfg, tasks=resolve_tasks(cfg))
     collator = build_collator(build_model(cfg.model_config()), train=True, seed=seed)

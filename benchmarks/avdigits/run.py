@@ -99,8 +99,11 @@ def write_results(results: dict[str, dict], work: Path, extra: list[str]) -> Pat
                      + f"{r.get('train_seconds', '–')} |")
     lines += ["", "## Targets, on these runs (one seed; NOTES below add a second seed of dense and moe)", ""]
 
+    def task(v: str, t: str) -> dict:
+        return results.get(v, {}).get("tasks", {}).get(t, {})
+
     def acc(v: str, t: str) -> float | None:
-        return results.get(v, {}).get("tasks", {}).get(t, {}).get("accuracy")
+        return task(v, t).get("accuracy")
 
     checks = []
     single = [x for x in (acc("image_only", "digit"), acc("audio_only", "digit")) if x is not None]
@@ -108,18 +111,18 @@ def write_results(results: dict[str, dict], work: Path, extra: list[str]) -> Pat
     if single and fused is not None:
         checks.append((f"fusion (moe) beats the best single modality on digit by >= 3 points: "
                        f"{pct(fused)} vs {pct(max(single))}", fused - max(single) >= 0.03))
-    avqa = results.get("moe", {}).get("tasks", {}).get("avqa")
+    avqa = task("moe", "avqa")
     if avqa:
         worst = min((v["accuracy"] for v in avqa["accuracy_by_qtype"].values()), default=0.0)
         checks.append((f"avqa >= 90% overall ({pct(avqa['accuracy'])}) with every question type >= 80% "
                        f"(worst {pct(worst)})", avqa["accuracy"] >= 0.9 and worst >= 0.8))
-    for task in ("digit", "avqa"):
-        m, dn = acc("moe", task), acc("dense", task)
+    for name in ("digit", "avqa"):
+        m, dn = acc("moe", name), acc("dense", name)
         if m is not None and dn is not None:
-            checks.append((f"MoE within 1 point of dense or above on {task}: {pct(m)} vs {pct(dn)}", m >= dn - 0.01))
-        t = results.get("moe", {}).get("tasks", {}).get(task)
+            checks.append((f"MoE within 1 point of dense or above on {name}: {pct(m)} vs {pct(dn)}", m >= dn - 0.01))
+        t = task("moe", name)
         if t:
-            checks.append((f"ensemble >= its best single head on {task}: {pct(t['accuracy'])} vs "
+            checks.append((f"ensemble >= its best single head on {name}: {pct(t['accuracy'])} vs "
                            f"{pct(t['best_single_head_accuracy'])}", t["accuracy"] >= t["best_single_head_accuracy"]))
     lines += [f"- {'met' if ok else '**missed**'}: {text}" for text, ok in checks]
     lines += ["", "## Routing (moe)", "", "![modality x expert routing](routing_heatmap.png)", "",
