@@ -265,3 +265,18 @@ def test_project_manifest_reader_accepts_output(default_out: Path, reserved_out:
         rows = manifest.read_manifest(path)
         assert rows and all(not r.errors for r in rows), [r.errors for r in rows if r.errors][:3]
         assert {r.type for r in rows} == {"classification", "qa"}
+
+
+@pytest.mark.parametrize("modality, extra", [("image", ["--conv-stem", "8", "16", "32"]),
+                                             ("audio", ["--frontend", "logmel"])])
+def test_probe_encoders_runs_on_prepared_data(default_out: Path, modality: str, extra: list[str], capsys) -> None:
+    """benchmarks/avdigits/probe_encoders.py (how the encoder front ends were chosen) runs on prepare's output."""
+    spec = importlib.util.spec_from_file_location("avdigits_probe", SCRIPT.with_name("probe_encoders.py"))
+    assert spec is not None and spec.loader is not None
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    assert probe.main(["--data", str(default_out), "--modality", modality, "--steps", "2", "--batch-size", "4",
+                       *extra]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"step 2: val clean \(avqa media\) [01]\.\d{3}, val corrupted \(digit media\) [01]\.\d{3}", out)
+    assert probe.main(["--data", str(default_out / "missing"), "--modality", modality]) == 2

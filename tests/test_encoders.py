@@ -41,8 +41,23 @@ def test_image_tokens_are_cls_plus_patches() -> None:
         enc(torch.randn(3, 3, 64, 64))
 
 
-def test_audio_frame_mask_follows_sample_mask() -> None:
-    enc = build_audio_encoder(AudioEncoderConfig())
+def test_image_conv_stem_replaces_the_patch_embedding() -> None:
+    enc = build_image_encoder(ImageEncoderConfig(conv_stem=[8, 16, 32]))  # 32 px / 2^3 -> 4x4 tokens + CLS
+    assert enc(torch.randn(2, 3, 32, 32)).tokens.shape == (2, 17, 64)
+    stem, proj = enc.vit.patch_embed.backbone, enc.vit.patch_embed.proj
+    assert [m.out_channels for m in stem if isinstance(m, torch.nn.Conv2d)] == [8, 16, 32]
+    assert proj.kernel_size == (1, 1)  # the stem, not an 8x8 patch projection, sees the pixels
+    two = build_image_encoder(ImageEncoderConfig(conv_stem=[8, 16]))  # 8x8 grid
+    assert two(torch.randn(1, 3, 32, 32)).tokens.shape == (1, 65, 64)
+    with pytest.raises(ConfigError, match="encoders.image.conv_stem"):
+        ImageEncoderConfig(conv_stem=[8, 0])
+    with pytest.raises(ConfigError, match="replaces the pretrained patch embedding"):
+        ImageEncoderConfig(conv_stem=[8], checkpoint_file="vit.safetensors")
+
+
+@pytest.mark.parametrize("frontend", ["conv", "logmel"])
+def test_audio_frame_mask_follows_sample_mask(frontend: str) -> None:
+    enc = build_audio_encoder(AudioEncoderConfig(frontend=frontend))
     mask = torch.zeros(2, 16000, dtype=torch.bool)
     mask[0] = True
     mask[1, :8000] = True
@@ -52,8 +67,9 @@ def test_audio_frame_mask_follows_sample_mask() -> None:
     assert full == out.tokens.shape[1] and abs(half - full / 2) <= 1  # 50 frames/s -> 1 s = 49 frames, 0.5 s = 24
 
 
-def test_audio_padding_does_not_change_real_frames() -> None:
-    enc = build_audio_encoder(AudioEncoderConfig()).eval()
+@pytest.mark.parametrize("frontend", ["conv", "logmel"])
+def test_audio_padding_does_not_change_real_frames(frontend: str) -> None:
+    enc = build_audio_encoder(AudioEncoderConfig(frontend=frontend)).eval()
     wav = torch.randn(1, 8000)
     padded = torch.cat([wav, torch.randn(1, 8000)], 1)
     mask = torch.zeros(1, 16000, dtype=torch.bool)
@@ -63,6 +79,25 @@ def test_audio_padding_does_not_change_real_frames() -> None:
     n = int(a.mask.sum())
     assert int(b.mask.sum()) == n
     torch.testing.assert_close(a.tokens[0, :n], b.tokens[0, :n], atol=1e-4, rtol=1e-4)
+
+
+def test_logmel_frontend_feeds_log_mel_frames() -> None:
+    """The front end is the log-mel spectrogram at 20 ms hops, sized as one conv layer in the Wav2Vec2Config."""
+    import torchaudio
+
+    enc = build_audio_encoder(AudioEncoderConfig(frontend="logmel", mel_bins=40))
+    cfg = enc.wav2vec2.config
+    assert (cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride) == ((40,), (640,), (320,))
+    wav = torch.randn(2, 12345)
+    feats = enc.wav2vec2.feature_extractor(wav)
+    assert feats.shape == (2, 40, 1 + (12345 - 640) // 320)
+    ref = torchaudio.transforms.MelSpectrogram(16000, n_fft=640, hop_length=320, n_mels=40, center=False)(wav)
+    torch.testing.assert_close(feats, torch.log(ref + 1e-6))
+    assert not any("feature_extractor" in n for n, _ in enc.named_parameters())  # no conv stack left
+    with pytest.raises(ConfigError, match="encoders.audio.frontend"):
+        AudioEncoderConfig(preset="local", path="w2v", frontend="logmel")
+    with pytest.raises(ConfigError, match="encoders.audio.frontend"):
+        AudioEncoderConfig(frontend="mfcc")
 
 
 @pytest.mark.parametrize("build, cfg_cls", [(build_text_encoder, TextEncoderConfig),

@@ -38,10 +38,11 @@ def test_every_modality_subset_runs(subset: tuple[str, ...], rng: np.random.Gene
     assert real_mods == {3} | {("text", "image", "audio").index(m) for m in subset}
 
 
-def test_absent_modality_adds_no_tokens(rng: np.random.Generator) -> None:
+@pytest.mark.parametrize("pooling", ["cls", "mean", "modality"])
+def test_absent_modality_adds_no_tokens(pooling: str, rng: np.random.Generator) -> None:
     """A sample without audio gets the same answer whatever sits in the (masked) audio slot of the batch."""
     torch.manual_seed(0)
-    model = build_model(tiny_cfg()).eval()
+    model = build_model(tiny_cfg(pooling=pooling)).eval()
     collate = build_collator(model)
     with_audio = make_sample(rng, "a", "digit", "1", image=True, audio=True)
     no_audio = make_sample(rng, "b", "digit", "2", image=True)
@@ -52,11 +53,11 @@ def test_absent_modality_adds_no_tokens(rng: np.random.Generator) -> None:
     torch.testing.assert_close(alone, together, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["moe", "dense", "concat"])
-def test_fusion_kinds_learn_a_fixed_batch(kind: str, rng: np.random.Generator) -> None:
+@pytest.mark.parametrize("kind, pooling", [("moe", "cls"), ("dense", "cls"), ("concat", "cls"), ("moe", "modality")])
+def test_fusion_kinds_learn_a_fixed_batch(kind: str, pooling: str, rng: np.random.Generator) -> None:
     """A tiny model overfits one fixed batch: the loss falls by more than half."""
     torch.manual_seed(0)
-    model = build_model(tiny_cfg(kind=kind, dropout=0.0))
+    model = build_model(tiny_cfg(kind=kind, dropout=0.0, pooling=pooling))
     collate = build_collator(model)
     samples = [make_sample(rng, f"s{i}", "digit", str(i % 10), text=f"number {i % 10}", image=True, audio=i % 2 == 0)
                for i in range(8)]
@@ -139,3 +140,24 @@ def test_golden_values(rng: np.random.Generator) -> None:
 
 GOLDEN_DIGIT_PROBS = [0.08409, 0.08146, 0.09746, 0.10951]
 GOLDEN_TOKENS_PER_EXPERT = [[3, 183, 25, 187], [52, 184, 159, 3]]
+
+
+def test_conv_stem_and_logmel_export_round_trip(rng: np.random.Generator, tmp_path) -> None:
+    """The non-default encoder front ends (image conv stem, audio log-mel) survive export -> load_exported."""
+    from moefuse.encoders import AudioEncoderConfig, ImageEncoderConfig
+    from moefuse.train.checkpoint import export_model, load_exported
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    cfg.encoders = EncodersConfig(image=ImageEncoderConfig(conv_stem=[8, 16, 32]),
+                                  audio=AudioEncoderConfig(frontend="logmel", max_seconds=0.5))
+    model = build_model(cfg)
+    model.train()
+    samples = [make_sample(rng, f"s{i}", "digit", str(i), image=True, audio=True) for i in range(4)]
+    batch = build_collator(model)(samples)
+    model(batch)  # one training-mode pass moves the BatchNorm running statistics away from their init
+    model.eval()
+    loaded = load_exported(export_model(model, tmp_path / "model"))
+    assert type(loaded.encoders["audio"].wav2vec2.feature_extractor).__name__ == "LogMelFrontEnd"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch).tasks["digit"].probs, model(batch).tasks["digit"].probs)

@@ -9,7 +9,9 @@ Variants, all with the same data, seed, steps and heads (validation = the held-o
     concat      late fusion: per-modality means + presence flags -> MLP
     dense       fusion blocks with a dense SwiGLU FFN of width top_k * d_expert (equal active compute to moe)
     moe         the sparse-MoE fusion stack (configs/avdigits.yaml as is); its export stays in WORK/moe/model
-Nothing here reads the reserved split (speaker yweweler, MNIST >= 8000): prepare.py writes it only when asked.
+A run of all five variants writes benchmarks/avdigits/RESULTS.md and routing_heatmap.png; a partial one (--variants
+or --quick) writes them into WORK instead. Nothing here reads the reserved split (speaker yweweler, MNIST >= 8000):
+prepare.py writes it only when asked.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
 
-def write_results(results: dict[str, dict], work: Path, extra: list[str]) -> Path:
+def write_results(results: dict[str, dict], work: Path, extra: list[str], out_dir: Path) -> Path:
     lines = ["# AV-digits results", "",
              "Validation = speaker theo (unseen in training) and MNIST test images 7000-7999; the reserved split "
              "(yweweler, MNIST >= 8000) was not read. Accuracy in %.", "",
@@ -139,7 +141,7 @@ def write_results(results: dict[str, dict], work: Path, extra: list[str]) -> Pat
     notes = HERE / "NOTES.md"  # hand-written: what the figures mean, what was tried where a target is missed
     if notes.exists():
         lines += [notes.read_text().rstrip(), ""]
-    out = HERE / "RESULTS.md"
+    out = out_dir / "RESULTS.md"
     atomic_write_text(out, "\n".join(lines))
     return out
 
@@ -162,17 +164,19 @@ def main(argv: list[str] | None = None) -> int:
     shards = build(manifest, args.work)
     from moefuse.train.evaluate import evaluate
 
+    # Only a full run replaces the committed RESULTS.md and heatmap; a partial one (some variants, or --quick)
+    # writes its own into WORK.
+    out_dir = HERE if set(args.variants) == set(VARIANTS) and not args.quick else args.work
     results = {}
     for name in args.variants:
         model = train_variant(name, shards, args.work, extra)
-        heatmap = HERE / "routing_heatmap.png" if name == "moe" and not args.quick else None
+        heatmap = out_dir / "routing_heatmap.png" if name == "moe" else None
         results[name] = evaluate(model, [str(shards)], split="val", heatmap=heatmap, progress=False)
         seconds = model.parent / "train_seconds.txt"
         results[name]["train_seconds"] = seconds.read_text().strip() if seconds.exists() else "–"
         atomic_write_text(args.work / f"eval-{name}.json", json.dumps(results[name], indent=2))
         print(f"[{name}] " + ", ".join(f"{t}={d['accuracy']:.3f}" for t, d in results[name]["tasks"].items()))
-    if not args.quick:
-        print(f"wrote {write_results(results, args.work, extra)}")
+    print(f"wrote {write_results(results, args.work, extra, out_dir)}")
     return 0
 
 

@@ -2,14 +2,21 @@
 
 Waveforms are normalised per utterance over their real samples (zero mean, unit variance, as
 Wav2Vec2FeatureExtractor does); the frame mask follows from the sample mask through the conv stack's lengths.
+
+With `frontend: logmel` the conv feature encoder is replaced by a log-mel spectrogram (the classic speech features,
+e.g. Davis & Mermelstein 1980; as in the Conformer/AST family of models) at the same 20 ms frame rate, and only the
+wav2vec2 transformer is trained. From random init on a few thousand utterances it learns spoken digits far better
+and about 4x faster than the raw-waveform conv stack (see benchmarks/avdigits/NOTES.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
+import torchaudio
 from torch import nn
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
@@ -40,6 +47,11 @@ class AudioEncoderConfig:
     """Rate the model expects; other rates are resampled with torchaudio when media are loaded."""
     max_seconds: float = 2.0
     """Longer clips are cropped (random crop in training, from the start in evaluation); shorter are padded."""
+    frontend: Literal["conv", "logmel"] = "conv"
+    """conv: wav2vec2's conv feature encoder on the waveform; logmel: log-mel spectrogram frames (40 ms windows
+    every 20 ms) in its place. logmel needs a random-init preset (tiny | small)."""
+    mel_bins: int = 64
+    """Mel bands per frame for frontend logmel."""
     finetune: Finetune = "full"
     """full: train all weights; frozen: no gradients; lora: train peft LoRA adapters only."""
     lora_r: int = 8
@@ -57,6 +69,11 @@ class AudioEncoderConfig:
         if self.preset == "local":
             check(self.path is not None, "encoders.audio.path", "preset 'local' needs path: a local wav2vec2 folder")
         check(self.sample_rate >= 1000, "encoders.audio.sample_rate", f"must be >= 1000, got {self.sample_rate}")
+        check(self.frontend in ("conv", "logmel"), "encoders.audio.frontend",
+              f"must be conv or logmel, got {self.frontend!r}")
+        check(not (self.frontend == "logmel" and self.preset == "local"), "encoders.audio.frontend",
+              "a pretrained wav2vec2 (preset local) expects its own conv features; use frontend: conv")
+        check(8 <= self.mel_bins <= 256, "encoders.audio.mel_bins", f"must be in [8, 256], got {self.mel_bins}")
         check(0.1 <= self.max_seconds <= 60, "encoders.audio.max_seconds", f"must be in [0.1, 60], got "
               f"{self.max_seconds}")
         check_finetune("encoders.audio", self.finetune, self.lora_r, self.lora_alpha, self.lora_dropout)
@@ -64,6 +81,30 @@ class AudioEncoderConfig:
     @property
     def max_samples(self) -> int:
         return int(round(self.max_seconds * self.sample_rate))
+
+
+class LogMelFrontEnd(nn.Module):
+    """Waveform [B, S] -> log-mel frames [B, n_mels, F], a drop-in for Wav2Vec2FeatureEncoder. No centring or
+    padding, so F = 1 + (S - window) // hop, exactly the length of a conv layer with kernel `window` and stride
+    `hop`: the Wav2Vec2Config describes it that way and its length helpers give the right frame mask."""
+
+    def __init__(self, sample_rate: int, window: int, hop: int, n_mels: int):
+        super().__init__()
+        self.mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=window, hop_length=hop, n_mels=n_mels,
+                                                        center=False)
+
+    def forward(self, input_values: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(input_values.device.type, enabled=False):  # the STFT wants float32
+            return torch.log(self.mel(input_values.float()) + 1e-6)  # [B, n_mels, F]
+
+    def _freeze_parameters(self) -> None:  # called by Wav2Vec2Model.freeze_feature_encoder; nothing to freeze
+        pass
+
+
+def logmel_geometry(cfg: AudioEncoderConfig) -> dict:
+    """Wav2Vec2Config fields that describe the log-mel front end as one conv layer (kernel = window, stride = hop)."""
+    hop = cfg.sample_rate // 50  # 20 ms, wav2vec2's frame rate
+    return dict(conv_dim=(cfg.mel_bins,), conv_kernel=(2 * hop,), conv_stride=(hop,))
 
 
 class AudioEncoder(nn.Module):
@@ -103,11 +144,21 @@ def build_audio_encoder(cfg: AudioEncoderConfig, arch_dir: str | Path | None = N
     if arch_dir is not None:
         model = Wav2Vec2Model(Wav2Vec2Config.from_pretrained(arch_dir, local_files_only=True))
     elif preset["source"] == "config":
-        model = Wav2Vec2Model(Wav2Vec2Config(**{k: v for k, v in preset.items() if k != "source"}))
+        kwargs = {k: v for k, v in preset.items() if k != "source"}
+        if cfg.frontend == "logmel":
+            kwargs.update(logmel_geometry(cfg))
+        model = Wav2Vec2Model(Wav2Vec2Config(**kwargs))
     else:
         folder = Path(cfg.path).expanduser()
         if not (folder / "config.json").is_file():
             raise ConfigError(f"encoders.audio: no wav2vec2 checkpoint at {folder} (config.json missing)")
         model = Wav2Vec2Model.from_pretrained(folder, local_files_only=True)
+    if cfg.frontend == "logmel":
+        geometry = logmel_geometry(cfg)
+        if tuple(model.config.conv_kernel) != geometry["conv_kernel"]:
+            raise ConfigError(f"encoders.audio: the saved wav2vec2 in {arch_dir} was not built for frontend logmel "
+                              f"at {cfg.sample_rate} Hz (conv_kernel {model.config.conv_kernel})")
+        model.feature_extractor = LogMelFrontEnd(cfg.sample_rate, geometry["conv_kernel"][0],
+                                                 geometry["conv_stride"][0], cfg.mel_bins)
     model = apply_finetune(model, cfg.finetune, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
     return AudioEncoder(cfg, model)

@@ -1,10 +1,15 @@
 """Image encoder: a timm Vision Transformer (Dosovitskiy et al. 2021); its patch tokens plus CLS are the tokens.
 
+Optionally the patch embedding is replaced by a small stack of 3x3 stride-2 convolutions (`conv_stem`, "Early
+convolutions help transformers see better", Xiao et al. 2021): from random init on a few thousand images it learns
+much faster than the linear patch embedding (see benchmarks/avdigits/NOTES.md).
+
 Pretrained weights load only from a local file through timm's `pretrained_cfg_overlay=dict(file=...)`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,6 +18,7 @@ from pathlib import Path
 import timm
 import torch
 from timm.data import create_transform, resolve_model_data_config
+from timm.layers import HybridEmbed
 from torch import nn
 
 from moefuse.configutil import ConfigError, check
@@ -40,6 +46,9 @@ class ImageEncoderConfig:
     """Local weights (.safetensors/.pth/.bin) for the timm model; None = random init."""
     image_size: int | None = None
     """Input resolution override (timm `img_size`); None = the preset's."""
+    conv_stem: list[int] = field(default_factory=list)
+    """Output channels of 3x3 stride-2 conv layers (BatchNorm, ReLU) that replace the patch embedding; each halves
+    the grid, so [16, 32, 64] on 32 px gives 4x4 tokens. [] = timm's linear patch embedding. Random init only."""
     finetune: Finetune = "full"
     """full: train all weights; frozen: no gradients; lora: train peft LoRA adapters only."""
     lora_r: int = 8
@@ -56,6 +65,10 @@ class ImageEncoderConfig:
               f"unknown image preset {self.preset!r}; choose one of {', '.join(IMAGE_PRESETS)}")
         check(self.image_size is None or self.image_size >= 8, "encoders.image.image_size",
               f"must be >= 8, got {self.image_size}")
+        check(all(isinstance(c, int) and c >= 1 for c in self.conv_stem), "encoders.image.conv_stem",
+              f"must be a list of positive channel counts, got {self.conv_stem}")
+        check(not (self.conv_stem and self.checkpoint_file), "encoders.image.conv_stem",
+              "a conv stem replaces the pretrained patch embedding; set conv_stem: [] or drop checkpoint_file")
         check_finetune("encoders.image", self.finetune, self.lora_r, self.lora_alpha, self.lora_dropout)
 
 
@@ -81,6 +94,16 @@ class ImageEncoder(nn.Module):
         return EncoderOutput(tokens=tokens, mask=mask)
 
 
+def conv_stem(channels: list[int], in_chans: int = 3) -> nn.Sequential:
+    """3x3 stride-2 conv + BatchNorm + ReLU per entry of `channels` (Xiao et al. 2021): [B, C, H, W] ->
+    [B, channels[-1], H / 2^n, W / 2^n]; timm's HybridEmbed then projects each position to the ViT width."""
+    layers: list[nn.Module] = []
+    for c in channels:
+        layers += [nn.Conv2d(in_chans, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+        in_chans = c
+    return nn.Sequential(*layers)
+
+
 def build_image_encoder(cfg: ImageEncoderConfig, arch_dir: str | Path | None = None) -> ImageEncoder:
     """Build from the preset; with `arch_dir` (an exported model's image/ folder) skip the pretrained file and
     build the same architecture with random init, for a state dict to be loaded into."""
@@ -100,6 +123,8 @@ def build_image_encoder(cfg: ImageEncoderConfig, arch_dir: str | Path | None = N
         if not path.is_file():
             raise ConfigError(f"encoders.image.checkpoint_file: {path} does not exist or is not a file")
         kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
+    if cfg.conv_stem:  # patch_size 1: every position of the stem's output grid is one token
+        kwargs.update(embed_layer=functools.partial(HybridEmbed, backbone=conv_stem(cfg.conv_stem)), patch_size=1)
     try:
         vit = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
     except RuntimeError as e:  # timm raises RuntimeError for unknown model names

@@ -57,8 +57,10 @@ class FusionConfig:
     """Weight of the LIMoE local (per-token) entropy loss, per modality."""
     global_entropy_coef: float = 0.0
     """Weight of the LIMoE global entropy loss (minus the entropy of a modality's mean routing), per modality."""
-    pooling: Literal["cls", "mean"] = "cls"
-    """Fused representation: a learned fusion token's output, or the masked mean over all tokens."""
+    pooling: Literal["cls", "mean", "modality"] = "cls"
+    """Fused representation: cls = the fusion token's output; mean = the masked mean over all tokens; modality = the
+    masked mean of each modality's tokens (zeros when absent), concatenated and projected to d_model, so that no
+    modality is outweighed by another's token count."""
     modality_dropout: float = 0.0
     """In training, drop each present modality of a sample with this probability (never all of them)."""
     backend: Literal["auto", "native", "loop"] = "auto"
@@ -157,6 +159,8 @@ class FusionStack(nn.Module):
                                      nn.Linear(2 * d, d))
         else:
             self.blocks = nn.ModuleList(FusionBlock(cfg, num_modalities) for _ in range(cfg.num_layers))
+            if cfg.pooling == "modality":
+                self.pool_proj = nn.Linear(num_modalities * cfg.d_model, cfg.d_model)
         self.norm = nn.LayerNorm(cfg.d_model)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, modality_ids: torch.Tensor) -> FusionOutput:
@@ -173,16 +177,27 @@ class FusionStack(nn.Module):
         x = self.norm(x)
         if self.cfg.pooling == "cls":
             pooled = x[:, 0]  # [B, D]
+        elif self.cfg.pooling == "modality":
+            means, _ = self._modality_means(x, mask, modality_ids)
+            pooled = self.pool_proj(torch.cat(means, dim=-1))  # [B, M * D] -> [B, D]
         else:
             w = mask.unsqueeze(-1).to(x.dtype)  # [B, T, 1]
             pooled = (x * w).sum(1) / w.sum(1).clamp_min(1.0)
         return FusionOutput(tokens=x, pooled=pooled, aux_loss=aux, moe=moes)
 
-    def _concat(self, x: torch.Tensor, mask: torch.Tensor, modality_ids: torch.Tensor) -> FusionOutput:
-        parts = []
+    def _modality_means(self, x: torch.Tensor, mask: torch.Tensor, modality_ids: torch.Tensor
+                        ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Masked mean of each modality's tokens [B, D] (zeros where absent) and its presence flag [B, 1]."""
+        means, present = [], []
         for m in range(self.num_modalities):
             w = (mask & (modality_ids == m)).unsqueeze(-1).to(x.dtype)  # [B, T, 1]
             count = w.sum(1)  # [B, 1]
-            parts += [(x * w).sum(1) / count.clamp_min(1.0), (count > 0).to(x.dtype)]  # [B, D], [B, 1]
+            means.append((x * w).sum(1) / count.clamp_min(1.0))
+            present.append((count > 0).to(x.dtype))
+        return means, present
+
+    def _concat(self, x: torch.Tensor, mask: torch.Tensor, modality_ids: torch.Tensor) -> FusionOutput:
+        means, present = self._modality_means(x, mask, modality_ids)
+        parts = [t for pair in zip(means, present) for t in pair]  # mean_0, flag_0, mean_1, flag_1, ...
         pooled = self.norm(self.mlp(torch.cat(parts, dim=-1)))  # [B, M * (D + 1)] -> [B, D]
         return FusionOutput(tokens=x, pooled=pooled, aux_loss=x.new_zeros(()))
