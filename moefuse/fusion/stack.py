@@ -60,7 +60,7 @@ class FusionConfig:
     pooling: Literal["cls", "mean", "modality"] = "cls"
     """Fused representation: cls = the fusion token's output; mean = the masked mean over all tokens; modality = the
     masked mean of each modality's tokens (zeros when absent), concatenated and projected to d_model, so that no
-    modality is outweighed by another's token count."""
+    modality is outweighed by another's token count (on AV-digits it did worse than mean: avdigits/NOTES.md)."""
     modality_dropout: float = 0.0
     """In training, drop each present modality of a sample with this probability (never all of them)."""
     backend: Literal["auto", "native", "loop"] = "auto"
