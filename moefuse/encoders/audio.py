@@ -21,7 +21,7 @@ from torch import nn
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from moefuse.configutil import ConfigError, check
-from moefuse.encoders.base import EncoderOutput, Finetune, apply_finetune, check_finetune
+from moefuse.encoders.base import EncoderOutput, Finetune, apply_finetune, check_finetune, load_init_file
 
 # tiny/small: random init; 5 conv layers with total stride 320 (50 frames/s, like wav2vec2-base) but 32 channels.
 AUDIO_PRESETS: dict[str, dict] = {
@@ -52,6 +52,9 @@ class AudioEncoderConfig:
     every 20 ms) in its place. logmel needs a random-init preset (tiny | small)."""
     mel_bins: int = 64
     """Mel bands per frame for frontend logmel."""
+    init_file: str | None = None
+    """Safetensors weights of this exact wav2vec2 (same preset, frontend, mel_bins) to start from, e.g. after
+    per-modality pretraining (benchmarks/avdigits/probe_encoders.py --save); None = the preset's weights."""
     finetune: Finetune = "full"
     """full: train all weights; frozen: no gradients; lora: train peft LoRA adapters only."""
     lora_r: int = 8
@@ -160,5 +163,7 @@ def build_audio_encoder(cfg: AudioEncoderConfig, arch_dir: str | Path | None = N
                               f"at {cfg.sample_rate} Hz (conv_kernel {model.config.conv_kernel})")
         model.feature_extractor = LogMelFrontEnd(cfg.sample_rate, geometry["conv_kernel"][0],
                                                  geometry["conv_stride"][0], cfg.mel_bins)
+    if cfg.init_file is not None and arch_dir is None:  # an export's own weights are loaded over it anyway
+        load_init_file(model, cfg.init_file, "encoders.audio.init_file")
     model = apply_finetune(model, cfg.finetune, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
     return AudioEncoder(cfg, model)

@@ -1,17 +1,19 @@
 """The one encoder interface: every modality encoder returns tokens [B, T, D_enc] and a boolean mask [B, T].
 
-Also the shared fine-tuning switch (full / frozen / LoRA through peft) that every encoder config carries.
+Also the shared fine-tuning switch (full / frozen / LoRA through peft) that every encoder config carries, and the
+`init_file` weights an encoder can start from (e.g. written by a per-modality pretraining run).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
-from moefuse.configutil import check
+from moefuse.configutil import ConfigError, atomic_write_bytes, check
 
 Finetune = Literal["full", "frozen", "lora"]
 
@@ -49,3 +51,29 @@ def apply_finetune(
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     return model
+
+
+def save_init_file(module: nn.Module, path: str | Path) -> None:
+    """Write `module`'s state dict as safetensors, atomically (temp file, then rename), for `init_file`."""
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save({k: v.detach().contiguous() for k, v in module.state_dict().items()}))
+
+
+def load_init_file(module: nn.Module, path: str, key: str) -> None:
+    """Load a state dict written by `save_init_file` for exactly this architecture; anything else is an error
+    that names the file and the config field `key`."""
+    from safetensors.torch import load_file
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"{key}: {file} does not exist or is not a file; write it first (for AV-digits: "
+                          f"benchmarks/avdigits/probe_encoders.py --save) or set {key}: null")
+    state = load_file(str(file))
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches raise even when strict=False
+        raise ConfigError(f"{key}: {file} does not fit this encoder: {str(e).splitlines()[-1].strip()}") from None
+    if missing or unexpected:
+        raise ConfigError(f"{key}: {file} was written for another architecture (missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]}); it must come from the same preset, conv_stem and frontend")

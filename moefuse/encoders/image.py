@@ -22,7 +22,7 @@ from timm.layers import HybridEmbed
 from torch import nn
 
 from moefuse.configutil import ConfigError, check
-from moefuse.encoders.base import EncoderOutput, Finetune, apply_finetune, check_finetune
+from moefuse.encoders.base import EncoderOutput, Finetune, apply_finetune, check_finetune, load_init_file
 
 # Presets are `timm.create_model` arguments. tiny/small are random init sized for 2 CPU cores; vit_* are the
 # standard timm architectures, pretrained when `checkpoint_file` points at their weights.
@@ -49,6 +49,9 @@ class ImageEncoderConfig:
     conv_stem: list[int] = field(default_factory=list)
     """Output channels of 3x3 stride-2 conv layers (BatchNorm, ReLU) that replace the patch embedding; each halves
     the grid, so [16, 32, 64] on 32 px gives 4x4 tokens. [] = timm's linear patch embedding. Random init only."""
+    init_file: str | None = None
+    """Safetensors weights of this exact ViT (same preset, conv_stem) to start from, e.g. after per-modality
+    pretraining (benchmarks/avdigits/probe_encoders.py --save); None = random init or checkpoint_file."""
     finetune: Finetune = "full"
     """full: train all weights; frozen: no gradients; lora: train peft LoRA adapters only."""
     lora_r: int = 8
@@ -69,6 +72,8 @@ class ImageEncoderConfig:
               f"must be a list of positive channel counts, got {self.conv_stem}")
         check(not (self.conv_stem and self.checkpoint_file), "encoders.image.conv_stem",
               "a conv stem replaces the pretrained patch embedding; set conv_stem: [] or drop checkpoint_file")
+        check(not (self.init_file and self.checkpoint_file), "encoders.image.init_file",
+              "checkpoint_file and init_file both give the starting weights; set only one")
         check_finetune("encoders.image", self.finetune, self.lora_r, self.lora_alpha, self.lora_dropout)
 
 
@@ -110,7 +115,7 @@ def build_image_encoder(cfg: ImageEncoderConfig, arch_dir: str | Path | None = N
     if arch_dir is not None:
         from dataclasses import replace
 
-        cfg = replace(cfg, checkpoint_file=None)
+        cfg = replace(cfg, checkpoint_file=None, init_file=None)
         saved = json.loads((Path(arch_dir) / "data_config.json").read_text())
     kwargs = dict(IMAGE_PRESETS[cfg.preset])
     name = cfg.model_name or kwargs.pop("model_name")
@@ -138,5 +143,7 @@ def build_image_encoder(cfg: ImageEncoderConfig, arch_dir: str | Path | None = N
     if arch_dir is not None:
         data_config.update(saved, input_size=tuple(saved["input_size"]), mean=tuple(saved["mean"]),
                            std=tuple(saved["std"]))  # the preprocessing the model was trained with
+    if cfg.init_file is not None:
+        load_init_file(vit, cfg.init_file, "encoders.image.init_file")
     vit = apply_finetune(vit, cfg.finetune, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
     return ImageEncoder(cfg, vit, data_config)

@@ -8,12 +8,12 @@ as bright cells and a uniform row as an even tint (1/E).
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from moefuse.configutil import atomic_write_bytes
 
 CELL, PAD, LABEL_W, TITLE_H = 28, 12, 64, 22
 
@@ -64,11 +64,6 @@ def draw_routing_heatmap(counts: torch.Tensor, row_names: list[str], title: str 
 
 
 def save_png_atomic(img: Image.Image, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
