@@ -122,6 +122,12 @@ def test_manifest_valid(default_out: Path) -> None:
     info = sf.info(str(default_out / r["audio"]))
     assert info.samplerate == 8000 and info.channels == 1 and info.subtype == "PCM_16"
     assert not list(default_out.rglob("*.tmp")), "temporary files left behind"
+    # The files have the permissions open() gives (others can read a shared dataset), not mkstemp's 0600.
+    (default_out.parent / "plain").write_bytes(b"x")
+    mode = (default_out.parent / "plain").stat().st_mode
+    for f in (default_out / "manifest.jsonl", default_out / "prepare.json", default_out / r["image"],
+              default_out / r["audio"]):
+        assert f.stat().st_mode == mode, f
 
 
 def test_prepare_json(default_out: Path) -> None:

@@ -119,7 +119,8 @@ def write_results(results: dict[str, dict], work: Path, extra: list[str], out_di
                      + " | ".join(pct(by_q.get(q, {}).get("accuracy")) for q in QTYPES)
                      + f" | {pct(d.get('best_single_head_accuracy'))} | {pct(a.get('best_single_head_accuracy'))} | "
                      + f"{r.get('train_seconds', '–')} |")
-    lines += ["", "## Targets, on these runs (one seed; NOTES below add a second seed of audio_only, dense and moe)", ""]
+    lines += ["", "## Targets, on these runs (one seed; NOTES below add a second seed of audio_only, dense and moe)",
+              ""]
 
     def task(v: str, t: str) -> dict:
         return results.get(v, {}).get("tasks", {}).get(t, {})
