@@ -34,7 +34,7 @@ def test_every_yaml_loads_and_builds(path: Path) -> None:
         enc = getattr(encoders, name)
         if enc is not None and enc.init_file is not None and not Path(enc.init_file).exists():
             with pytest.raises(ConfigError, match=f"encoders.{name}.init_file"):
-                build_model(replace(cfg, tasks=tasks).model_config())
+                build_model(replace(cfg, tasks=tasks, encoders=encoders).model_config())
             encoders = replace(encoders, **{name: replace(enc, init_file=None)})
     model = build_model(replace(cfg, tasks=tasks, encoders=encoders).model_config())
     assert sum(p.numel() for p in model.parameters()) > 0
