@@ -213,6 +213,9 @@ def test_init_file_errors_name_the_file_and_field(tmp_path) -> None:
         build_image_encoder(ImageEncoderConfig(init_file=missing))
     with pytest.raises(ConfigError, match="encoders.audio.init_file: .*nope.safetensors does not exist"):
         build_audio_encoder(AudioEncoderConfig(init_file=missing))
+    (tmp_path / "notes.txt").write_text("not weights")
+    with pytest.raises(ConfigError, match="encoders.image.init_file: .*notes.txt is not a safetensors file"):
+        build_image_encoder(ImageEncoderConfig(init_file=str(tmp_path / "notes.txt")))
     with pytest.raises(ConfigError, match="set only one"):
         ImageEncoderConfig(preset="vit_tiny", checkpoint_file="a.pth", init_file="b.safetensors")
     save_init_file(build_image_encoder(ImageEncoderConfig(conv_stem=[8])).vit, tmp_path / "stem8.safetensors")

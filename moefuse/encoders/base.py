@@ -63,13 +63,18 @@ def save_init_file(module: nn.Module, path: str | Path) -> None:
 def load_init_file(module: nn.Module, path: str, key: str) -> None:
     """Load a state dict written by `save_init_file` for exactly this architecture; anything else is an error
     that names the file and the config field `key`."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     file = Path(path).expanduser()
     if not file.is_file():
         raise ConfigError(f"{key}: {file} does not exist or is not a file; write it first (for AV-digits: "
                           f"benchmarks/avdigits/probe_encoders.py --save) or set {key}: null")
-    state = load_file(str(file))
+    try:
+        state = load_file(str(file))
+    except SafetensorError as e:  # a file in another format
+        raise ConfigError(f"{key}: {file} is not a safetensors file ({e}); point it at one written by "
+                          f"save_init_file (probe_encoders.py --save)") from None
     try:
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches raise even when strict=False
