@@ -1,9 +1,11 @@
-"""AV-digits end to end: prepare -> build-shards -> train configs/avdigits.yaml and its ablations -> evaluate ->
+"""AV-digits end to end: prepare -> build-shards -> pretrain the image and audio encoders alone (probe_encoders.py
+--save, into WORK/encoders/) -> train configs/avdigits.yaml and its ablations from them -> evaluate ->
 benchmarks/avdigits/RESULTS.md.
 
     python benchmarks/avdigits/run.py --data ../shared/data --work runs/avdigits       (make bench-avdigits)
 
-Variants, all with the same data, seed, steps and heads (validation = the held-out speaker theo, MNIST 7000-7999):
+Variants, all with the same data, seed, steps, heads and pretrained encoders (validation = the held-out speaker
+theo, MNIST 7000-7999):
     image_only  encoders.audio: null, audio removed from every sample   (text still reads avqa questions)
     audio_only  encoders.image: null, images removed from every sample
     concat      late fusion: per-modality means + presence flags -> MLP
