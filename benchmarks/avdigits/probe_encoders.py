@@ -39,8 +39,6 @@ from moefuse.encoders import (  # noqa: E402  (after the path insert, for a plai
 )
 from moefuse.encoders.base import save_init_file  # noqa: E402
 
-AUDIO_SECONDS = 1.0  # as configs/avdigits.yaml
-
 
 def own_digit(row: dict, modality: str) -> int:
     """The digit this row's image (or recording) shows."""
@@ -49,9 +47,12 @@ def own_digit(row: dict, modality: str) -> int:
     return row["meta"]["image_digit" if modality == "image" else "spoken_digit"]
 
 
-def load_rows(data: Path, modality: str) -> dict[tuple[str, str], tuple[list[torch.Tensor], list[int]]]:
-    """(split, task) -> (inputs, digits); images as normalised [3, 32, 32], audio as 16 kHz [S] (S <= 1 s)."""
-    out: dict[tuple[str, str], tuple[list[torch.Tensor], list[int]]] = {}
+Rows = dict[tuple[str, str], tuple[list[torch.Tensor], list[int]]]  # (split, task) -> (inputs, digits)
+
+
+def load_rows(data: Path, modality: str, audio_seconds: float) -> Rows:
+    """(split, task) -> (inputs, digits); images as normalised [3, 32, 32], audio as 16 kHz [S] (S <= audio_seconds)."""
+    out: Rows = {}
     for line in (data / "manifest.jsonl").read_text().splitlines():
         row = json.loads(line)
         if row["split"] not in ("train", "val"):
@@ -61,7 +62,7 @@ def load_rows(data: Path, modality: str) -> dict[tuple[str, str], tuple[list[tor
             x = (torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1) - 0.5) / 0.5
         else:
             wav, sr = sf.read(data / row["audio"], dtype="float32")
-            x = torchaudio.functional.resample(torch.from_numpy(wav), sr, 16000)[: int(16000 * AUDIO_SECONDS)]
+            x = torchaudio.functional.resample(torch.from_numpy(wav), sr, 16000)[: int(16000 * audio_seconds)]
         xs, ys = out.setdefault((row["split"], row["task"]), ([], []))
         xs.append(x)
         ys.append(own_digit(row, modality))
@@ -75,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="tiny", help="encoder preset (default tiny)")
     p.add_argument("--conv-stem", type=int, nargs="*", default=[], help="image: conv stem channels ([] = patches)")
     p.add_argument("--frontend", choices=["conv", "logmel"], default="conv", help="audio front end")
+    p.add_argument("--mel-bins", type=int, default=64, help="audio: mel bands of the logmel front end")
+    p.add_argument("--audio-seconds", type=float, default=1.0, help="audio: clips are cut to this length "
+                   "(configs/avdigits.yaml's max_seconds)")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             return enc(torch.stack(xs))  # [B, 3, 32, 32] -> tokens [B, T, D]
     else:
         enc = build_audio_encoder(AudioEncoderConfig(preset=args.preset, frontend=args.frontend,
-                                                     max_seconds=AUDIO_SECONDS))
+                                                     mel_bins=args.mel_bins, max_seconds=args.audio_seconds))
 
         def encode(xs: list[torch.Tensor]):
             wav = torch.zeros(len(xs), max(len(x) for x in xs))  # [B, S], zero padded
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 wav[i, : len(x)], mask[i, : len(x)] = x, True
             return enc(wav, mask)
 
-    data = load_rows(args.data, args.modality)
+    data = load_rows(args.data, args.modality, args.audio_seconds)
     train_x = data[("train", "digit")][0] + data[("train", "avqa")][0]
     train_y = data[("train", "digit")][1] + data[("train", "avqa")][1]
     head = nn.Linear(enc.out_dim, 10)

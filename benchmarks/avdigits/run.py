@@ -61,7 +61,10 @@ def pretrain_encoders(data: Path, work: Path, quick: bool, extra: list[str]) -> 
 
     cfg = load_config(REPO / "configs" / "avdigits.yaml", extra)
     enc = cfg.encoders
-    flags = {"image": ["--conv-stem", *map(str, enc.image.conv_stem)], "audio": ["--frontend", enc.audio.frontend]}
+    # Everything that shapes the encoder comes from the config, so that the saved weights fit its init_file.
+    flags = {"image": ["--preset", enc.image.preset, "--conv-stem", *map(str, enc.image.conv_stem)],
+             "audio": ["--preset", enc.audio.preset, "--frontend", enc.audio.frontend, "--mel-bins",
+                       str(enc.audio.mel_bins), "--audio-seconds", str(enc.audio.max_seconds)]}
     overrides = []
     for modality, args in flags.items():
         file = work / "encoders" / f"{modality}.safetensors"
