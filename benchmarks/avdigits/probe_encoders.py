@@ -92,15 +92,16 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:  # the encoder configs validate the flags; say what is wrong, not a traceback
-        image_cfg = ImageEncoderConfig(preset=args.preset, conv_stem=args.conv_stem) if args.modality == "image" \
-            else None
-        audio_cfg = AudioEncoderConfig(preset=args.preset, frontend=args.frontend, mel_bins=args.mel_bins,
-                                       max_seconds=args.audio_seconds) if args.modality == "audio" else None
+        if args.modality == "image":
+            image_cfg = ImageEncoderConfig(preset=args.preset, conv_stem=args.conv_stem)
+        else:
+            audio_cfg = AudioEncoderConfig(preset=args.preset, frontend=args.frontend, mel_bins=args.mel_bins,
+                                           max_seconds=args.audio_seconds)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
-    if image_cfg is not None:
+    if args.modality == "image":
         enc = build_image_encoder(image_cfg)
 
         def encode(xs: list[torch.Tensor]):
