@@ -8,18 +8,24 @@ through the same checks. Each dataclass validates its own values in `__post_init
 from __future__ import annotations
 
 import dataclasses
+import errno
+import json
+import math
 import os
 import tempfile
 import types
+import warnings
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from moefuse.errors import UserError, naming
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config key or value is wrong; the message names the dotted key and what is expected."""
 
 
@@ -169,11 +175,17 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (or is not a file)")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                          f"save it as UTF-8") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML (or holds a Python tag, which is never "
+                          f"loaded): {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return data
@@ -185,21 +197,27 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Bytes version of `atomic_write_text` (temp file in the same folder, fsync, rename)."""
+    """Bytes version of `atomic_write_text` (temp file in the same folder, fsync, rename).
+
+    A failure (full disk, a folder or file in the way) raises an OSError that names `path`, and leaves no temp
+    file behind and any earlier `path` as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the permissions open() would
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 def _umask() -> int:
@@ -210,6 +228,27 @@ def _umask() -> int:
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def finite(obj: Any) -> tuple[Any, int]:
+    """A copy of a JSON-ready tree with NaN/inf floats replaced by None, and how many were replaced."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None, 1
+    if isinstance(obj, dict):
+        pairs = [(k, finite(v)) for k, v in obj.items()]
+        return {k: v for k, (v, _) in pairs}, sum(n for _, (_, n) in pairs)
+    if isinstance(obj, (list, tuple)):
+        items = [finite(v) for v in obj]
+        return [v for v, _ in items], sum(n for _, n in items)
+    return obj, 0
+
+
+def dumps_json(obj: Any, what: str, **kwargs: Any) -> str:
+    """json.dumps that never writes invalid JSON: non-finite numbers become null, with a warning naming `what`."""
+    clean, replaced = finite(obj)
+    if replaced:
+        warnings.warn(f"{what}: {replaced} non-finite value(s) (NaN or inf) written as null", stacklevel=2)
+    return json.dumps(clean, allow_nan=False, **kwargs)
 
 
 def check(cond: bool, key: str, msg: str) -> None:
@@ -223,6 +262,8 @@ __all__ = [
     "apply_overrides",
     "atomic_write_text",
     "check",
+    "dumps_json",
+    "finite",
     "from_dict",
     "load_yaml",
     "parse_override",

@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from moefuse.configutil import atomic_write_text
+from moefuse.errors import UserError
 
 SAMPLE_RATE = 16000
 CLIP_SECONDS = 1.0
@@ -51,7 +52,7 @@ QUESTIONS = {
 SPLIT_SHARES = (("train", 0.8), ("val", 0.1), ("test", 0.1))
 
 
-class DemoError(RuntimeError):
+class DemoError(UserError, RuntimeError):
     """The demo data cannot be written; the message says why."""
 
 

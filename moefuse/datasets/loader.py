@@ -49,11 +49,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 
 from moefuse.datasets.media import decode_audio, decode_image
+from moefuse.errors import UserError
 
 log = logging.getLogger("moefuse.data")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Shards or a dataset.json cannot be used; the message names the source and the fix."""
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moefuse.errors import UserError
+
 FIELDS = ("id", "task", "text", "image", "audio", "label", "question", "answer", "split", "meta")
 SPLITS = ("train", "val", "test")
 ID_RE = re.compile(r"[A-Za-z0-9_-]{1,80}")
@@ -29,7 +31,7 @@ TASK_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """The manifest as a whole cannot be read; the message names the file and the fix."""
 
 

@@ -22,12 +22,14 @@ import numpy as np
 import soundfile as sf
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from moefuse.errors import UserError
+
 ImageFit = Literal["pad", "crop"]
 ImageFormat = Literal["png", "jpg"]
 JPEG_QUALITY = 95
 
 
-class MediaError(ValueError):
+class MediaError(UserError, ValueError):
     """An image or audio file (or shard member) that cannot be used; the message says why."""
 
 

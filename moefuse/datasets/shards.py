@@ -45,6 +45,7 @@ from moefuse.datasets.media import (
     normalise_image,
     open_image,
 )
+from moefuse.errors import UserError
 
 BUILDER_VERSION = 1
 SHARD_MTIME = 0  # fixed member mtime: byte-identical rebuilds (webdataset's TarWriter uses time.time() otherwise)
@@ -53,7 +54,7 @@ TEMP_RE = re.compile(r"\.(train|val|test)-\d{6}\.tar\.\d+\.tmp")
 MAX_LISTED = 20
 
 
-class BuildError(RuntimeError):
+class BuildError(UserError, RuntimeError):
     """The build cannot go on; the message says why and what to do."""
 
 
