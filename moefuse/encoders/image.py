@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,31 @@ def conv_stem(channels: list[int], in_chans: int = 3) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def read_data_config(path: Path) -> dict:
+    """An export's image/data_config.json (timm preprocessing), checked: a ConfigError names the file and key."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{path} cannot be read as JSON: {e}") from None
+
+    def numbers(key: str, n: int, ok: Callable[[float], bool]) -> bool:
+        v = saved.get(key)
+        return (isinstance(v, list) and len(v) == n and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                            and math.isfinite(x) and ok(x) for x in v))
+
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} must hold a JSON object, got {type(saved).__name__}")
+    checks = [("input_size", numbers("input_size", 3, lambda x: float(x).is_integer() and 1 <= x <= 4096),
+               "three integers [3, H, W] with H, W in [1, 4096]"),
+              ("mean", numbers("mean", 3, lambda x: True), "three finite numbers"),
+              ("std", numbers("std", 3, lambda x: x > 0), "three positive numbers")]
+    for key, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{path}: {key} must be {expected}, got {saved.get(key)!r}")
+    saved["input_size"] = [int(x) for x in saved["input_size"]]
+    return saved
+
+
 def build_image_encoder(cfg: ImageEncoderConfig, arch_dir: str | Path | None = None) -> ImageEncoder:
     """Build from the preset; with `arch_dir` (an exported model's image/ folder) skip the pretrained file and
     build the same architecture with random init, for a state dict to be loaded into."""
@@ -116,7 +142,7 @@ def build_image_encoder(cfg: ImageEncoderConfig, arch_dir: str | Path | None = N
         from dataclasses import replace
 
         cfg = replace(cfg, checkpoint_file=None, init_file=None)
-        saved = json.loads((Path(arch_dir) / "data_config.json").read_text())
+        saved = read_data_config(Path(arch_dir) / "data_config.json")
     kwargs = dict(IMAGE_PRESETS[cfg.preset])
     name = cfg.model_name or kwargs.pop("model_name")
     kwargs.pop("model_name", None)
@@ -141,6 +167,10 @@ def build_image_encoder(cfg: ImageEncoderConfig, arch_dir: str | Path | None = N
     if not pretrained:
         data_config["crop_pct"] = 1.0  # images are normalised at shard build time: resize, do not crop
     if arch_dir is not None:
+        if tuple(saved["input_size"]) != tuple(data_config["input_size"]):
+            raise ConfigError(f"{Path(arch_dir) / 'data_config.json'}: input_size {list(saved['input_size'])} does "
+                              f"not match the image encoder's {list(data_config['input_size'])}; the file was edited "
+                              f"or comes from another model")
         data_config.update(saved, input_size=tuple(saved["input_size"]), mean=tuple(saved["mean"]),
                            std=tuple(saved["std"]))  # the preprocessing the model was trained with
     if cfg.init_file is not None:

@@ -1,8 +1,10 @@
 """Checkpoints and the exported model.
 
 Resumable checkpoints (accelerate `save_state`: model, optimizer, scheduler, RNG; plus `trainer_state.json` with
-the step and data position) are written into a hidden temp folder and renamed into place, so a crash mid-write
-never leaves a broken checkpoint; `latest` and `best` are pointer files replaced atomically.
+the step and data position, and `checksums.json` with every file's size and sha256) are written into a hidden temp
+folder and renamed into place, so a crash mid-write never leaves a broken checkpoint; `latest` and `best` are
+pointer files replaced atomically. A checkpoint damaged later (a truncated file) is skipped with a warning and
+the newest intact one is used instead.
 
 The export is a self-contained folder that `evaluate` and `predict` load with no pickle:
     model.safetensors   the weights
@@ -15,19 +17,30 @@ The export is a self-contained folder that `evaluate` and `predict` load with no
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
+import warnings
+from dataclasses import fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from moefuse.configutil import ConfigError, atomic_write_text, from_dict, to_dict
+from moefuse.configutil import ConfigError, atomic_write_text, dumps_json, from_dict, to_dict
+from moefuse.errors import naming
 from moefuse.fusion.model import ModelConfig, MultimodalMoEModel, build_model
 
+if TYPE_CHECKING:
+    from moefuse.config import ExperimentConfig
+
 EXPORT_FORMAT = 1
+CHECKSUMS = "checksums.json"  # {file: [size, sha256]} of a checkpoint, checked before it is resumed
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -47,24 +60,48 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 # resumable checkpoints
 
 
+def _file_digests(folder: Path) -> dict[str, list]:
+    """{relative path: [size, sha256]} of every file under `folder` (checksums.json itself excluded)."""
+    digests = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digests[path.relative_to(folder).as_posix()] = [path.stat().st_size, h.hexdigest()]
+    return digests
+
+
 def save_checkpoint(accelerator, ckpt_root: Path, step: int, trainer_state: dict, keep_last: int,
                     is_best: bool) -> Path:
-    """accelerate.save_state into ckpt_root/step-XXXXXXX atomically; update pointers; prune old ones."""
+    """accelerate.save_state into ckpt_root/step-XXXXXXX atomically, with checksums.json; update the pointers and
+    prune old ones. A failed write (full disk, a file in the way) removes the temp folder and raises an OSError
+    naming the checkpoint; the earlier checkpoints stay as they were."""
     final = ckpt_root / f"step-{step:07d}"
     tmp = ckpt_root / f".tmp-step-{step:07d}"
+    try:
+        with naming(tmp):
+            if accelerator.is_main_process:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(tmp), safe_serialization=True)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                atomic_write_text(tmp / "trainer_state.json", json.dumps(trainer_state, indent=2))
+                atomic_write_text(tmp / CHECKSUMS, json.dumps(_file_digests(tmp), indent=1))
+                _replace_dir(tmp, final)
+                atomic_write_text(ckpt_root / "latest", final.name)
+                if is_best:
+                    atomic_write_text(ckpt_root / "best", final.name)
+    except Exception as e:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise
+        raise OSError(errno.EIO, f"cannot write checkpoint {final.name}: {e}", str(tmp)) from e
     if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write_text(tmp / "trainer_state.json", json.dumps(trainer_state, indent=2))
-        _replace_dir(tmp, final)
-        atomic_write_text(ckpt_root / "latest", final.name)
-        if is_best:
-            atomic_write_text(ckpt_root / "best", final.name)
         best = (ckpt_root / "best").read_text().strip() if (ckpt_root / "best").exists() else None
         steps = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
         for old in steps[:-keep_last]:
@@ -74,15 +111,58 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, trainer_state: dict
     return final
 
 
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The checkpoint `latest` points at, else the newest complete step folder, else None."""
-    pointer = ckpt_root / "latest"
-    if pointer.exists():
-        path = ckpt_root / pointer.read_text().strip()
-        if (path / "trainer_state.json").exists():
-            return path
-    complete = sorted(p for p in ckpt_root.glob("step-*") if (p / "trainer_state.json").exists())
-    return complete[-1] if complete else None
+def checkpoint_damage(path: Path) -> str | None:
+    """Why a checkpoint folder cannot be trusted (a missing, truncated or changed file), or None when intact.
+    Folders written before checksums.json existed get a structural check of their safetensors files."""
+    if not (path / "trainer_state.json").is_file():
+        return "no trainer_state.json (the write did not finish)"
+    sums = path / CHECKSUMS
+    if sums.is_file():
+        try:
+            expected = json.loads(sums.read_text())
+        except ValueError as e:
+            return f"{CHECKSUMS} is not valid JSON: {e}"
+        actual = _file_digests(path)
+        for name, (size, digest) in expected.items():
+            if name not in actual:
+                return f"{name} is missing"
+            if actual[name][0] != size:
+                return f"{name} is {actual[name][0]} bytes, {size} were written (truncated or replaced)"
+            if actual[name][1] != digest:
+                return f"{name} has changed since it was written (checksum mismatch)"
+        return None
+    for weights in path.rglob("*.safetensors"):
+        try:
+            with safe_open(str(weights), framework="pt"):
+                pass
+        except Exception as e:
+            return f"{weights.name} is damaged: {e}"
+    return None
+
+
+def intact_checkpoints(ckpt_root: Path, warn: bool = True) -> list[Path]:
+    """Complete, undamaged step folders, newest first; each damaged one is named in a warning."""
+    found = []
+    for path in sorted(ckpt_root.glob("step-*"), reverse=True):
+        if not path.is_dir() or not (path / "trainer_state.json").exists():
+            continue  # unfinished writes are hidden .tmp folders; a step folder without state is not ours
+        reason = checkpoint_damage(path)
+        if reason is None:
+            found.append(path)
+        elif warn:
+            warnings.warn(f"checkpoint {path} is damaged ({reason}); it is skipped", stacklevel=2)
+    return found
+
+
+def latest_checkpoint(ckpt_root: Path, warn: bool = True) -> Path | None:
+    """The newest intact checkpoint (damaged newer ones are skipped with a warning), else None."""
+    found = intact_checkpoints(ckpt_root, warn)
+    return found[0] if found else None
+
+
+def has_checkpoints(ckpt_root: Path) -> bool:
+    """Whether any step folder (intact or not) exists: a run that must be resumed, not restarted."""
+    return any(p.is_dir() for p in ckpt_root.glob("step-*"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -90,12 +170,28 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 def export_model(model: MultimodalMoEModel, out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write the self-contained export folder atomically (temp folder, then rename)."""
+    """Write the self-contained export folder atomically (temp folder, then rename). A failed write removes the
+    temp folder and raises an OSError naming the export; an earlier export stays as it was."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    try:
+        with naming(tmp):
+            if out_dir.exists() and not out_dir.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "a file is in the way of the export folder", str(out_dir))
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            _write_export(model, tmp, extra)
+            _replace_dir(tmp, out_dir)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise
+        raise OSError(errno.EIO, f"cannot write the export: {e}", str(out_dir)) from e
+    return out_dir
+
+
+def _write_export(model: MultimodalMoEModel, tmp: Path, extra: dict | None) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "moefuse", "version": str(EXPORT_FORMAT)})
     atomic_write_text(tmp / "config.yaml", yaml.safe_dump(to_dict(model.cfg), sort_keys=False))
@@ -110,23 +206,131 @@ def export_model(model: MultimodalMoEModel, out_dir: str | Path, extra: dict | N
     if "audio" in enc:
         (tmp / "audio").mkdir()
         enc["audio"].wav2vec2.config.save_pretrained(tmp / "audio")
-    atomic_write_text(tmp / "export.json", json.dumps({"format": EXPORT_FORMAT, **(extra or {})}, indent=2))
-    _replace_dir(tmp, out_dir)
-    return out_dir
+    atomic_write_text(tmp / "export.json", dumps_json({"format": EXPORT_FORMAT, **(extra or {})}, "export.json",
+                                                      indent=2))
+
+
+def read_model_config(path: Path) -> ModelConfig:
+    """An export's config.yaml -> ModelConfig; anything wrong is a ConfigError naming the file."""
+    where = path / "config.yaml"
+    try:
+        data = yaml.safe_load(where.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{where} is not a valid YAML model config (Python tags are never loaded): {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must hold a mapping (the model config), got {type(data).__name__}")
+    try:
+        return from_dict(ModelConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def read_export_info(path: Path) -> dict:
+    """An export's export.json (provenance, and the modalities the model was trained without); {} if absent."""
+    where = path / "export.json"
+    if not where.exists():
+        return {}
+    try:
+        info = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{where} cannot be read as JSON: {e}") from None
+    if not isinstance(info, dict) or not isinstance(info.get("drop_modalities", []), list):
+        raise ConfigError(f"{where} must be a JSON object whose drop_modalities is a list")
+    return info
 
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu") -> MultimodalMoEModel:
-    """Rebuild the model from an export folder: architecture from its configs, weights from safetensors."""
+    """Rebuild the model from an export folder: architecture from its configs, weights from safetensors. A
+    damaged or mismatched folder is a ConfigError that names the file."""
     path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{path} is not a folder; give the model/ folder a training run wrote")
     if not (path / "model.safetensors").is_file() or not (path / "config.yaml").is_file():
         raise ConfigError(f"{path} is not an exported moefuse model (needs model.safetensors and config.yaml); "
                           f"give the model/ folder a training run wrote")
-    cfg = from_dict(ModelConfig, yaml.safe_load((path / "config.yaml").read_text()))
-    model = build_model(cfg, arch_dir=path)
-    state = load_file(str(path / "model.safetensors"), device=str(device))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    cfg = read_model_config(path)
+    try:
+        model = build_model(cfg, arch_dir=path)
+    except ConfigError:
+        raise
+    except Exception as e:  # transformers / timm / json on a damaged text/, image/ or audio/ file
+        raise ConfigError(f"{path}: cannot rebuild the model from its architecture files: {type(e).__name__}: "
+                          f"{e}") from None
+    try:
+        state = load_file(str(path / "model.safetensors"), device=str(device))
+    except Exception as e:
+        raise ConfigError(f"{path / 'model.safetensors'} is damaged (truncated or not safetensors): {e}") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a shape edited in config.yaml
+        raise ConfigError(f"{path / 'model.safetensors'} does not fit {path / 'config.yaml'} (was a size edited?): "
+                          f"{str(e).splitlines()[1] if len(str(e).splitlines()) > 1 else e}") from None
     if missing or unexpected:
         raise ConfigError(f"{path}/model.safetensors does not match its config.yaml "
                           f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}); "
                           f"the folder mixes files from different runs")
     return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a run's export (the end of `moefuse train`, and `moefuse export RUN_DIR` to redo it)
+
+
+def run_result(state: dict, metric: str) -> dict:
+    """The summary of a run (results.json, export.json) from its trainer state."""
+    keys = ("best_step", "best_metric", "samples_seen", "skipped_corrupt", "lost_samples", "skipped_other_task",
+            "skipped_nonfinite")
+    return {"steps": state["step"], "stop_reason": state.get("stop_reason") or "max_steps",
+            "last_loss": state.get("last_loss"), "metric": metric, **{k: state.get(k) for k in keys}}
+
+
+def _load_best(model: MultimodalMoEModel, ckpt_root: Path, state: dict) -> int:
+    """Load the best checkpoint's weights when they are not the model's own; returns the step exported."""
+    best_step = state.get("best_step")
+    if best_step is None or best_step == state["step"]:
+        return state["step"]
+    best = ckpt_root / f"step-{best_step:07d}"
+    reason = checkpoint_damage(best) if best.is_dir() else "it is gone"
+    if reason is not None:
+        warnings.warn(f"the best checkpoint {best} cannot be used ({reason}); exporting the weights of step "
+                      f"{state['step']} instead", stacklevel=2)
+        return state["step"]
+    model.load_state_dict(load_file(str(best / "model.safetensors")))
+    return best_step
+
+
+def export_run(model: MultimodalMoEModel, out: Path, state: dict, cfg: ExperimentConfig) -> dict:
+    """Export a run's best weights to out/model and write out/results.json; returns the result. A failed write
+    leaves the checkpoints as they are, so `moefuse export OUT` can redo it."""
+    step = _load_best(model, out / "checkpoints", state)
+    result = run_result(state, cfg.train.metric)
+    extra = {"step": step, "result": result, "final_val_metrics": state.get("last_val_metrics"),
+             "drop_modalities": list(cfg.data.drop_modalities), "train_shards": list(cfg.data.train_shards)}
+    try:
+        export_model(model, out / "model", extra)
+        result.update(model_dir=str(out / "model"), final_val_metrics=state.get("last_val_metrics"))
+        atomic_write_text(out / "results.json", dumps_json(result, "results.json", indent=2))
+    except OSError as e:
+        raise type(e)(e.errno, f"{e.strerror}; the run's checkpoints are intact: once this is fixed, redo the "
+                      f"export with `moefuse export {out}`", e.filename) from e
+    return result
+
+
+def load_run(out: Path) -> tuple[MultimodalMoEModel, dict, ExperimentConfig]:
+    """A run folder -> (model with its newest intact checkpoint's weights, that trainer state, the run config)."""
+    from moefuse.config import load_config
+
+    cfg = load_config(out / "config.yaml")
+    ckpt = latest_checkpoint(out / "checkpoints")
+    if ckpt is None:
+        raise ConfigError(f"{out / 'checkpoints'} holds no intact checkpoint to export; train (or --resume) first")
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    encoders = cfg.encoders  # init files only seed training; the checkpoint holds the weights
+    encoders = replace(encoders, **{f.name: replace(getattr(encoders, f.name), init_file=None)
+                                    for f in fields(encoders) if hasattr(getattr(encoders, f.name), "init_file")})
+    model = build_model(replace(cfg.model_config(), encoders=encoders))
+    try:
+        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    except Exception as e:
+        raise ConfigError(f"{ckpt / 'model.safetensors'} does not fit {out / 'config.yaml'}: {e}") from None
+    return model, state, cfg

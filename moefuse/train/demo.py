@@ -8,15 +8,15 @@ output is and the accuracy of each task next to its chance level (the majority-c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections import Counter
 from pathlib import Path
 
 from moefuse.config import load_config
-from moefuse.configutil import ConfigError, atomic_write_text
+from moefuse.configutil import ConfigError, atomic_write_text, dumps_json
 from moefuse.datasets import BuildOptions, build_shards, make_demo_data, read_manifest
+from moefuse.errors import command
 from moefuse.train.evaluate import evaluate, format_summary
 from moefuse.train.predict import load_media_sample, load_model, predict_samples
 from moefuse.train.run import train
@@ -41,6 +41,7 @@ def pick_test_samples(manifest: Path) -> list:
     return [qa, full]
 
 
+@command("moefuse demo")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="moefuse demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("outputs/demo"), help="folder for every demo output")
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"[4/5] evaluate {model_dir} on the validation split")
     report = evaluate(model_dir, [str(shards)], split="val", heatmap=out / "routing_heatmap.png", progress=False)
-    atomic_write_text(out / "eval.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "eval.json", dumps_json(report, "eval.json", indent=2))
     print(format_summary(report))
 
     print("[5/5] predict two test samples (the second without its audio)")
@@ -89,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
                           target=full.target),
     ]
     predictions = predict_samples(model, samples)
-    atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in predictions))
+    atomic_write_text(out / "predictions.jsonl", "".join(dumps_json(r, "a prediction") + "\n" for r in predictions))
     for r in predictions:
+        if "error" in r:
+            print(f"  {r['id']} ({r['task']}): error: {r['error']}")
+            continue
         print(f"  {r['id']} ({r['task']}, {r['modalities']}): predicted {r['prediction']!r} "
               f"(p={r['probability']:.2f}, heads {r['votes']}), target {r.get('target')!r}")
 

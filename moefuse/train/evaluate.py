@@ -9,19 +9,19 @@ present (image only, audio only, all, ...) and per question type where the sampl
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-from moefuse.configutil import ConfigError, atomic_write_text
-from moefuse.datasets import DataError, make_loader
+from moefuse.configutil import ConfigError, atomic_write_text, dumps_json
+from moefuse.datasets import make_loader
+from moefuse.errors import command, non_negative_int, os_error_message, positive_int
 from moefuse.fusion.model import ROUTING_ROWS, build_collator
-from moefuse.train.checkpoint import load_exported
+from moefuse.train.checkpoint import load_exported, read_export_info
+from moefuse.train.evaluation import DATA_COUNTS, evaluate_loader, routing_summary
 from moefuse.train.metrics import compute_metrics
 from moefuse.train.plots import draw_routing_heatmap, save_png_atomic
-from moefuse.train.run import evaluate_loader, routing_summary
 
 
 def evaluate(checkpoint: str | Path, shards: list[str], split: str = "val", batch_size: int = 64,
@@ -36,52 +36,65 @@ def evaluate(checkpoint: str | Path, shards: list[str], split: str = "val", batc
         model = quantize_int8(model)
     audio_rate = model.encoders["audio"].sample_rate if "audio" in model.encoders else None
     if drop_modalities is None:
-        export = Path(checkpoint) / "export.json"
-        drop_modalities = json.loads(export.read_text()).get("drop_modalities", []) if export.exists() else []
+        drop_modalities = read_export_info(Path(checkpoint)).get("drop_modalities", [])
     collator = build_collator(model, train=False, drop_modalities=drop_modalities)
-    loader = make_loader(shards, collator, batch_size, split=split,
-                         num_workers=num_workers, audio_sample_rate=audio_rate)
+    loader = make_loader(shards, collator, batch_size, split=split, num_workers=num_workers,
+                         audio_sample_rate=audio_rate, tasks=model.task_names)
     records, stats = evaluate_loader(model, loader, torch.device("cpu"), progress=progress)
+    counts = {k: stats[k] for k in DATA_COUNTS}
     if not records:
-        raise ConfigError(f"no samples in {', '.join(shards)} (or none readable)")
+        found = ", ".join(f"{n} {DATA_COUNTS[k]}" for k, n in counts.items())
+        raise ConfigError(f"no sample of the model's tasks ({', '.join(model.task_names)}) could be read from "
+                          f"{', '.join(shards)} split {split!r} ({found})")
     vocab = {t.name: list(t.labels) for t in model.cfg.tasks}
     types = {t.name: t.type for t in model.cfg.tasks}
     result = compute_metrics(records, vocab, types, detailed=True)
     result["routing"] = routing_summary(stats)
-    result["skipped_corrupt"] = stats["skipped_corrupt"]
+    result["data"] = counts
+    result["skipped_corrupt"] = counts["skipped_corrupt"]  # kept at the top level for earlier readers
     result["checkpoint"] = str(checkpoint)
     result["shards"] = list(shards)
     result["drop_modalities"] = list(drop_modalities)
+    result["errors"] = []
     if heatmap is not None and stats["modality_expert_counts"] is not None:
-        save_png_atomic(draw_routing_heatmap(stats["modality_expert_counts"], list(ROUTING_ROWS), "evaluate"),
-                        heatmap)
-        result["routing_heatmap"] = str(heatmap)
+        try:
+            save_png_atomic(draw_routing_heatmap(stats["modality_expert_counts"], list(ROUTING_ROWS), "evaluate"),
+                            heatmap)
+            result["routing_heatmap"] = str(heatmap)
+        except OSError as e:  # the metrics are computed: report the failure, keep them
+            result["errors"].append(f"the heatmap was not written: {os_error_message(e)}")
     return result
+
+
+def fmt(value: float | None, spec: str = ".4f") -> str:
+    """A statistic for the summary; an optional one that could not be computed (None) prints as n/a."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def format_summary(result: dict) -> str:
     lines = []
     for task, d in result["tasks"].items():
-        lines.append(f"{task} ({d['type']}, {d['samples']} samples): accuracy {d['accuracy']:.4f}"
-                     + (f", macro-F1 {d['macro_f1']:.4f}" if d["type"] == "classification" else "")
-                     + f", best single head {d['best_single_head_accuracy']:.4f}, ECE {d['ece']:.4f}")
+        lines.append(f"{task} ({d['type']}, {d['samples']} samples): accuracy {fmt(d['accuracy'])}"
+                     + (f", macro-F1 {fmt(d['macro_f1'])}" if d["type"] == "classification" else "")
+                     + f", best single head {fmt(d['best_single_head_accuracy'])}, ECE {fmt(d['ece'])}")
         avc = d["agreement_vs_correctness"]
-        if avc["accuracy_when_split"] is not None:
-            lines.append(f"  heads unanimous on {avc['unanimous_fraction']:.1%}: accuracy "
-                         f"{avc['accuracy_when_unanimous']:.4f} when unanimous, {avc['accuracy_when_split']:.4f} "
-                         f"when split")
+        lines.append(f"  heads unanimous on {fmt(avc['unanimous_fraction'], '.1%')}: accuracy "
+                     f"{fmt(avc['accuracy_when_unanimous'])} when unanimous, {fmt(avc['accuracy_when_split'])} "
+                     f"when split")
         for subset, v in d["accuracy_by_modalities"].items():
-            lines.append(f"  {subset:<18} {v['accuracy']:.4f}  ({v['samples']})")
+            lines.append(f"  {subset:<18} {fmt(v['accuracy'])}  ({v['samples']})")
         for qtype, v in d["accuracy_by_qtype"].items():
-            lines.append(f"  qtype {qtype:<12} {v['accuracy']:.4f}  ({v['samples']})")
+            lines.append(f"  qtype {qtype:<12} {fmt(v['accuracy'])}  ({v['samples']})")
         if d["unseen_targets"]:
             lines.append(f"  {d['unseen_targets']} samples have a target outside the model's vocabulary "
                          f"(counted wrong)")
-    if result.get("skipped_corrupt"):
-        lines.append(f"skipped {result['skipped_corrupt']} corrupt samples")
+    data = result.get("data", {})
+    if any(data.values()):
+        lines.append("data: " + ", ".join(f"{n} {DATA_COUNTS[k]}" for k, n in data.items() if n))
     return "\n".join(lines)
 
 
+@command("moefuse evaluate")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="moefuse evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="exported model folder (a run's model/)")
@@ -90,20 +103,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="val", help="split to read from dataset folders (default: val)")
     p.add_argument("--json", type=Path, help="write the full report (JSON) here")
     p.add_argument("--heatmap", type=Path, help="write the modality x expert routing heatmap (PNG) here")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--num-workers", type=non_negative_int, default=0)
     p.add_argument("--int8", action="store_true", help="evaluate the dynamic-int8 quantised model")
     p.add_argument("--drop", nargs="*", choices=["text", "image", "audio"], default=None,
                    help="modalities to remove from every sample (default: those the model was trained without)")
     args = p.parse_args(argv)
-    try:
-        result = evaluate(args.checkpoint, args.shards, args.split, args.batch_size, args.num_workers, args.int8,
-                          args.heatmap, drop_modalities=args.drop)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
-        print(f"moefuse evaluate: error: {e}", file=sys.stderr)
-        return 2
+    result = evaluate(args.checkpoint, args.shards, args.split, args.batch_size, args.num_workers, args.int8,
+                      args.heatmap, drop_modalities=args.drop)
+    failures = list(result["errors"])
+    if args.json is not None:  # written before anything is printed: a failed print never loses the report
+        try:
+            atomic_write_text(args.json, dumps_json(result, f"report {args.json}", indent=2))
+        except OSError as e:
+            failures.append(f"the report was not written: {os_error_message(e)}; it follows on stdout")
+            print(dumps_json(result, "report", indent=2))
     print(format_summary(result))
-    if args.json is not None:
-        atomic_write_text(args.json, json.dumps(result, indent=2))
+    if args.json is not None and len(failures) == len(result["errors"]):
         print(f"report: {args.json}")
-    return 0
+    for failure in failures:
+        print(f"moefuse evaluate: error: {failure}", file=sys.stderr)
+    return 1 if failures else 0

@@ -79,6 +79,18 @@ def expected_calibration_error(confidences: list[float], correct: list[bool], bi
     return ece
 
 
+def metric_names(task_types: dict[str, str], num_heads: int) -> list[str]:
+    """The flat metrics `compute_metrics` gives for these tasks (without the "val/" prefix the trainer adds): what
+    `train.metric` may name, checked before the first step."""
+    names = ["mean_acc"]
+    for task, kind in sorted(task_types.items()):
+        names += [f"{task}/{m}" for m in ("acc", "best_head_acc", "ensemble_minus_best_head", "ece", "agreement",
+                                          "unseen_targets", "samples")]
+        names.append(f"{task}/exact_match" if kind == "qa" else f"{task}/macro_f1")
+        names += [f"{task}/head{h}_acc" for h in range(num_heads)]
+    return names
+
+
 def compute_metrics(records: list[dict], vocabularies: dict[str, list[str]], task_types: dict[str, str],
                     detailed: bool = False) -> dict:
     """Flat metrics {"<task>/acc": ..} for logging, plus nested details when `detailed` (evaluate)."""

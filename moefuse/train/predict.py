@@ -9,15 +9,16 @@ resampled to the encoder's rate), so predictions on raw files match what the mod
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from moefuse.configutil import ConfigError, atomic_write_text
+from moefuse.configutil import ConfigError, atomic_write_text, dumps_json
 from moefuse.datasets.media import MediaError, check_file, load_audio, normalise_image, open_image
+from moefuse.errors import command, positive_int
 from moefuse.fusion.model import ROUTING_ROWS, ModelOutput, MultimodalMoEModel, build_collator
 from moefuse.train.checkpoint import load_exported
 from moefuse.train.metrics import records_from_output
@@ -72,27 +73,51 @@ def routing_per_sample(output: ModelOutput) -> list[dict]:
     return result
 
 
+def _result_line(rec: dict, routing: dict) -> dict:
+    """One prediction as `predict` writes it; non-finite model outputs make it an error line instead."""
+    numbers = [rec["probability"], *(p for _, p in rec["top5"])]
+    if not all(math.isfinite(x) for x in numbers):
+        return {"id": rec["id"], "task": rec["task"],
+                "error": "the model's output is not finite (NaN or inf): its weights are damaged or it diverged"}
+    return {
+        "id": rec["id"], "task": rec["task"], "prediction": rec["prediction"],
+        "probability": rec["probability"], "top5": rec["top5"], "votes": rec["head_predictions"],
+        "agreement": rec["agreement"], "modalities": rec["modalities"],
+        **({"target": rec["target"], "correct": rec["target"] == rec["prediction"]}
+           if rec["target"] is not None else {}),
+        "routing": routing,
+    }
+
+
 @torch.no_grad()
-def predict_samples(model: MultimodalMoEModel, samples: list[dict], batch_size: int = 32) -> list[dict]:
-    collator = build_collator(model, train=False)
+def _predict_batch(model: MultimodalMoEModel, collator, samples: list[dict]) -> list[dict]:
+    batch = collator(samples)
+    out = model(batch)
+    routing = routing_per_sample(out)
     vocab = {t.name: list(t.labels) for t in model.cfg.tasks}
+    return [_result_line(rec, routing[batch["ids"].index(rec["id"])])
+            for rec in records_from_output(batch, out, vocab)]
+
+
+def predict_samples(model: MultimodalMoEModel, samples: list[dict], batch_size: int = 32) -> list[dict]:
+    """One result per sample, in order. A batch that fails is retried sample by sample, so one sample the model
+    cannot take becomes one line with an `error` field and every other sample is still predicted."""
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    collator = build_collator(model, train=False)
     results = []
     for i in range(0, len(samples), batch_size):
-        batch = collator(samples[i : i + batch_size])
-        out = model(batch)
-        routing = routing_per_sample(out)
-        for rec in records_from_output(batch, out, vocab):
-            row = batch["ids"].index(rec["id"])
-            results.append({
-                "id": rec["id"], "task": rec["task"], "prediction": rec["prediction"],
-                "probability": rec["probability"], "top5": rec["top5"], "votes": rec["head_predictions"],
-                "agreement": rec["agreement"], "modalities": rec["modalities"],
-                **({"target": rec["target"], "correct": rec["target"] == rec["prediction"]}
-                   if rec["target"] is not None else {}),
-                "routing": routing[row],
-            })
-    order = {s["id"]: k for k, s in enumerate(samples)}
-    return sorted(results, key=lambda r: order[r["id"]])
+        chunk = samples[i : i + batch_size]
+        try:
+            results += _predict_batch(model, collator, chunk)
+        except (ValueError, RuntimeError):
+            for sample in chunk:
+                try:
+                    results += _predict_batch(model, collator, [sample])
+                except (ValueError, RuntimeError) as e:
+                    results.append({"id": sample["id"], "task": sample["task"], "error": f"{type(e).__name__}: {e}"})
+    position = {s["id"]: k for k, s in enumerate(samples)}
+    return sorted(results, key=lambda r: position[r["id"]])
 
 
 def load_model(checkpoint: str | Path, int8: bool = False) -> MultimodalMoEModel:
@@ -105,22 +130,40 @@ def load_model(checkpoint: str | Path, int8: bool = False) -> MultimodalMoEModel
 
 
 def manifest_samples(model: MultimodalMoEModel, manifest: Path) -> tuple[list[dict], list[dict]]:
-    """Manifest rows -> decoded samples, and the rows that could not be read (with reasons)."""
+    """Manifest rows (targets optional) -> decoded samples, and error lines for the rows that could not be read,
+    each naming the row's problems. Both carry the manifest line, for the output order."""
     from moefuse.datasets.manifest import read_manifest
 
     samples, bad = [], []
-    for row in read_manifest(manifest):
+    for row in read_manifest(manifest, require_target=False):
         if row.errors:
-            bad.append({"line": row.line, "id": row.id, "error": "; ".join(row.errors)})
+            bad.append({"line": row.line, "id": row.id, "task": row.task, "error": "; ".join(row.errors)})
             continue
+        target = row.label if row.label is not None else row.answer
         try:
-            samples.append(load_media_sample(model, row.id, row.task, text=row.text, question=row.question,
-                                             image=row.image, audio=row.audio, target=row.target, meta=row.meta))
+            sample = load_media_sample(model, row.id, row.task, text=row.text, question=row.question,
+                                       image=row.image, audio=row.audio, target=target, meta=row.meta)
         except (MediaError, ConfigError) as e:
-            bad.append({"line": row.line, "id": row.id, "error": str(e)})
+            bad.append({"line": row.line, "id": row.id, "task": row.task, "error": str(e)})
+            continue
+        samples.append({**sample, "line": row.line})
     return samples, bad
 
 
+def write_lines(lines: str, out: Path | None) -> None:
+    """JSON Lines to --out (atomic) or stdout. If --out cannot be written, the lines still go to stdout (nothing
+    computed is lost) and the OSError naming the path is raised after."""
+    if out is None:
+        sys.stdout.write(lines)
+        return
+    try:
+        atomic_write_text(out, lines)
+    except OSError:
+        sys.stdout.write(lines)
+        raise
+
+
+@command("moefuse predict")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="moefuse predict", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="exported model folder (a run's model/)")
@@ -132,35 +175,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", type=Path, help="image file")
     p.add_argument("--audio", type=Path, help="audio file (wav/flac/ogg; resampled as needed)")
     p.add_argument("--out", type=Path, help="write JSON Lines here (default: stdout)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of every linear layer and expert")
     args = p.parse_args(argv)
-    try:
-        model = load_model(args.checkpoint, args.int8)
-        bad: list[dict] = []
-        if args.manifest is not None:
-            if any([args.text, args.question, args.image, args.audio]):
-                raise ConfigError("give either --manifest or single-sample inputs, not both")
-            samples, bad = manifest_samples(model, args.manifest)
-        else:
-            task = args.task
-            if task is None:
-                if len(model.task_names) != 1:
-                    raise ConfigError(f"this model has several tasks; choose one with --task "
-                                      f"({', '.join(model.task_names)})")
-                task = model.task_names[0]
-            samples = [load_media_sample(model, args.id, task, text=args.text, question=args.question,
-                                         image=args.image, audio=args.audio)]
-        results = predict_samples(model, samples, args.batch_size) if samples else []
-    except (ConfigError, MediaError, FileNotFoundError, ValueError) as e:
-        print(f"moefuse predict: error: {e}", file=sys.stderr)
-        return 2
-    lines = "".join(json.dumps(r) + "\n" for r in results)
-    if args.out is not None:
-        atomic_write_text(args.out, lines)
-        print(f"wrote {len(results)} predictions to {args.out}", file=sys.stderr)
+    if args.manifest is not None and any([args.text, args.question, args.image, args.audio]):
+        raise ConfigError("give either --manifest or single-sample inputs, not both")
+    model = load_model(args.checkpoint, args.int8)
+    bad: list[dict] = []
+    if args.manifest is not None:
+        samples, bad = manifest_samples(model, args.manifest)
     else:
-        sys.stdout.write(lines)
-    for b in bad:
-        print(f"moefuse predict: skipped line {b['line']} (id {b['id']}): {b['error']}", file=sys.stderr)
-    return 1 if bad else 0
+        task = args.task
+        if task is None:
+            if len(model.task_names) != 1:
+                raise ConfigError(f"this model has several tasks; choose one with --task "
+                                  f"({', '.join(model.task_names)})")
+            task = model.task_names[0]
+        samples = [load_media_sample(model, args.id, task, text=args.text, question=args.question,
+                                     image=args.image, audio=args.audio)]
+    results = predict_samples(model, samples, args.batch_size) if samples else []
+    for r, s in zip(results, samples):
+        r.setdefault("line", s.get("line"))
+    rows = sorted(results + bad, key=lambda r: r.get("line") or 0)
+    failed = [r for r in rows if "error" in r]
+    lines = "".join(dumps_json({k: v for k, v in r.items() if k != "line" or args.manifest is not None},
+                               "a prediction") + "\n" for r in rows)
+    write_lines(lines, args.out)
+    if args.out is not None:
+        print(f"wrote {len(rows) - len(failed)} predictions and {len(failed)} errors to {args.out}", file=sys.stderr)
+    for b in failed:
+        where = f"line {b['line']} " if b.get("line") else ""
+        print(f"moefuse predict: {where}(id {b['id']}): {b['error']}", file=sys.stderr)
+    return 1 if failed else 0

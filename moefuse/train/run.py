@@ -18,6 +18,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -27,36 +28,32 @@ import torch
 from tqdm.auto import tqdm
 
 from moefuse.config import ExperimentConfig, load_config, save_config
-from moefuse.configutil import ConfigError, atomic_write_text
-from moefuse.datasets import DataError, build_eval_loader, build_train_loader, collect_tasks
-from moefuse.fusion.heads import TaskConfig
+from moefuse.configutil import ConfigError, dumps_json
+from moefuse.datasets import DataError, build_eval_loader, build_train_loader
+from moefuse.errors import command, naming
 from moefuse.fusion.model import ROUTING_ROWS, MultimodalMoEModel, build_collator, build_model
-from moefuse.train.checkpoint import export_model, latest_checkpoint, save_checkpoint
-from moefuse.train.metrics import compute_metrics, records_from_output
+from moefuse.train.checkpoint import export_run, has_checkpoints, intact_checkpoints, run_result, save_checkpoint
+from moefuse.train.evaluation import (
+    DATA_COUNTS,
+    add_counts,
+    data_counts,
+    evaluate_loader,
+    merge_stats,
+    routing_summary,
+    to_device,
+)
+from moefuse.train.metrics import compute_metrics
 from moefuse.train.plots import draw_routing_heatmap, save_png_atomic
+from moefuse.train.preflight import (
+    check_metric,
+    check_output_dir,
+    check_resume_config,
+    check_training_targets,
+    resolve_tasks,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def resolve_tasks(cfg: ExperimentConfig) -> list[TaskConfig]:
-    """Tasks with vocabularies: from the config where given, else from the training shards' dataset.json."""
-    needs_data = not cfg.tasks or any(t.labels is None for t in cfg.tasks)
-    found = collect_tasks(cfg.data.train_shards) if needs_data else {}
-    wanted = cfg.tasks or [TaskConfig(name=n, type=v["type"]) for n, v in found.items()]
-    tasks = []
-    for t in wanted:
-        if t.labels is None:
-            if t.name not in found:
-                raise ConfigError(f"tasks: task {t.name!r} is not in the training shards (they have: "
-                                  f"{', '.join(found) or 'none'})")
-            if found[t.name]["type"] != t.type:
-                raise ConfigError(f"tasks.{t.name}.type is {t.type} but the shards hold it as {found[t.name]['type']}")
-            t = replace(t, labels=list(found[t.name]["vocabulary"]))
-        tasks.append(t)
-    if not tasks:
-        raise ConfigError("tasks: none configured and none found in data.train_shards")
-    return tasks
 
 
 def param_groups(model: MultimodalMoEModel, cfg: ExperimentConfig) -> list[dict]:
@@ -105,18 +102,6 @@ def preserved_rng(enabled: bool = True):
         random.setstate(states[2])
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            out[k] = v.to(device, non_blocking=True)
-        elif isinstance(v, dict):
-            out[k] = {kk: vv.to(device) if isinstance(vv, torch.Tensor) else vv for kk, vv in v.items()}
-        else:
-            out[k] = v
-    return out
-
-
 class MetricsLog:
     """metrics.jsonl (appended, one JSON object per line) and TensorBoard, main process only."""
 
@@ -132,8 +117,8 @@ class MetricsLog:
     def write(self, step: int, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "time": time.time(), **record}) + "\n")
+        with naming(self.path), open(self.path, "a", encoding="utf-8") as f:
+            f.write(dumps_json({"step": step, "time": time.time(), **record}, f"{self.path} step {step}") + "\n")
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -146,48 +131,94 @@ class MetricsLog:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# validation
-
-
-@torch.no_grad()
-def evaluate_loader(model: MultimodalMoEModel, loader, device: torch.device, max_batches: int | None = None,
-                    progress: bool = False) -> tuple[list[dict], dict]:
-    """Run the model over a loader -> per-sample records and routing stats (summed over batches)."""
-    model.eval()
-    records: list[dict] = []
-    counts = None
-    dropped = routed = skipped = 0
-    vocab = {t.name: list(t.labels) for t in model.cfg.tasks}
-    for i, batch in enumerate(tqdm(loader, desc="evaluate", disable=not progress, leave=False)):
-        if max_batches is not None and i >= max_batches:
-            break
-        skipped += int(batch.get("skipped", 0))
-        batch = to_device(batch, device)
-        out = model(batch)
-        records += records_from_output(batch, out, vocab)
-        if out.modality_expert_counts is not None:
-            c = out.modality_expert_counts.cpu()
-            counts = c if counts is None else counts + c
-        dropped += int(out.dropped_tokens)
-        routed += int(out.routed_tokens)
-    model.train()
-    return records, {"modality_expert_counts": counts, "dropped_tokens": dropped, "routed_tokens": routed,
-                     "skipped_corrupt": skipped}
-
-
-def routing_summary(stats: dict) -> dict:
-    out = {"dropped_fraction": stats["dropped_tokens"] / max(1, stats["routed_tokens"])}
-    counts = stats["modality_expert_counts"]
-    if counts is not None:
-        total = counts.sum(0)  # [M, E] over layers
-        for m, name in enumerate(ROUTING_ROWS):
-            if total[m].sum() > 0:
-                out[f"expert_load/{name}"] = (total[m] / total[m].sum()).round(decimals=4).tolist()
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # the recipe
+
+
+def new_state() -> dict:
+    """The trainer state saved in every checkpoint (trainer_state.json)."""
+    return {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0, "best_metric": None,
+            "best_step": None, "evals_without_improvement": 0, "skipped_nonfinite": 0, "last_loss": None,
+            "stop_reason": None, "last_val_metrics": None, **dict.fromkeys(DATA_COUNTS, 0)}
+
+
+def prepare_run(cfg: ExperimentConfig, resume: bool, main: bool) -> ExperimentConfig:
+    """Everything checked before anything is written: the run folder, checkpoints vs --resume, the tasks and
+    their vocabularies, train.metric, and on resume that the config is the run's own. Then config.yaml."""
+    out = Path(cfg.train.output_dir)
+    if not cfg.data.train_shards:
+        raise ConfigError("data.train_shards is empty: give the folder build-shards wrote (or shard URLs)")
+    if main:
+        check_output_dir(out)
+    ckpt_root = out / "checkpoints"
+    if not resume and has_checkpoints(ckpt_root):
+        raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose "
+                          f"another train.output_dir")
+    if resume and not has_checkpoints(ckpt_root):
+        raise ConfigError(f"--resume: no checkpoint under {ckpt_root}; start the run without --resume")
+    tasks = resolve_tasks(cfg)
+    check_metric(cfg, tasks)
+    cfg = replace(cfg, tasks=tasks)
+    if resume:
+        check_resume_config(out, cfg)
+    if main:
+        save_config(cfg, out / "config.yaml")
+    return cfg
+
+
+def restore(accelerator, ckpt_root: Path) -> dict:
+    """Load the newest intact checkpoint (damaged or unloadable ones are skipped with a warning) -> its state."""
+    for ckpt in intact_checkpoints(ckpt_root):
+        try:
+            accelerator.load_state(str(ckpt))
+            state = {**new_state(), **json.loads((ckpt / "trainer_state.json").read_text())}
+        except Exception as e:
+            warnings.warn(f"checkpoint {ckpt} cannot be loaded ({type(e).__name__}: {e}); trying an earlier one",
+                          stacklevel=2)
+            continue
+        if accelerator.is_main_process:
+            print(f"resumed from {ckpt} at step {state['step']} (epoch {state['epoch']}, "
+                  f"batch {state['batches_in_epoch']})")
+        return state
+    raise ConfigError(f"--resume: every checkpoint under {ckpt_root} is damaged; start a new run in another "
+                      f"train.output_dir")
+
+
+def finished(state: dict, max_steps: int) -> str | None:
+    """Why a restored run has nothing left to train (None when it has)."""
+    if state["stop_reason"] and state["stop_reason"].startswith("early stopping"):
+        return state["stop_reason"]
+    if state["step"] >= max_steps:
+        return f"it reached train.max_steps={max_steps} (raise it to train longer)"
+    return None
+
+
+def count_data(state: dict, counts: dict[str, int]) -> None:
+    state.update(add_counts(state, counts))
+
+
+def validate(model: MultimodalMoEModel, loader, cfg: ExperimentConfig, accelerator, step: int, log,
+             out: Path) -> dict | None:
+    """Validation on every process, metrics on the main one (logged, routing heatmap); None elsewhere."""
+    from accelerate.utils import gather_object
+
+    records, stats = evaluate_loader(model, loader, accelerator.device, cfg.train.eval_max_batches)
+    records = gather_object(records)
+    all_stats = gather_object([stats])
+    if not accelerator.is_main_process:
+        return None
+    merged = merge_stats(all_stats)
+    vocabularies = {tk.name: list(tk.labels) for tk in cfg.tasks}
+    task_types = {tk.name: tk.type for tk in cfg.tasks}
+    metrics = {f"val/{k}": v for k, v in compute_metrics(records, vocabularies, task_types)["metrics"].items()}
+    routing = routing_summary(merged)
+    metrics["val/dropped_fraction"] = routing.pop("dropped_fraction")
+    metrics.update({f"val/{k}": merged[k] for k in DATA_COUNTS})
+    log.write(step, {**metrics, **{f"val/{k}": v for k, v in routing.items()}})
+    if merged["modality_expert_counts"] is not None:
+        img = draw_routing_heatmap(merged["modality_expert_counts"], list(ROUTING_ROWS), f"step {step}")
+        save_png_atomic(img, out / "routing" / f"step-{step:07d}.png")
+        save_png_atomic(img, out / "routing_heatmap.png")
+    return metrics
 
 
 def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = None) -> dict:
@@ -208,20 +239,12 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
     rank, world = accelerator.process_index, accelerator.num_processes
     out = Path(t.output_dir)
     ckpt_root = out / "checkpoints"
-    if not cfg.data.train_shards:
-        raise ConfigError("data.train_shards is empty: give the folder build-shards wrote (or shard URLs)")
+    cfg = prepare_run(cfg, resume, main)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
         print(f"training on {accelerator.device} with {world} process{'es' if world > 1 else ''} "
               f"({accelerator.distributed_type.value}, mixed precision {accelerator.mixed_precision})")
-        if not resume and latest_checkpoint(ckpt_root) is not None:
-            raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose "
-                              f"another train.output_dir")
     set_seed(t.seed)
-    tasks = resolve_tasks(cfg)
-    cfg = replace(cfg, tasks=tasks)
-    if main:
-        save_config(cfg, out / "config.yaml")
+    tasks = cfg.tasks
     model = build_model(cfg.model_config())
     train_collator = build_collator(model, train=True, seed=t.seed, drop_modalities=cfg.data.drop_modalities)
     eval_collator = build_collator(model, train=False, seed=t.seed, drop_modalities=cfg.data.drop_modalities)
@@ -232,64 +255,30 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     raw_model: MultimodalMoEModel = accelerator.unwrap_model(model)
     d = cfg.data
-
+    names = [tk.name for tk in tasks]
     audio_rate = raw_model.encoders["audio"].sample_rate if "audio" in raw_model.encoders else None
     loader = build_train_loader(d, train_collator, rank=rank, world_size=world, seed=t.seed,
-                                audio_sample_rate=audio_rate)
+                                audio_sample_rate=audio_rate, tasks=names)
+    # Built now, so that a missing or broken validation set stops the run before its first step.
+    val_loader = build_eval_loader(d, eval_collator, rank=rank, world_size=world, audio_sample_rate=audio_rate,
+                                   tasks=names) if d.val_shards else None
 
-    def val_loader():
-        return build_eval_loader(d, eval_collator, rank=rank, world_size=world, audio_sample_rate=audio_rate)
-
-    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples_seen": 0, "best_metric": None,
-             "best_step": None, "evals_without_improvement": 0, "skipped_nonfinite": 0, "skipped_corrupt": 0,
-             "last_loss": None}
-    if resume:
-        ckpt = latest_checkpoint(ckpt_root)
-        if ckpt is None:
-            raise ConfigError(f"--resume: no complete checkpoint under {ckpt_root}")
-        accelerator.load_state(str(ckpt))
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        if main:
-            print(f"resumed from {ckpt} at step {state['step']} (epoch {state['epoch']}, "
-                  f"batch {state['batches_in_epoch']})")
+    state = restore(accelerator, ckpt_root) if resume else new_state()
+    done_because = finished(state, t.max_steps) if resume else None
+    if done_because is not None and main:
+        print(f"the run in {out} has already finished at step {state['step']}: {done_because}; nothing to "
+              f"train, its model is exported again")
     log = MetricsLog(out, t.tensorboard, main)
-    vocabularies = {tk.name: list(tk.labels) for tk in tasks}
-    task_types = {tk.name: tk.type for tk in tasks}
-
-    def validate(step: int) -> dict | None:
-        if not d.val_shards:
-            return None
-        records, stats = evaluate_loader(raw_model, val_loader(), accelerator.device, t.eval_max_batches)
-        records = gather_object(records)
-        all_stats = gather_object([stats])
-        if not main:
-            return None
-        counts = [s["modality_expert_counts"] for s in all_stats if s["modality_expert_counts"] is not None]
-        merged = {"modality_expert_counts": sum(counts) if counts else None,
-                  "dropped_tokens": sum(s["dropped_tokens"] for s in all_stats),
-                  "routed_tokens": sum(s["routed_tokens"] for s in all_stats),
-                  "skipped_corrupt": sum(s["skipped_corrupt"] for s in all_stats)}
-        metrics = {f"val/{k}": v for k, v in compute_metrics(records, vocabularies, task_types)["metrics"].items()}
-        routing = routing_summary(merged)
-        metrics["val/dropped_fraction"] = routing.pop("dropped_fraction")
-        metrics["val/skipped_corrupt"] = merged["skipped_corrupt"]
-        log.write(step, {**metrics, **{f"val/{k}": v for k, v in routing.items()}})
-        if merged["modality_expert_counts"] is not None:
-            img = draw_routing_heatmap(merged["modality_expert_counts"], list(ROUTING_ROWS), f"step {step}")
-            save_png_atomic(img, out / "routing" / f"step-{step:07d}.png")
-            save_png_atomic(img, out / "routing_heatmap.png")
-        return metrics
 
     def improved(value: float) -> bool:
         best = state["best_metric"]
         return best is None or (value > best if t.metric_mode == "max" else value < best)
 
     model.train()
-    bar = tqdm(total=t.max_steps, initial=state["step"], desc="train", disable=not main, dynamic_ncols=True)
+    bar = tqdm(total=t.max_steps, initial=min(state["step"], t.max_steps), desc="train", disable=not main,
+               dynamic_ncols=True)
     window_loss, window_batches, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
-    last_metrics: dict | None = None
-    stop_reason = "max_steps"
-    done = False
+    done = done_because is not None
     while not done:
         epoch = state["epoch"]
         train_collator.set_epoch(epoch)
@@ -308,10 +297,12 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
             has = torch.tensor([0.0 if batch is None else 1.0], device=accelerator.device)
             any_left = accelerator.gather(has).max().item() > 0
             if not any_left:
+                count_data(state, data_counts(loader.tail_counts or {}))
                 if batches_this_epoch == 0 and skip == 0:
+                    seen = ", ".join(f"{state[k]} {v}" for k, v in DATA_COUNTS.items())
                     raise DataError(f"the training data yielded no batch in epoch {epoch} "
                                     f"({', '.join(d.train_shards)}, split {d.train_split!r}): is the split empty, "
-                                    f"or every sample corrupt ({state['skipped_corrupt']} skipped)?")
+                                    f"or every sample unusable ({seen})?")
                 break
             batches_this_epoch += 1
             weight = 1.0
@@ -319,12 +310,14 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
                 batch, weight = last_batch, 0.0
             else:
                 state["batches_in_epoch"] += 1
-                state["skipped_corrupt"] += int(batch.get("skipped", 0))
+                count_data(state, data_counts(batch))
+                check_training_targets(batch)
                 if t.record_sample_ids:
                     ids_file = out / "sample_ids" / f"epoch{epoch:04d}-rank{rank:03d}.txt"
-                    ids_file.parent.mkdir(parents=True, exist_ok=True)
-                    with open(ids_file, "a", encoding="utf-8") as f:
-                        f.write("".join(f"{i}\n" for i in batch["ids"]))
+                    with naming(ids_file):
+                        ids_file.parent.mkdir(parents=True, exist_ok=True)
+                        with open(ids_file, "a", encoding="utf-8") as f:
+                            f.write("".join(f"{i}\n" for i in batch["ids"]))
             last_batch = batch
             batch = to_device(batch, accelerator.device)
             with accelerator.accumulate(model):
@@ -369,23 +362,23 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
                           "train/task_loss": output.task_loss.item(),
                           "train/aux_loss": output.aux_loss.item(), "train/balance_loss": output.balance_loss.item(),
                           "train/z_loss": output.z_loss.item(), "train/samples_per_s": sps,
-                          "train/epoch": epoch, "train/skipped_corrupt": state["skipped_corrupt"],
-                          "train/skipped_nonfinite": state["skipped_nonfinite"]}
+                          "train/epoch": epoch, "train/skipped_nonfinite": state["skipped_nonfinite"],
+                          **{f"train/{k}": state[k] for k in DATA_COUNTS}}
                 for g in optimizer.param_groups:
                     record[f"lr/{g['name']}"] = g["lr"]
                 log.write(step, record)
                 bar.set_postfix(loss=f"{record['train/loss']:.4f}", sps=f"{sps:.0f}")
                 window_loss, window_batches, window_samples, window_start = 0.0, 0, 0, time.perf_counter()
             is_best = False
-            if step % t.eval_every == 0 or step == t.max_steps:
-                metrics = validate(step)
+            if val_loader is not None and (step % t.eval_every == 0 or step == t.max_steps):
+                metrics = validate(raw_model, val_loader, cfg, accelerator, step, log, out)
                 value = None
                 if main and metrics is not None:
-                    last_metrics = metrics
-                    if t.metric not in metrics:
-                        raise ConfigError(f"train.metric={t.metric!r} is not computed; available: "
-                                          f"{', '.join(sorted(k for k in metrics if not k.startswith('val/expert')))}")
-                    value = metrics[t.metric]
+                    state["last_val_metrics"] = metrics
+                    value = metrics.get(t.metric)
+                    if value is None:
+                        tqdm.write(f"step {step}: {t.metric} was not computed (the validation data has no sample "
+                                   f"of its task); best-checkpoint selection skips this validation")
                     tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())
                                                              if k.endswith("/acc") or k == t.metric))
                 value = gather_object([value])[0]  # main's value, on every process
@@ -396,17 +389,18 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
                     else:
                         state["evals_without_improvement"] += 1
                     if t.early_stopping_patience and state["evals_without_improvement"] >= t.early_stopping_patience:
-                        stop_reason = (f"early stopping: no improvement of {t.metric} in "
-                                       f"{t.early_stopping_patience} evals")
+                        state["stop_reason"] = (f"early stopping: no improvement of {t.metric} in "
+                                                f"{t.early_stopping_patience} evals")
                         done = True
-            if step % t.save_every == 0 or step == t.max_steps or is_best or done:
+            if step >= t.max_steps:
+                done = True
+                state["stop_reason"] = state["stop_reason"] or "max_steps"
+            if step % t.save_every == 0 or is_best or done:
                 save_checkpoint(accelerator, ckpt_root, step, state, t.keep_last, is_best)
             if stop_after is not None and step >= stop_after:
                 bar.close()
                 log.close()
                 return {"stopped_after": step, "last_loss": state["last_loss"]}
-            if step >= t.max_steps:
-                done = True
             if done:
                 break
         if done:
@@ -415,42 +409,31 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
         state["batches_in_epoch"] = 0
     bar.close()
 
-    # Export the best checkpoint's weights (the last ones when there was no validation).
-    result = {"steps": state["step"], "stop_reason": stop_reason, "last_loss": state["last_loss"],
-              "best_step": state["best_step"], "best_metric": state["best_metric"], "metric": t.metric,
-              "samples_seen": state["samples_seen"], "skipped_corrupt": state["skipped_corrupt"],
-              "skipped_nonfinite": state["skipped_nonfinite"]}
     accelerator.wait_for_everyone()
+    result = None
     if main:
-        if state["best_step"] is not None and state["best_step"] != state["step"]:
-            from safetensors.torch import load_file
-
-            best_dir = ckpt_root / f"step-{state['best_step']:07d}"
-            raw_model.load_state_dict(load_file(str(best_dir / "model.safetensors")))
-        export_model(raw_model, out / "model", {"step": state["best_step"] or state["step"], "result": result,
-                                                "final_val_metrics": last_metrics,
-                                                "drop_modalities": list(d.drop_modalities),
-                                                "train_shards": list(d.train_shards)})
-        result["model_dir"] = str(out / "model")
-        result["final_val_metrics"] = last_metrics
-        atomic_write_text(out / "results.json", json.dumps(result, indent=2))
-        print(f"done: {stop_reason}; exported {out / 'model'}; metrics in {out / 'metrics.jsonl'}")
+        result = export_run(raw_model, out, state, cfg)  # the best checkpoint's weights
+        print(f"done: {result['stop_reason']}; exported {out / 'model'}; metrics in {out / 'metrics.jsonl'}")
+        data = ", ".join(f"{state[k]} {v}" for k, v in DATA_COUNTS.items() if state[k])
+        if data:
+            print(f"data: {data} (see the warnings above, and results.json)")
     log.close()
     accelerator.wait_for_everyone()
-    return result
+    return result if result is not None else run_result(state, t.metric)
 
 
+@command("moefuse train")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moefuse train", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="experiment YAML, e.g. configs/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. fusion.num_experts=16 train.max_steps=50")
-    parser.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its latest "
-                        "complete checkpoint")
+    parser.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its newest "
+                        "intact checkpoint (a finished run is only exported again)")
     args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
     try:
-        cfg = load_config(args.config, args.overrides)
         train(cfg, resume=args.resume)
-    except (ConfigError, DataError, FloatingPointError, FileNotFoundError) as e:
+    except FloatingPointError as e:
         print(f"moefuse train: error: {e}", file=sys.stderr)
         return 2
     return 0

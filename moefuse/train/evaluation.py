@@ -1,0 +1,92 @@
+"""Running a model over a shard loader: per-sample records, routing statistics and the data counts (corrupt,
+lost and other-task samples), shared by validation during training and `moefuse evaluate`."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from moefuse.fusion.model import ROUTING_ROWS, MultimodalMoEModel
+from moefuse.train.metrics import records_from_output
+
+# batch key -> (stats / results key, what it counts). Every loader batch carries the three batch keys.
+DATA_COUNT_KEYS = {"skipped": "skipped_corrupt", "lost": "lost_samples", "other_task": "skipped_other_task"}
+DATA_COUNTS = {"skipped_corrupt": "corrupt samples skipped",
+               "lost_samples": "samples lost from missing or truncated shards",
+               "skipped_other_task": "samples of tasks the model does not have skipped"}
+
+
+def data_counts(batch_or_counts: dict) -> dict[str, int]:
+    """The data counts of one batch (or of a loader's `tail_counts`), under their results names."""
+    return {name: int(batch_or_counts.get(key, 0)) for key, name in DATA_COUNT_KEYS.items()}
+
+
+def add_counts(total: dict[str, int], more: dict[str, int]) -> dict[str, int]:
+    return {k: total.get(k, 0) + more.get(k, 0) for k in DATA_COUNTS}
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=True)
+        elif isinstance(v, dict):
+            out[k] = {kk: vv.to(device) if isinstance(vv, torch.Tensor) else vv for kk, vv in v.items()}
+        else:
+            out[k] = v
+    return out
+
+
+@torch.no_grad()
+def evaluate_loader(model: MultimodalMoEModel, loader, device: torch.device, max_batches: int | None = None,
+                    progress: bool = False) -> tuple[list[dict], dict]:
+    """Run the model over a loader -> per-sample records, and stats: routing counts summed over batches and the
+    data counts (DATA_COUNTS), the loader's tail counts included when the whole loader was read."""
+    model.eval()
+    records: list[dict] = []
+    stats: dict = {"modality_expert_counts": None, "dropped_tokens": 0, "routed_tokens": 0,
+                   **dict.fromkeys(DATA_COUNTS, 0)}
+    vocab = {t.name: list(t.labels) for t in model.cfg.tasks}
+    finished = True
+    for i, batch in enumerate(tqdm(loader, desc="evaluate", disable=not progress, leave=False)):
+        if max_batches is not None and i >= max_batches:
+            finished = False
+            break
+        stats.update(add_counts(stats, data_counts(batch)))
+        batch = to_device(batch, device)
+        out = model(batch)
+        records += records_from_output(batch, out, vocab)
+        if out.modality_expert_counts is not None:
+            c = out.modality_expert_counts.cpu()
+            stats["modality_expert_counts"] = c if stats["modality_expert_counts"] is None else \
+                stats["modality_expert_counts"] + c
+        stats["dropped_tokens"] += int(out.dropped_tokens)
+        stats["routed_tokens"] += int(out.routed_tokens)
+    if finished:
+        stats.update(add_counts(stats, data_counts(getattr(loader, "tail_counts", None) or {})))
+    model.train()
+    return records, stats
+
+
+def merge_stats(all_stats: list[dict]) -> dict:
+    """Stats of several processes (gathered) -> one: routing counts and data counts summed."""
+    counts = [s["modality_expert_counts"] for s in all_stats if s["modality_expert_counts"] is not None]
+    merged = {"modality_expert_counts": sum(counts) if counts else None,
+              "dropped_tokens": sum(s["dropped_tokens"] for s in all_stats),
+              "routed_tokens": sum(s["routed_tokens"] for s in all_stats)}
+    return {**merged, **{k: sum(s[k] for s in all_stats) for k in DATA_COUNTS}}
+
+
+def routing_summary(stats: dict) -> dict:
+    out = {"dropped_fraction": stats["dropped_tokens"] / max(1, stats["routed_tokens"])}
+    counts = stats["modality_expert_counts"]
+    if counts is not None:
+        total = counts.sum(0)  # [M, E] over layers
+        for m, name in enumerate(ROUTING_ROWS):
+            if total[m].sum() > 0:
+                out[f"expert_load/{name}"] = (total[m] / total[m].sum()).round(decimals=4).tolist()
+    return out
+
+
+__all__ = ["DATA_COUNTS", "add_counts", "data_counts", "evaluate_loader", "merge_stats", "routing_summary",
+           "to_device"]
