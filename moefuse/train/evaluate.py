@@ -9,7 +9,9 @@ present (image only, audio only, all, ...) and per question type where the sampl
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -49,6 +51,11 @@ def evaluate(checkpoint: str | Path, shards: list[str], split: str = "val", batc
     vocab = {t.name: list(t.labels) for t in model.cfg.tasks}
     types = {t.name: t.type for t in model.cfg.tasks}
     result = compute_metrics(records, vocab, types, detailed=True)
+    result["non_finite_outputs"] = sum(not math.isfinite(r["probability"]) for r in records)
+    if result["non_finite_outputs"]:
+        warnings.warn(f"{result['non_finite_outputs']} of {len(records)} samples got non-finite (NaN or inf) model "
+                      f"outputs from {checkpoint}: its weights are damaged or it diverged; they count as wrong",
+                      stacklevel=2)
     result["routing"] = routing_summary(stats)
     result["data"] = counts
     result["skipped_corrupt"] = counts["skipped_corrupt"]  # kept at the top level for earlier readers
