@@ -59,9 +59,9 @@ def test_build_writes_every_row_once_with_its_members(tmp_path: Path) -> None:
         qa = json.loads(tar.extractfile("s003.sample.json").read())
         assert all(m.mtime == 0 for m in tar.getmembers())
     assert sample == {"id": "s012", "task": "cls", "type": "classification", "label": "0", "split": "val",
-                      "meta": {"n": 12}}
+                      "meta": {"n": 12}, "members": ["flac", "png", "txt"]}
     assert qa == {"id": "s003", "task": "qa", "type": "qa", "question": "what is 3?", "answer": "3", "split": "val",
-                  "meta": {"n": 3}}
+                  "meta": {"n": 3}, "members": ["txt"]}
     assert {"s012.txt", "s012.png", "s012.flac", "s004.png", "s004.flac"} <= set(names)
     assert "s004.txt" not in names and "s003.png" not in names
     assert info["tasks"]["cls"] == {"type": "classification", "labels": ["0", "1", "2"], "vocabulary_from": "train",

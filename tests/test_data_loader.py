@@ -50,7 +50,7 @@ def test_round_trip_every_id_and_target_once(dataset: tuple[Path, list[dict]], n
         got = [(i, t) for batch in loader for i, t in zip(batch["ids"], batch["targets"])]
         want = [(r["id"], r.get("label", r.get("answer"))) for r in rows if r["split"] == split]
         assert sorted(got) == sorted(want)
-    assert all(batch["skipped"] == 0 for batch in loader)
+    assert all(batch["skipped"] == batch["lost"] == batch["other_task"] == 0 for batch in loader)
 
 
 def test_decoded_samples_follow_the_collate_contract(dataset: tuple[Path, list[dict]]) -> None:
@@ -178,15 +178,24 @@ def test_corrupt_sample_is_skipped_and_counted(dataset: tuple[Path, list[dict]],
         assert any(bad_key in r.getMessage() and "corrupt" in r.getMessage() for r in caplog.records)
 
 
-def test_truncated_and_missing_shards_are_skipped_and_counted(dataset: tuple[Path, list[dict]],
-                                                              tmp_path: Path) -> None:
+def test_truncated_and_missing_shards_are_counted(dataset: tuple[Path, list[dict]], tmp_path: Path) -> None:
     shards, _ = dataset
     data = (shards / "train-000000.tar").read_bytes()
     (tmp_path / "a.tar").write_bytes(data[: len(data) // 2 + 100])  # cut inside a member
     shutil.copy(shards / "train-000001.tar", tmp_path / "b.tar")
+    # Shard paths carry no sample counts: each read error counts as one skipped sample.
     batches = list(make_loader([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], summary, 10))
-    assert sum(b["skipped"] for b in batches) >= 1
+    assert sum(b["skipped"] for b in batches) >= 1 and sum(b["lost"] for b in batches) == 0
     assert len([i for b in batches for i in b["ids"]]) >= 3  # the other shard is read in full
+    # A dataset folder declares them: the samples of a truncated or missing shard are lost, not skipped.
+    folder = Path(shutil.copytree(shards, tmp_path / "copy"))
+    (folder / "train-000000.tar").write_bytes(data[: len(data) // 2 + 100])
+    (folder / "train-000001.tar").unlink()
+    loader = make_loader(folder, summary, 4)
+    batches = list(loader)
+    totals = {k: sum(b[k] for b in batches) + loader.tail_counts[k] for k in ("skipped", "lost", "other_task")}
+    delivered = len([i for b in batches for i in b["ids"]])
+    assert totals["lost"] >= 3 and delivered + totals["skipped"] + totals["lost"] == 18
 
 
 # ---------------------------------------------------------------------------------------------------------------

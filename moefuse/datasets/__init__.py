@@ -5,6 +5,7 @@ from moefuse.datasets.collate import IGNORE_INDEX, Collator
 from moefuse.datasets.config import DataConfig, build_eval_loader, build_train_loader
 from moefuse.datasets.demo import make_demo_data
 from moefuse.datasets.loader import (
+    COUNT_KEYS,
     DataError,
     ShardLoader,
     ShardStream,
@@ -15,12 +16,14 @@ from moefuse.datasets.loader import (
     make_loader,
     resolve_source,
     shard_urls,
+    validate_dataset_info,
 )
 from moefuse.datasets.manifest import FIELDS, ManifestError, ManifestRow, read_manifest
 from moefuse.datasets.media import MediaError
 from moefuse.datasets.shards import BuildError, BuildOptions, build_shards
 
 __all__ = [
+    "COUNT_KEYS",
     "FIELDS",
     "IGNORE_INDEX",
     "BuildError",
@@ -45,4 +48,5 @@ __all__ = [
     "read_manifest",
     "resolve_source",
     "shard_urls",
+    "validate_dataset_info",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from moefuse.configutil import check
@@ -64,21 +64,23 @@ class DataConfig:
 
 
 def build_train_loader(cfg: DataConfig, collator: Callable, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                       audio_sample_rate: int | None = 16000) -> ShardLoader:
-    """The training loader; the trainer passes accelerator.process_index / num_processes as rank / world_size."""
+                       audio_sample_rate: int | None = 16000, tasks: Collection[str] | None = None) -> ShardLoader:
+    """The training loader; the trainer passes accelerator.process_index / num_processes as rank / world_size.
+    tasks: keep only these tasks' samples (the config's task list); None keeps every task."""
     check(bool(cfg.train_shards), "data.train_shards", "is empty; give the dataset folder(s) to train on")
     return make_loader(cfg.train_shards, collator, cfg.batch_size, split=cfg.train_split,
                        num_workers=cfg.num_workers, shuffle=cfg.shuffle_buffer, resampled=cfg.resampled,
                        epoch_samples=cfg.epoch_samples, rank=rank, world_size=world_size, seed=seed,
-                       audio_sample_rate=audio_sample_rate, task_weights=cfg.task_weights or None)
+                       audio_sample_rate=audio_sample_rate, task_weights=cfg.task_weights or None, tasks=tasks)
 
 
 def build_eval_loader(cfg: DataConfig, collator: Callable, *, sources: list[str] | None = None,
                       split: str | None = None, rank: int = 0, world_size: int = 1,
-                      audio_sample_rate: int | None = 16000) -> ShardLoader:
-    """An evaluation loader (no shuffle, every sample once across ranks) over `sources` (default: val_shards)."""
+                      audio_sample_rate: int | None = 16000, tasks: Collection[str] | None = None) -> ShardLoader:
+    """An evaluation loader (no shuffle, every sample once across ranks) over `sources` (default: val_shards);
+    tasks: keep only these tasks' samples; None keeps every task."""
     sources = cfg.val_shards if sources is None else sources
     check(bool(sources), "data.val_shards", "is empty; give the dataset folder(s) to evaluate on")
     return make_loader(sources, collator, cfg.eval_batch_size, split=split or cfg.val_split,
                        num_workers=cfg.num_workers, rank=rank, world_size=world_size,
-                       audio_sample_rate=audio_sample_rate)
+                       audio_sample_rate=audio_sample_rate, tasks=tasks)

@@ -11,7 +11,13 @@ every rejected row goes to `rejected.jsonl` with its reason.
 
 Shard layout follows webdataset's TarWriter conventions: members `<id>.sample.json` (task, type, targets, split,
 meta), `<id>.txt` (UTF-8 text), `<id>.png` or `<id>.jpg`, `<id>.flac`; ustar headers with fixed mtime, owner
-and mode, so the same manifest and seed give byte-identical shards for any worker count.
+and mode, so the same manifest and seed give byte-identical shards for any worker count. Since builder version 2,
+`sample.json` lists the sample's other members (`"members": ["flac", "png", "txt"]`), so a reader can tell a
+sample whose member was lost from one that never had it.
+
+Failures (a full disk, a file in the way, Ctrl-C, SIGTERM) leave no temp file and no partial shard under a final
+name, and an earlier build in --out stays as it was until the new one is complete: the new dataset.json and
+rejected.jsonl are written to temp files before anything of the old build is replaced.
 """
 
 from __future__ import annotations
@@ -34,7 +40,6 @@ from typing import Any, BinaryIO
 import webdataset as wds
 from tqdm import tqdm
 
-from moefuse.configutil import atomic_write_text
 from moefuse.datasets.manifest import SPLITS, ManifestError, ManifestRow, assign_splits, read_manifest
 from moefuse.datasets.media import (
     MediaError,
@@ -45,12 +50,12 @@ from moefuse.datasets.media import (
     normalise_image,
     open_image,
 )
-from moefuse.errors import UserError
+from moefuse.errors import UserError, command, naming
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: sample.json lists the sample's members
 SHARD_MTIME = 0  # fixed member mtime: byte-identical rebuilds (webdataset's TarWriter uses time.time() otherwise)
 SHARD_RE = re.compile(r"(train|val|test)-\d{6}\.tar")
-TEMP_RE = re.compile(r"\.(train|val|test)-\d{6}\.tar\.\d+\.tmp")
+TEMP_RE = re.compile(r"\.((train|val|test)-\d{6}\.tar|dataset\.json|rejected\.jsonl)\.\d+\.tmp")
 MAX_LISTED = 20
 
 
@@ -143,13 +148,14 @@ def bad_rows_message(manifest: Path, out: Path, bad: list[ManifestRow], total: i
 
 
 def sample_members(row: ManifestRow, opts: BuildOptions) -> dict[str, bytes]:
-    """One row -> its tar members (without the key). Raises MediaError for a bad image or recording."""
+    """One row -> its tar members (without the key); `sample.json` lists the others under "members". Raises
+    MediaError for a bad image or recording."""
     meta: dict[str, Any] = {"id": row.id, "task": row.task, "type": row.type, "split": row.split, "meta": row.meta}
     if row.type == "classification":
         meta["label"] = row.label
     else:
         meta.update(question=row.question, answer=row.answer)
-    members = {"sample.json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")}
+    members = {"sample.json": b""}  # first, filled in below once the other members are known
     if row.text is not None:
         members["txt"] = row.text.encode("utf-8")
     max_bytes = int(opts.max_file_mb * 2**20)
@@ -166,6 +172,8 @@ def sample_members(row: ManifestRow, opts: BuildOptions) -> dict[str, bytes]:
         check_file(row.audio, "audio", max_bytes)
         members["flac"] = encode_flac(load_audio(row.audio, opts.sample_rate, opts.max_audio_seconds),
                                       opts.sample_rate)
+    meta["members"] = sorted(k for k in members if k != "sample.json")
+    members["sample.json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
     return members
 
 
@@ -217,11 +225,12 @@ class ShardSeries:
     def _close(self) -> None:
         if self._tar is None:
             return
-        self._tar.close()  # writes the end-of-archive blocks; the file object stays ours
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
         temp = self.temps[-1]
+        with naming(temp):  # a full disk fails in flush() with an OSError that names no file
+            self._tar.close()  # writes the end-of-archive blocks; the file object stays ours
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
         self.shards[-1].update(samples=self._count, bytes=temp.stat().st_size, sha256=sha256_file(temp),
                                tasks=dict(sorted(self._tasks.items())))
         self._tar = self._file = None
@@ -232,7 +241,8 @@ class ShardSeries:
             self._close()
         if self._tar is None:
             self._open()
-        self._size += self._tar.write({"__key__": key, **members})
+        with naming(self.temps[-1]):
+            self._size += self._tar.write({"__key__": key, **members})
         self._count += 1
         self._tasks[task] += 1
 
@@ -240,23 +250,49 @@ class ShardSeries:
         self._close()
 
     def discard(self) -> None:
-        """Remove every temp file (on failure); safe to call twice."""
-        if self._tar is not None:
-            try:  # close the tar stream before its file, or it tries to write its end blocks when collected
-                self._tar.close()
+        """Remove every temp file (on failure); safe to call twice; never raises (it runs while another error
+        unwinds, often a full disk that makes the closing flushes fail again)."""
+        # Close the tar stream before its file, or it tries to write its end blocks when collected. Both closes
+        # flush buffered data and may fail once more; the file is closed all the same.
+        for close in (self._tar.close if self._tar is not None else None,
+                      self._file.close if self._file is not None else None):
+            try:
+                if close is not None:
+                    close()
             except Exception:
                 pass
-        if self._file is not None and not self._file.closed:
-            self._file.close()
         self._tar = self._file = None
         for temp in self.temps:
-            temp.unlink(missing_ok=True)
+            _remove_quietly(temp)
         self.temps = []
 
     def commit(self) -> None:
         for temp, shard in zip(self.temps, self.shards):
             os.replace(temp, self.out / shard["name"])
         self.temps = []
+
+
+def _remove_quietly(path: Path) -> None:
+    """Remove a temp file of this build; a failure is a warning (it runs while another error unwinds)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        print(f"build-shards: warning: cannot remove the temp file {path}: {e.strerror or e}", file=sys.stderr)
+
+
+def _write_temp(out: Path, name: str, text: str) -> Path:
+    """`text` in a hidden temp file `out/.{name}.{pid}.tmp`, fsynced; renamed into place by the commit. A failure
+    (a full disk) removes the temp file and raises an OSError that names it."""
+    temp = out / f".{name}.{os.getpid()}.tmp"
+    try:
+        with naming(temp), open(temp, "wb") as f:
+            f.write(text.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        _remove_quietly(temp)
+        raise
+    return temp
 
 
 def existing_dataset(out: Path) -> list[Path]:
@@ -273,6 +309,9 @@ def prepare_output(out: Path, overwrite: bool) -> list[Path]:
     Returns the earlier build's files (removed or replaced only after this build succeeds)."""
     if out.exists() and not out.is_dir():
         raise BuildError(f"--out {out} is a file; give a folder")
+    in_the_way = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if in_the_way is not None:
+        raise BuildError(f"--out {out}: {in_the_way} is a file, not a folder; move it or choose another --out")
     old = existing_dataset(out)
     if old and not overwrite:
         raise BuildError(f"--out {out} already holds a built dataset ({old[0].name}, ...); pass --overwrite to "
@@ -369,8 +408,9 @@ def warn_unseen(unseen: dict) -> None:
 def build_shards(manifest: str | Path, out: str | Path, opts: BuildOptions | None = None) -> dict:
     """Build webdataset shards and dataset.json from a manifest; returns the dataset.json contents.
 
-    Raises ManifestError (the file as a whole is unusable) or BuildError (bad rows without skip_bad, an output
-    folder that holds another build, ...). On any failure, Ctrl-C included, no shard or dataset.json is left."""
+    Raises ManifestError (the file as a whole is unusable), BuildError (bad rows without skip_bad, an output
+    folder that holds another build, ...) or OSError naming the path (a full disk). On any failure, Ctrl-C
+    included, no shard, temp file or new dataset.json is left, and an earlier build in `out` is unchanged."""
     opts = opts or BuildOptions()
     manifest, out = Path(manifest), Path(out)
     rows = read_manifest(manifest)
@@ -379,53 +419,89 @@ def build_shards(manifest: str | Path, out: str | Path, opts: BuildOptions | Non
     good = [r for r in rows if not r.errors]
     assign_splits(good, opts.val_fraction, opts.test_fraction, opts.seed)
     series = {s: ShardSeries(out, s, opts) for s in SPLITS}
-    # Rows with field errors stop the writing at once (without --skip-bad), but the media of the other rows are
-    # still checked, so that one run lists every bad row.
-    writing = opts.skip_bad or len(good) == len(rows)
     results = encoded_rows(good, opts)
     try:
-        for row, (members, reason) in zip(good, results):
-            if reason is not None:
-                row.errors.append(reason)
-                if writing and not opts.skip_bad:
-                    writing = False  # keep checking the remaining rows, but nothing will be written
-                    for s in series.values():
-                        s.discard()
-                continue
-            if writing:
-                series[row.split].write(row.id, row.task, members)
+        # Rows with field errors stop the writing at once (without --skip-bad); their media are still checked.
+        _write_rows(good, results, series, writing=opts.skip_bad or len(good) == len(rows), skip_bad=opts.skip_bad)
         bad = [r for r in rows if r.errors]
         if len(bad) == len(rows) or (bad and not opts.skip_bad):
             raise BuildError(bad_rows_message(manifest, out, bad, len(rows), opts.skip_bad))
         for s in series.values():
             s.finish()
         info = dataset_summary(rows, series, manifest, opts, rejected=len(bad))
-        # Commit: the old dataset.json goes first (a folder without one is "being built"), shards are renamed into
-        # place, stale files of the old build are removed, and the new dataset.json comes last.
-        (out / "dataset.json").unlink(missing_ok=True)
-        for s in series.values():
-            s.commit()
-        if bad:
-            atomic_write_text(out / "rejected.jsonl", "".join(
-                json.dumps({"line": r.line, "id": r.id, "reason": "; ".join(r.errors), "row": r.raw},
-                           ensure_ascii=False, default=str) + "\n" for r in bad))
-        new = {out / sh["name"] for s in series.values() for sh in s.shards}
-        for path in old:
-            if path not in new and path.name != "dataset.json" and not (bad and path.name == "rejected.jsonl"):
-                path.unlink(missing_ok=True)
-        atomic_write_text(out / "dataset.json", json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+        _commit(out, series, info, bad, old)
     except BaseException:
-        results.close()  # terminates the worker pool
-        for s in series.values():
-            s.discard()
-        if created and not any(out.iterdir()):
-            out.rmdir()
+        _clean_up(results, series, out if created else None)
         raise
     warn_unseen(info["unseen_targets"])
     return info
 
 
+def _write_rows(good: list[ManifestRow], results: Iterator[tuple[dict | None, str | None]],
+                series: dict[str, ShardSeries], *, writing: bool, skip_bad: bool) -> None:
+    """Write each good row's members to its split's shards; a row whose media fail gets the reason in its
+    errors. Without skip_bad, the first bad medium stops the writing, but the media of the other rows are still
+    checked, so that one run lists every bad row."""
+    for row, (members, reason) in zip(good, results):
+        if reason is not None:
+            row.errors.append(reason)
+            if writing and not skip_bad:
+                writing = False  # keep checking the remaining rows, but nothing will be written
+                for s in series.values():
+                    s.discard()
+            continue
+        if writing:
+            series[row.split].write(row.id, row.task, members)
+
+
+def _commit(out: Path, series: dict[str, ShardSeries], info: dict, bad: list[ManifestRow], old: list[Path]) -> None:
+    """Put the finished build in place. Everything that writes data (and so can fail on a full disk) happens
+    first, into temp files; only then is the earlier build touched: its dataset.json goes first (a folder without
+    one is "being built"), shards are renamed into place, stale files of the old build are removed, and the new
+    dataset.json comes last."""
+    temps: list[Path] = []
+    try:
+        temps.append(_write_temp(out, "dataset.json", json.dumps(info, indent=2, ensure_ascii=False) + "\n"))
+        if bad:
+            temps.append(_write_temp(out, "rejected.jsonl", "".join(
+                json.dumps({"line": r.line, "id": r.id, "reason": "; ".join(r.errors), "row": r.raw},
+                           ensure_ascii=False, default=str) + "\n" for r in bad)))
+        (out / "dataset.json").unlink(missing_ok=True)
+        for s in series.values():
+            s.commit()
+        if bad:
+            os.replace(temps[1], out / "rejected.jsonl")
+        new = {out / sh["name"] for s in series.values() for sh in s.shards}
+        for path in old:
+            if path not in new and path.name != "dataset.json" and not (bad and path.name == "rejected.jsonl"):
+                path.unlink(missing_ok=True)
+        os.replace(temps[0], out / "dataset.json")
+    except BaseException:
+        for temp in temps:
+            _remove_quietly(temp)
+        raise
+
+
+def _clean_up(results: Iterator, series: dict[str, ShardSeries], created: Path | None) -> None:
+    """After a failure: stop the worker pool, remove every temp shard, and the output folder if this build
+    created it and it is empty. Never raises, so the error that caused the failure is the one reported."""
+    try:
+        results.close()  # terminates the worker pool
+    except Exception:
+        pass
+    for s in series.values():
+        s.discard()
+    try:
+        if created is not None and created.is_dir() and not any(created.iterdir()):
+            created.rmdir()
+    except OSError:
+        pass
+
+
+@command("build-shards")
 def main(argv: list[str] | None = None) -> int:
+    """`moefuse build-shards`. Exit codes: 0 built; 1 a bad manifest, bad rows or an --out that cannot be used; 2 a
+    read or write that failed (a full disk, a file in the way: one line naming the path); 130 interrupted."""
     p = argparse.ArgumentParser(prog="moefuse build-shards", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--manifest", required=True, help="JSON Lines (.jsonl) or CSV (.csv) manifest, one sample a row")
