@@ -11,16 +11,24 @@ of the same digit, so the missing-modality paths are exercised) and `avqa` (QA o
 recording of digit b drawn independently, b = a half the time for `same` questions: the written digit, the
 spoken digit, their sum, whether they match; answers "0".."18", "yes", "no"). Splits train/val/test 80/10/10
 per task. The same --seed and --count give byte-identical files; the manifest is written last, atomically.
+
+demo-data never deletes or overwrites a file it did not write. It keeps a record of its files, OUT/.demo-data.json
+(relative path -> sha256), written before any medium (so an interrupted run is still known) and completed after
+the manifest. Before writing anything it checks every path it will write: a file there that the record does not
+list, or that was changed since demo-data wrote it, stops the run with an error naming it (nothing is written);
+a file of an earlier run needs --overwrite. A rerun removes only stale files of its own, unchanged since written.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from moefuse.configutil import atomic_write_text
-from moefuse.errors import UserError
+from moefuse.errors import UserError, command, naming
 
 SAMPLE_RATE = 16000
 CLIP_SECONDS = 1.0
@@ -50,6 +58,10 @@ QUESTIONS = {
     "same": ("are the written digit and the spoken digit the same?", "is the heard digit equal to the written one?"),
 }
 SPLIT_SHARES = (("train", 0.8), ("val", 0.1), ("test", 0.1))
+RECORD = ".demo-data.json"  # what demo-data wrote under --out: {"files": {relative path: [sha256, ...]}}
+MANIFEST = "manifest.jsonl"
+FOLDERS = ("media", "media/image", "media/audio")
+CHUNK = 128  # samples rendered (and recorded) before their files are written
 
 
 class DemoError(UserError, RuntimeError):
@@ -60,16 +72,61 @@ class DemoError(UserError, RuntimeError):
 # helpers
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _write_file(path: Path, data: bytes) -> None:
+    """Temp file in the same folder, then rename (no fsync: thousands of small media files; the record and the
+    manifest are written with fsync). A failure names `path` and leaves no temp file."""
+    with naming(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: Path) -> str | None:
+    """sha256 of a regular file (not a link); None for anything else."""
+    if path.is_symlink() or not path.is_file():
+        return None
+    with naming(path):
+        return _sha256(path.read_bytes())
+
+
+def _own_path(rel: str) -> bool:
+    """A relative path demo-data may write: manifest.jsonl or media/{image,audio}/<name> (never outside --out)."""
+    parts = rel.split("/")
+    return rel == MANIFEST or (len(parts) == 3 and parts[0] == "media" and parts[1] in ("image", "audio")
+                               and parts[2] not in ("", ".", "..") and "\\" not in rel)
+
+
+def _load_record(out: Path) -> dict[str, list[str]]:
+    """{relative path: sha256s demo-data wrote there}; {} when there is no record."""
+    path = out / RECORD
+    if not os.path.lexists(path):
+        return {}
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        files = json.loads(path.read_text(encoding="utf-8"))["files"]
+        bad = [k for k, v in files.items() if not (_own_path(k) and isinstance(v, list)
+                                                    and all(isinstance(h, str) for h in v))]
+        if bad:
+            raise ValueError(f"the entry {bad[0]!r} is not a file demo-data writes")
+    except OSError:
         raise
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DemoError(f"{path} is not a demo-data record ({type(e).__name__}: {e}); move it, or choose another "
+                        f"--out") from None
+    return files
+
+
+def _save_record(out: Path, files: dict[str, list[str]]) -> None:
+    atomic_write_text(out / RECORD, json.dumps({"files": dict(sorted(files.items()))}, indent=1) + "\n")
 
 
 def render_digit(digit: int, rng: np.random.Generator) -> Image.Image:
@@ -126,7 +183,9 @@ def assign_splits(count: int, seed: int, task_code: int) -> list[str]:
 # blocks
 
 
-def digit_row(i: int, seed: int, media: dict[str, bytes], split: str) -> dict:
+def digit_row(i: int, seed: int, media: dict[str, bytes] | None, split: str) -> dict:
+    """Sample i of `digit`; its media go to `media`. With media=None nothing is rendered: only the row's id and
+    media paths are meaningful (the plan of the files a run writes)."""
     rng = np.random.default_rng([seed, 0, i])
     digit = int(rng.integers(10))
     subsets, weights = zip(*DIGIT_SUBSETS)
@@ -137,15 +196,18 @@ def digit_row(i: int, seed: int, media: dict[str, bytes], split: str) -> dict:
         row["text"] = caption(digit, rng)
     if "image" in subset:
         row["image"] = f"media/image/{sid}.png"
-        media[row["image"]] = png_bytes(render_digit(digit, rng))
+        if media is not None:
+            media[row["image"]] = png_bytes(render_digit(digit, rng))
     if "audio" in subset:
         row["audio"] = f"media/audio/{sid}.wav"
-        media[row["audio"]] = wav_bytes(dtmf_tone(digit, rng))
+        if media is not None:
+            media[row["audio"]] = wav_bytes(dtmf_tone(digit, rng))
     row.update(label=str(digit), split=split)
     return row
 
 
-def avqa_row(i: int, seed: int, media: dict[str, bytes], split: str) -> dict:
+def avqa_row(i: int, seed: int, media: dict[str, bytes] | None, split: str) -> dict:
+    """Sample i of `avqa`; media=None as in `digit_row` (only the id and media paths are meaningful then)."""
     rng = np.random.default_rng([seed, 1, i])
     qtype = list(QUESTIONS)[int(rng.integers(len(QUESTIONS)))]
     a = int(rng.integers(10))
@@ -153,6 +215,8 @@ def avqa_row(i: int, seed: int, media: dict[str, bytes], split: str) -> dict:
     answer = {"written": str(a), "spoken": str(b), "sum": str(a + b), "same": "yes" if a == b else "no"}[qtype]
     sid = f"avqa-{i:05d}"
     row = {"id": sid, "task": "avqa", "image": f"media/image/{sid}.png", "audio": f"media/audio/{sid}.wav"}
+    if media is None:
+        return row
     media[row["image"]] = png_bytes(render_digit(a, rng))
     media[row["audio"]] = wav_bytes(dtmf_tone(b, rng))
     wordings = QUESTIONS[qtype]
@@ -177,45 +241,124 @@ def wav_bytes(wav: np.ndarray) -> bytes:
 # main things
 
 
+Job = tuple[Callable[[int, int, "dict[str, bytes] | None", str], dict], int, str]
+
+
+def _jobs(count: int, seed: int) -> list[Job]:
+    n_digit = count // 2
+    jobs: list[Job] = [(digit_row, i, split) for i, split in enumerate(assign_splits(n_digit, seed, 0))]
+    jobs += [(avqa_row, i, split) for i, split in enumerate(assign_splits(count - n_digit, seed, 1))]
+    return jobs
+
+
+def _media_paths(row: dict) -> list[str]:
+    return [row[k] for k in ("image", "audio") if k in row]
+
+
+def _check_folders(out: Path) -> None:
+    """A file where demo-data needs a folder (--out, one of its parents, media/, media/image, media/audio)."""
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"--out {out} is a file; give a folder")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise DemoError(f"{parent} is a file where the folder of --out {out} should be; move it or choose another "
+                        f"--out")
+    for sub in FOLDERS:
+        if os.path.lexists(out / sub) and not (out / sub).is_dir():
+            raise DemoError(f"{out / sub} is a file where demo-data writes a folder; move it, or choose another --out")
+    if os.path.lexists(out / RECORD) and (out / RECORD).is_dir():
+        raise DemoError(f"{out / RECORD} is a folder where demo-data keeps its record; move it, or choose another "
+                        f"--out")
+
+
+def _check_paths(out: Path, rels: list[str], record: dict[str, list[str]], overwrite: bool) -> set[str]:
+    """Every existing file among `rels` must be demo-data's own, unchanged, and --overwrite given; returns the
+    relative paths of demo-data's unchanged files (those of `rels` and the record's others). Raises DemoError."""
+    ours, foreign, wanted = set(), [], set(rels)
+    for rel in dict.fromkeys([*rels, *record]):
+        path = out / rel
+        if not os.path.lexists(path):
+            continue
+        if rel in record and _file_sha256(path) in record[rel]:
+            ours.add(rel)
+        elif rel in wanted and path.is_dir() and not path.is_symlink():
+            raise DemoError(f"{path} is a folder where demo-data writes a file; move it, or choose another --out")
+        elif rel in wanted:
+            foreign.append((path, "was changed since demo-data wrote it" if rel in record else
+                            "was not written by demo-data"))
+    if foreign:
+        (path, why), more = foreign[0], len(foreign) - 1
+        raise DemoError(f"{path} {why}" + (f" (and {more} more files in the way)" if more else "") + "; demo-data "
+                        "never overwrites such files: move it, or choose another --out (nothing was written)")
+    if ours and not overwrite:
+        raise DemoError(f"{out} holds the files of an earlier demo-data run (e.g. {out / sorted(ours)[0]}); pass "
+                        f"--overwrite to regenerate it, or choose another folder")
+    return ours
+
+
+def _write_media(out: Path, jobs: list[Job], seed: int, files: dict[str, list[str]], planned: set[str],
+                 progress: bool) -> list[dict]:
+    """Render the samples CHUNK at a time; each chunk's hashes join the record before its files are written.
+    Only `planned` paths (those checked) are written."""
+    rows: list[dict] = []
+    bar = tqdm(total=len(jobs), desc="demo-data", unit="sample", disable=not progress, file=sys.stderr)
+    with bar:
+        for start in range(0, len(jobs), CHUNK):
+            media: dict[str, bytes] = {}
+            rows += [make(i, seed, media, split) for make, i, split in jobs[start:start + CHUNK]]
+            if not planned.issuperset(media):
+                raise RuntimeError(f"demo-data bug: {sorted(set(media) - planned)[0]} was not planned")
+            for rel, data in media.items():
+                files[rel] = list(dict.fromkeys([*files.get(rel, []), _sha256(data)]))
+            _save_record(out, files)
+            for rel, data in media.items():
+                _write_file(out / rel, data)
+            bar.update(len(jobs[start:start + CHUNK]))
+    return rows
+
+
 def make_demo_data(out: str | Path, count: int = 2000, seed: int = 0, overwrite: bool = False,
                    progress: bool = True) -> Path:
-    """Write `count` samples (half `digit`, half `avqa`) under `out`; returns the manifest path."""
+    """Write `count` samples (half `digit`, half `avqa`) under `out`; returns the manifest path. See the module
+    docstring for which files it may overwrite or remove."""
     out = Path(out)
     if count < 20:
         raise DemoError(f"--count must be >= 20 (each task needs train, val and test samples), got {count}")
-    if out.exists() and not out.is_dir():
-        raise DemoError(f"--out {out} is a file; give a folder")
-    manifest = out / "manifest.jsonl"
-    if manifest.exists() and not overwrite:
-        raise DemoError(f"{manifest} already exists; pass --overwrite to regenerate it, or choose another folder")
-    for sub in ("media/image", "media/audio"):
+    _check_folders(out)
+    record = _load_record(out)
+    jobs = _jobs(count, seed)
+    planned = [rel for make, i, split in jobs for rel in _media_paths(make(i, seed, None, split))]
+    ours = _check_paths(out, [*planned, MANIFEST], record, overwrite)
+    # From here on the record lists every file demo-data may have written (old and new hashes), so an interrupted
+    # run leaves nothing that a rerun would take for the user's.
+    files = {rel: record[rel] for rel in ours}
+    for sub in FOLDERS:
         (out / sub).mkdir(parents=True, exist_ok=True)
-    n_digit = count // 2
-    n_avqa = count - n_digit
-    jobs = [(digit_row, i, split) for i, split in enumerate(assign_splits(n_digit, seed, 0))]
-    jobs += [(avqa_row, i, split) for i, split in enumerate(assign_splits(n_avqa, seed, 1))]
-    rows, written = [], set()
-    for make, i, split in tqdm(jobs, desc="demo-data", unit="sample", disable=not progress, file=sys.stderr):
-        media: dict[str, bytes] = {}
-        rows.append(make(i, seed, media, split))
-        for rel, data in media.items():
-            _atomic_write_bytes(out / rel, data)
-            written.add(out / rel)
-    for sub in ("media/image", "media/audio"):  # media of an earlier, larger run
-        for path in (out / sub).iterdir():
-            if path not in written and not path.name.startswith("."):
-                path.unlink()
-    atomic_write_text(manifest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return manifest
+    rows = _write_media(out, jobs, seed, files, set(planned), progress)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    files[MANIFEST] = list(dict.fromkeys([*files.get(MANIFEST, []), _sha256(text.encode("utf-8"))]))
+    _save_record(out, files)
+    atomic_write_text(out / MANIFEST, text)
+    keep = {*planned, MANIFEST}
+    for rel in sorted(ours - keep):  # stale files of an earlier, larger run, unchanged since written
+        if _file_sha256(out / rel) in record[rel]:
+            (out / rel).unlink()
+    _save_record(out, {rel: files[rel][-1:] for rel in keep})
+    return out / MANIFEST
 
 
+@command("demo-data")
 def main(argv: list[str] | None = None) -> int:
+    """`moefuse demo-data`: exit code 0, 1 when the data cannot be written (DemoError), 2 for a failed write."""
     p = argparse.ArgumentParser(prog="moefuse demo-data", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="folder for manifest.jsonl and media/")
     p.add_argument("--count", type=int, default=2000, help="samples in all, half per task")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
-    p.add_argument("--overwrite", action="store_true", help="regenerate over an earlier demo-data run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="regenerate over an earlier demo-data run (files it did not write are never touched)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     try:

@@ -4,7 +4,13 @@ Fields (any other is an error): `id` (unique; letters, digits, `_`, `-`; at most
 names fit the ustar format), `task` (same characters), inputs `text`, `image` (path), `audio` (path), targets
 `label` (classification) or `question` + `answer` (QA), optional `split` (train/val/test) and `meta` (a JSON
 object; in CSV a JSON string). Paths are relative to the manifest's folder, or absolute. JSON null and an empty
-CSV cell mean "absent". Labels and answers are strings (JSON integers are converted with str()).
+CSV cell mean "absent". Labels and answers are strings (JSON integers are converted with str()). CSV cells may be
+of any length (the csv module's 128 KiB default field limit is lifted); a NUL byte or a record the csv module
+cannot parse is an error of that row.
+
+Training and evaluation need a target in every row; `read_manifest(path, require_target=False)` (for `predict`
+on unlabelled data) accepts rows without one: their `type` is None, unless a `label` (classification) or a
+`question` and/or `answer` (QA) says which kind of row it is. Every other check still applies.
 
 Reading never stops at a bad row: every row comes back as a ManifestRow, bad ones with `errors` filled, so the
 builder can list them all (or reject them with --skip-bad) and nothing is lost. Only problems with the whole
@@ -29,6 +35,7 @@ SPLITS = ("train", "val", "test")
 ID_RE = re.compile(r"[A-Za-z0-9_-]{1,80}")
 TASK_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+CSV_FIELD_LIMIT = 2**31 - 1  # characters per CSV cell: no practical limit (the csv default is 131072)
 
 
 class ManifestError(UserError, ValueError):
@@ -44,7 +51,8 @@ class ManifestRow:
     id: str | None = None
     task: str | None = None
     type: str | None = None
-    """"classification" (a label) or "qa" (question + answer)."""
+    """"classification" (a label) or "qa" (question + answer); None for an unlabelled row read with
+    require_target=False."""
     text: str | None = None
     image: Path | None = None
     audio: Path | None = None
@@ -116,8 +124,27 @@ def _path(value: Any, name: str, base: Path, errors: list[str]) -> Path | None:
     return path if path.is_absolute() else base / path
 
 
-def check_row(line: int, raw: Any, base: Path) -> ManifestRow:
-    """Field checks of one parsed row (no media is opened here). Cross-row checks are in `read_manifest`."""
+def _row_type(values: dict[str, Any], errors: list[str], require_target: bool) -> str | None:
+    """"classification", "qa" or None from the target fields present; errors appended."""
+    has_label, has_qa = "label" in values, ("question" in values or "answer" in values)
+    if has_label and has_qa:
+        errors.append("a row has either label (classification) or question + answer (QA), not both")
+        return None
+    if has_label:
+        return "classification"
+    if has_qa:
+        for name in ("question", "answer"):
+            if name not in values and require_target:
+                errors.append(f"missing target: a QA row needs both question and answer; {name} is missing")
+        return "qa"
+    if require_target:
+        errors.append("missing target: give label (classification) or question + answer (QA)")
+    return None
+
+
+def check_row(line: int, raw: Any, base: Path, *, require_target: bool = True) -> ManifestRow:
+    """Field checks of one parsed row (no media is opened here). Cross-row checks are in `read_manifest`.
+    With require_target=False a row may have no label or answer (see the module docstring)."""
     row = ManifestRow(line=line, raw=raw)
     if not isinstance(raw, dict):
         row.errors.append(f"a row must be a JSON object, got {type(raw).__name__}")
@@ -155,18 +182,7 @@ def check_row(line: int, raw: Any, base: Path) -> ManifestRow:
         errors.append(f"meta must be a JSON object, got {type(meta).__name__} {meta!r}")
     else:
         row.meta = meta
-    has_label, has_qa = "label" in values, ("question" in values or "answer" in values)
-    if has_label and has_qa:
-        errors.append("a row has either label (classification) or question + answer (QA), not both")
-    elif has_label:
-        row.type = "classification"
-    elif has_qa:
-        row.type = "qa"
-        for name in ("question", "answer"):
-            if name not in values:
-                errors.append(f"missing target: a QA row needs both question and answer; {name} is missing")
-    else:
-        errors.append("missing target: give label (classification) or question + answer (QA)")
+    row.type = _row_type(values, errors, require_target)
     if not any(k in values for k in ("text", "question", "image", "audio")):
         errors.append("no input: give at least one of text, image, audio (or a QA question)")
     return row
@@ -176,7 +192,7 @@ def check_row(line: int, raw: Any, base: Path) -> ManifestRow:
 # readers
 
 
-def _jsonl_rows(data: bytes, base: Path) -> list[ManifestRow]:
+def _jsonl_rows(data: bytes, base: Path, require_target: bool = True) -> list[ManifestRow]:
     rows = []
     for number, line in enumerate(data.split(b"\n"), start=1):
         if not line.strip():
@@ -197,18 +213,42 @@ def _jsonl_rows(data: bytes, base: Path) -> list[ManifestRow]:
         except ValueError as e:
             rows.append(ManifestRow(line=number, raw=text.rstrip("\r"), errors=[f"not valid JSON: {e}"]))
             continue
-        rows.append(check_row(number, raw, base))
+        rows.append(check_row(number, raw, base, require_target=require_target))
     return rows
 
 
-def _csv_rows(data: bytes, path: Path, base: Path) -> list[ManifestRow]:
-    # surrogateescape keeps undecodable bytes as lone surrogates: the rows that hold them are reported, the
-    # others still read.
-    reader = csv.reader(io.StringIO(data.decode("utf-8", "surrogateescape"), newline=""))
+class _Lines:
+    """The lines of a CSV text, iterated by csv.reader, remembering those of the record being parsed (so that a
+    record the csv module rejects is kept as written, for rejected.jsonl)."""
+
+    def __init__(self, text: str):
+        self._lines = iter(io.StringIO(text, newline=""))
+        self.taken: list[str] = []
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self._lines)
+        self.taken.append(line)
+        return line
+
+    def record(self) -> str:
+        """The text of the lines read since the last call."""
+        text, self.taken = "".join(self.taken), []
+        return text
+
+
+def _csv_header(reader: Any, lines: _Lines, path: Path) -> list[str] | None:
+    """The checked header (None for an empty file); a bad header raises ManifestError."""
     try:
         header = next(reader)
     except StopIteration:
-        return []
+        return None
+    except csv.Error as e:
+        raise ManifestError(f"{path}: line {reader.line_num}: the CSV header cannot be read ({e}); save the "
+                            f"manifest as UTF-8 CSV") from None
+    lines.record()
     header = [h.strip() for h in header]
     unknown = [h for h in header if h not in FIELDS]
     if unknown:
@@ -216,32 +256,62 @@ def _csv_rows(data: bytes, path: Path, base: Path) -> list[ManifestRow]:
     dup = sorted({h for h in header if header.count(h) > 1})
     if dup:
         raise ManifestError(f"{path}: CSV column {dup[0]!r} appears twice in the header")
-    rows, start = [], reader.line_num + 1
-    for cells in reader:
-        number, start = start, reader.line_num + 1
-        if not any(c.strip() for c in cells):
-            continue
-        if len(cells) > len(header):
-            rows.append(ManifestRow(line=number, raw=cells,
-                                    errors=[f"the row has {len(cells)} cells but the header has {len(header)}"]))
-            continue
-        raw: dict[str, Any] = {h: (c if c != "" else None) for h, c in zip(header, cells)}
-        errors = []
-        if any("\udc80" <= ch <= "\udcff" for c in cells for ch in c):
-            errors.append("not valid UTF-8; save the manifest as UTF-8")
-        if raw.get("meta") is not None:
+    return header
+
+
+def _csv_row(number: int, header: list[str], cells: list[str], base: Path, require_target: bool) -> ManifestRow:
+    """One CSV record -> a checked row (cell-level problems first in its errors)."""
+    if len(cells) > len(header):
+        return ManifestRow(line=number, raw=cells,
+                           errors=[f"the row has {len(cells)} cells but the header has {len(header)}"])
+    raw: dict[str, Any] = {h: (c if c != "" else None) for h, c in zip(header, cells)}
+    errors = []
+    if any("\udc80" <= ch <= "\udcff" for c in cells for ch in c):
+        errors.append("not valid UTF-8; save the manifest as UTF-8")
+    if any("\x00" in c for c in cells):
+        errors.append("the row holds a NUL byte (is the file UTF-16 or binary?); save the manifest as UTF-8 CSV")
+    if raw.get("meta") is not None:
+        try:
+            raw["meta"] = json.loads(raw["meta"])
+        except ValueError as e:
+            errors.append(f"meta is not valid JSON: {e}")
+            raw["meta"] = None
+    row = check_row(number, raw, base, require_target=require_target)
+    row.errors[:0] = errors
+    if errors:  # keep the cells as read, undecodable bytes shown as \x.. escapes
+        row.raw = {h: c.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                   for h, c in zip(header, cells)}
+    return row
+
+
+def _csv_rows(data: bytes, path: Path, base: Path, require_target: bool = True) -> list[ManifestRow]:
+    # surrogateescape keeps undecodable bytes as lone surrogates: the rows that hold them are reported, the
+    # others still read.
+    lines = _Lines(data.decode("utf-8", "surrogateescape"))
+    reader = csv.reader(lines)
+    saved_limit = csv.field_size_limit(CSV_FIELD_LIMIT)  # process-wide: restored below
+    try:
+        header = _csv_header(reader, lines, path)
+        rows: list[ManifestRow] = []
+        start = reader.line_num + 1
+        while header is not None:
+            number = start
             try:
-                raw["meta"] = json.loads(raw["meta"])
-            except ValueError as e:
-                errors.append(f"meta is not valid JSON: {e}")
-                raw["meta"] = None
-        row = check_row(number, raw, base)
-        row.errors[:0] = errors
-        if errors:  # keep the cells as read, undecodable bytes shown as \x.. escapes
-            row.raw = {h: c.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-                       for h, c in zip(header, cells)}
-        rows.append(row)
-    return rows
+                cells = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:  # a row error like any other; the reader goes on with the next line
+                text = lines.record().encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                rows.append(ManifestRow(line=number, raw=text.rstrip("\r\n"), errors=[f"not valid CSV: {e}"]))
+                start = reader.line_num + 1
+                continue
+            lines.record()
+            start = reader.line_num + 1
+            if any(c.strip() for c in cells):
+                rows.append(_csv_row(number, header, cells, base, require_target))
+        return rows
+    finally:
+        csv.field_size_limit(saved_limit)
 
 
 def check_rows_together(rows: list[ManifestRow]) -> None:
@@ -262,8 +332,9 @@ def check_rows_together(rows: list[ManifestRow]) -> None:
                               f"has one type throughout")
 
 
-def read_manifest(path: str | Path) -> list[ManifestRow]:
-    """All rows of a JSON Lines or CSV manifest, checked field by field and across rows."""
+def read_manifest(path: str | Path, *, require_target: bool = True) -> list[ManifestRow]:
+    """All rows of a JSON Lines or CSV manifest, checked field by field and across rows. require_target=False
+    accepts rows without a label or answer (unlabelled data for `predict`)."""
     path = Path(path)
     if not path.exists():
         raise ManifestError(f"manifest {path} does not exist")
@@ -277,7 +348,10 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
     if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark, as spreadsheet programs write
         data = data[3:]
     base = path.resolve().parent
-    rows = _csv_rows(data, path, base) if suffix == ".csv" else _jsonl_rows(data, base)
+    if suffix == ".csv":
+        rows = _csv_rows(data, path, base, require_target)
+    else:
+        rows = _jsonl_rows(data, base, require_target)
     if not rows:
         raise ManifestError(f"manifest {path} holds no rows (it is empty or blank)")
     check_rows_together(rows)

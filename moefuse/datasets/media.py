@@ -3,9 +3,12 @@
 Images (Pillow): EXIF orientation applied, converted to RGB (transparency composited onto black), resized so
 that the longer side equals `size` and padded to a black square (`fit="pad"`, letterboxing; nothing is cut off)
 or resized so that the shorter side equals `size` and centre-cropped (`fit="crop"`, like torchvision's
-Resize + CenterCrop), then stored as PNG (lossless) or JPEG (quality 95).
-Audio (soundfile/libsndfile: wav, flac, ogg, mp3): averaged to mono, resampled with torchaudio's windowed-sinc
-resampler (the same one HF feature extractors recommend), clipped to [-1, 1] and stored as 16-bit FLAC.
+Resize + CenterCrop), then stored as PNG (lossless) or JPEG (quality 95). The only size limit is `max_pixels`
+(build-shards' --max-image-pixels): Pillow's own decompression-bomb limit (about 89M pixels) is lifted for it.
+Audio (soundfile/libsndfile: wav, flac, ogg, mp3): averaged to mono, resampled with libsoxr (python-soxr, the
+resampler librosa uses; "HQ" quality, float32, deterministic; time and memory grow with the clip's length only,
+not with the ratio of the rates, so a file at 44101 Hz costs what one at 44100 Hz does), clipped to [-1, 1] and
+stored as 16-bit FLAC.
 Every failure raises MediaError with a message that names the problem, never a bare library exception.
 """
 
@@ -14,12 +17,14 @@ from __future__ import annotations
 import io
 import os
 import struct
+import threading
 import warnings
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import soundfile as sf
+import soxr
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from moefuse.errors import UserError
@@ -101,24 +106,39 @@ def _riff_truncation(path: Path) -> str | None:
 # images
 
 
+_PILLOW_LIMIT_LOCK = threading.Lock()  # Image.MAX_IMAGE_PIXELS is process-wide: one open_image at a time edits it
+
+
 def open_image(path: Path, max_pixels: int) -> Image.Image:
-    """Decode an image file fully (so truncation and corruption show up here, not at training time)."""
+    """Decode an image file fully (so truncation and corruption show up here, not at training time).
+
+    `max_pixels` is the only size limit: Pillow's decompression-bomb limit (about 89M pixels) is lifted while the
+    header is read, the size is checked here, and during decoding Pillow's limit is `max_pixels` (it also checks
+    frames and tiles); it is restored afterwards."""
+    flag = "raise it with --max-image-pixels, or shrink the image"
     try:
-        with warnings.catch_warnings():
+        with _PILLOW_LIMIT_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                w, h = img.size
-                if w * h > max_pixels:
-                    raise MediaError(f"image {path} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
-                                     f"(raise it with --max-image-pixels)")
-                img.load()
-                return ImageOps.exif_transpose(img)
+            saved = Image.MAX_IMAGE_PIXELS
+            try:
+                Image.MAX_IMAGE_PIXELS = None  # the check below names the file and the flag
+                with Image.open(path) as img:
+                    w, h = img.size
+                    if w * h > max_pixels:
+                        raise MediaError(f"image {path} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
+                                         f"({flag})")
+                    Image.MAX_IMAGE_PIXELS = max_pixels
+                    img.load()
+                    return ImageOps.exif_transpose(img)
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
     except MediaError:
         raise
     except UnidentifiedImageError:
         raise MediaError(f"image {path} is not an image Pillow can read (corrupt, or an unknown format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise MediaError(f"image {path} is too large to decode safely: {e}") from None
+        raise MediaError(f"image {path} holds a frame or layer over the limit of {max_pixels} pixels ({flag}): "
+                         f"{e}") from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... on corrupt data
         raise MediaError(f"image {path} is corrupt: {type(e).__name__}: {e}") from None
 
@@ -170,14 +190,17 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def resample(wav: np.ndarray, orig_rate: int, rate: int) -> np.ndarray:
-    """torchaudio's band-limited sinc resampler, in float64 so the result does not depend on the thread count."""
+    """Mono float32 [S] at `orig_rate` -> float32 [round(S * rate / orig_rate)] at `rate`, with libsoxr's "HQ"
+    band-limited resampler. Single-threaded and deterministic; time and memory are linear in the clip's length
+    whatever the two rates are (a windowed-sinc kernel of rate/gcd taps would need gigabytes at 44101 Hz)."""
+    wav = np.ascontiguousarray(wav, dtype=np.float32)
+    if wav.ndim != 1:
+        raise ValueError(f"resample expects mono audio of shape [samples], got shape {wav.shape}")
+    if orig_rate <= 0 or rate <= 0:
+        raise ValueError(f"sample rates must be > 0, got {orig_rate} -> {rate}")
     if orig_rate == rate:
-        return wav.astype(np.float32, copy=False)
-    import torch
-    import torchaudio.functional as AF
-
-    out = AF.resample(torch.from_numpy(wav.astype(np.float64)), orig_rate, rate)
-    return out.numpy().astype(np.float32)
+        return wav
+    return np.asarray(soxr.resample(wav, orig_rate, rate, quality="HQ"), dtype=np.float32)
 
 
 def load_audio(path: Path, rate: int, max_seconds: float) -> np.ndarray:
@@ -207,8 +230,11 @@ def load_audio(path: Path, rate: int, max_seconds: float) -> np.ndarray:
         raise MediaError(f"audio {path} holds no samples")
     if not np.isfinite(wav).all():
         raise MediaError(f"audio {path} contains NaN or infinite sample values")
-    mono = wav.mean(axis=1)  # [S]
-    return np.clip(resample(mono, info.samplerate, rate), -1.0, 1.0)
+    out = resample(wav.mean(axis=1), info.samplerate, rate)  # [S]
+    if len(out) == 0:
+        raise MediaError(f"audio {path} is too short: {len(wav)} samples at {info.samplerate} Hz make no sample "
+                         f"at {rate} Hz")
+    return np.clip(out, -1.0, 1.0)
 
 
 def encode_flac(wav: np.ndarray, rate: int) -> bytes:

@@ -188,7 +188,7 @@ def _encode_job(row: ManifestRow, opts: BuildOptions) -> tuple[dict[str, bytes] 
 
 def _init_worker() -> None:
     # The parent handles Ctrl-C and SIGTERM and tears the pool down; one torch thread per process (no
-    # oversubscription when several processes resample at once).
+    # oversubscription when several worker processes run at once).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if "torch" in sys.modules:

@@ -44,7 +44,7 @@ class AudioEncoderConfig:
     path: str | None = None
     """Local folder with a Wav2Vec2 config.json and weights (preset `local`)."""
     sample_rate: int = 16000
-    """Rate the model expects; other rates are resampled with torchaudio when media are loaded."""
+    """Rate the model expects; other rates are resampled (soxr) when media are loaded."""
     max_seconds: float = 2.0
     """Longer clips are cropped (random crop in training, from the start in evaluation); shorter are padded."""
     frontend: Literal["conv", "logmel"] = "conv"
