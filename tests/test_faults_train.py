@@ -174,3 +174,13 @@ def test_python_m_moefuse_train_reports_errors_without_traceback(tmp_path: Path)
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 2 and "missing.yaml" in done.stderr
     no_traceback(done.stderr)
+
+
+def test_full_disk_during_moefuse_export_keeps_the_old_export(copy_run: Path) -> None:
+    before = (copy_run / "model" / "model.safetensors").read_bytes()
+    done = run_cli("export", str(copy_run), fsize=200_000)
+    assert done.returncode == 2, done.stderr
+    no_traceback(done.stderr)
+    assert "moefuse export: error:" in done.stderr and str(copy_run / "model") in done.stderr
+    assert not [p for p in copy_run.iterdir() if p.name.startswith(".model")]
+    assert (copy_run / "model" / "model.safetensors").read_bytes() == before
