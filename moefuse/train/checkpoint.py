@@ -89,7 +89,7 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, trainer_state: dict
             accelerator.save_state(str(tmp), safe_serialization=True)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                atomic_write_text(tmp / "trainer_state.json", json.dumps(trainer_state, indent=2))
+                atomic_write_text(tmp / "trainer_state.json", dumps_json(trainer_state, "trainer_state.json", indent=2))
                 atomic_write_text(tmp / CHECKSUMS, json.dumps(_file_digests(tmp), indent=1))
                 _replace_dir(tmp, final)
                 atomic_write_text(ckpt_root / "latest", final.name)
