@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import json
 import math
 import os
@@ -196,8 +197,9 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Bytes version of `atomic_write_text` (temp file in the same folder, fsync, rename).
+def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> None:
+    """Bytes version of `atomic_write_text` (temp file in the same folder, fsync, rename). `fsync=False` skips
+    the flush to disk, for many small files that can be regenerated (a crash may then leave an empty file).
 
     A failure (full disk, a folder or file in the way) raises an OSError that names `path`, and leaves no temp
     file behind and any earlier `path` as it was."""
@@ -211,13 +213,23 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                if fsync:
+                    os.fsync(f.fileno())
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the permissions open() would
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _umask() -> int:
@@ -268,5 +280,6 @@ __all__ = [
     "load_yaml",
     "parse_override",
     "save_yaml",
+    "sha256_file",
     "to_dict",
 ]

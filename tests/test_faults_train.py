@@ -184,3 +184,15 @@ def test_full_disk_during_moefuse_export_keeps_the_old_export(copy_run: Path) ->
     assert "moefuse export: error:" in done.stderr and str(copy_run / "model") in done.stderr
     assert not [p for p in copy_run.iterdir() if p.name.startswith(".model")]
     assert (copy_run / "model" / "model.safetensors").read_bytes() == before
+
+
+def test_metric_names_are_exactly_what_validation_computes() -> None:
+    """train.metric is checked against metric_names before the first step; it must list compute_metrics' keys."""
+    from moefuse.train.metrics import compute_metrics, metric_names
+
+    types = {"digit": "classification", "avqa": "qa"}
+    vocab = {"digit": ["0", "1"], "avqa": ["yes", "no", "3"]}
+    records = [{"task": t, "target_index": 0, "prediction_index": 1, "probability": 0.6, "agreement": 0.5,
+                "head_correct": [True, False, False], "modalities": "image", "meta": {}} for t in types]
+    computed = compute_metrics(records, vocab, types)["metrics"]
+    assert sorted(computed) == sorted(metric_names(types, num_heads=3))

@@ -27,7 +27,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import soundfile as sf
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from moefuse.configutil import atomic_write_text
+from moefuse.configutil import atomic_write_bytes, atomic_write_text, sha256_file
 from moefuse.errors import UserError, command, naming
 
 SAMPLE_RATE = 16000
@@ -72,21 +71,6 @@ class DemoError(UserError, RuntimeError):
 # helpers
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, then rename (no fsync: thousands of small media files; the record and the
-    manifest are written with fsync). A failure names `path` and leaves no temp file."""
-    with naming(path):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -96,7 +80,7 @@ def _file_sha256(path: Path) -> str | None:
     if path.is_symlink() or not path.is_file():
         return None
     with naming(path):
-        return _sha256(path.read_bytes())
+        return sha256_file(path)
 
 
 def _own_path(rel: str) -> bool:
@@ -314,7 +298,9 @@ def _write_media(out: Path, jobs: list[Job], seed: int, files: dict[str, list[st
                 files[rel] = list(dict.fromkeys([*files.get(rel, []), _sha256(data)]))
             _save_record(out, files)
             for rel, data in media.items():
-                _write_file(out / rel, data)
+                # no fsync: thousands of small media files that a rerun regenerates (the record and the
+                # manifest are written with fsync)
+                atomic_write_bytes(out / rel, data, fsync=False)
             bar.update(len(jobs[start:start + CHUNK]))
     return rows
 

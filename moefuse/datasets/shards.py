@@ -23,7 +23,6 @@ rejected.jsonl are written to temp files before anything of the old build is rep
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import multiprocessing
 import os
@@ -40,6 +39,7 @@ from typing import Any, BinaryIO
 import webdataset as wds
 from tqdm import tqdm
 
+from moefuse.configutil import sha256_file
 from moefuse.datasets.manifest import SPLITS, ManifestError, ManifestRow, assign_splits, read_manifest
 from moefuse.datasets.media import (
     MediaError,
@@ -107,14 +107,6 @@ class BuildOptions:
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def vocabulary_order(value: str) -> tuple:

@@ -18,7 +18,6 @@ The export is a self-contained folder that `evaluate` and `predict` load with no
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from moefuse.configutil import ConfigError, atomic_write_text, dumps_json, from_dict, to_dict
+from moefuse.configutil import ConfigError, atomic_write_text, dumps_json, from_dict, sha256_file, to_dict
 from moefuse.errors import naming
 from moefuse.fusion.model import ModelConfig, MultimodalMoEModel, build_model
 
@@ -64,11 +63,7 @@ def _file_digests(folder: Path) -> dict[str, list]:
     """{relative path: [size, sha256]} of every file under `folder` (checksums.json itself excluded)."""
     digests = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS):
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        digests[path.relative_to(folder).as_posix()] = [path.stat().st_size, h.hexdigest()]
+        digests[path.relative_to(folder).as_posix()] = [path.stat().st_size, sha256_file(path)]
     return digests
 
 

@@ -119,14 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate(args.checkpoint, args.shards, args.split, args.batch_size, args.num_workers, args.int8,
                       args.heatmap, drop_modalities=args.drop)
     failures = list(result["errors"])
+    written = False
     if args.json is not None:  # written before anything is printed: a failed print never loses the report
         try:
             atomic_write_text(args.json, dumps_json(result, f"report {args.json}", indent=2))
+            written = True
         except OSError as e:
             failures.append(f"the report was not written: {os_error_message(e)}; it follows on stdout")
             print(dumps_json(result, "report", indent=2))
     print(format_summary(result))
-    if args.json is not None and len(failures) == len(result["errors"]):
+    if written:
         print(f"report: {args.json}")
     for failure in failures:
         print(f"moefuse evaluate: error: {failure}", file=sys.stderr)

@@ -9,20 +9,18 @@ from tqdm.auto import tqdm
 from moefuse.fusion.model import ROUTING_ROWS, MultimodalMoEModel
 from moefuse.train.metrics import records_from_output
 
-# batch key -> (stats / results key, what it counts). Every loader batch carries the three batch keys.
+# loader batch key -> its name in stats and results (every loader batch carries the three batch keys); then
+# each results name -> what it counts, for messages.
 DATA_COUNT_KEYS = {"skipped": "skipped_corrupt", "lost": "lost_samples", "other_task": "skipped_other_task"}
 DATA_COUNTS = {"skipped_corrupt": "corrupt samples skipped",
                "lost_samples": "samples lost from missing or truncated shards",
                "skipped_other_task": "samples of tasks the model does not have skipped"}
 
 
-def data_counts(batch_or_counts: dict) -> dict[str, int]:
-    """The data counts of one batch (or of a loader's `tail_counts`), under their results names."""
-    return {name: int(batch_or_counts.get(key, 0)) for key, name in DATA_COUNT_KEYS.items()}
-
-
-def add_counts(total: dict[str, int], more: dict[str, int]) -> dict[str, int]:
-    return {k: total.get(k, 0) + more.get(k, 0) for k in DATA_COUNTS}
+def count_into(total: dict, batch_or_counts: dict) -> None:
+    """Add the data counts of one batch (or of a loader's `tail_counts`) to `total`, under their results names."""
+    for key, name in DATA_COUNT_KEYS.items():
+        total[name] = total.get(name, 0) + int(batch_or_counts.get(key, 0))
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -52,7 +50,7 @@ def evaluate_loader(model: MultimodalMoEModel, loader, device: torch.device, max
         if max_batches is not None and i >= max_batches:
             finished = False
             break
-        stats.update(add_counts(stats, data_counts(batch)))
+        count_into(stats, batch)
         batch = to_device(batch, device)
         out = model(batch)
         records += records_from_output(batch, out, vocab)
@@ -63,7 +61,7 @@ def evaluate_loader(model: MultimodalMoEModel, loader, device: torch.device, max
         stats["dropped_tokens"] += int(out.dropped_tokens)
         stats["routed_tokens"] += int(out.routed_tokens)
     if finished:
-        stats.update(add_counts(stats, data_counts(getattr(loader, "tail_counts", None) or {})))
+        count_into(stats, getattr(loader, "tail_counts", None) or {})
     model.train()
     return records, stats
 
@@ -88,5 +86,5 @@ def routing_summary(stats: dict) -> dict:
     return out
 
 
-__all__ = ["DATA_COUNTS", "add_counts", "data_counts", "evaluate_loader", "merge_stats", "routing_summary",
+__all__ = ["DATA_COUNTS", "count_into", "evaluate_loader", "merge_stats", "routing_summary",
            "to_device"]

@@ -16,6 +16,7 @@ from moefuse.datasets import DataError, collect_tasks
 from moefuse.datasets.collate import IGNORE_INDEX
 from moefuse.errors import naming
 from moefuse.fusion.heads import TaskConfig
+from moefuse.train.evaluation import DATA_COUNTS
 from moefuse.train.metrics import metric_names
 
 RESUMABLE_KEYS = ("train.output_dir", "train.max_steps", "train.eval_every", "train.save_every", "train.log_every",
@@ -86,7 +87,7 @@ def check_metric(cfg: ExperimentConfig, tasks: list[TaskConfig]) -> None:
                               "early_stopping_patience: null")
         return
     names = [f"val/{n}" for n in metric_names({tk.name: tk.type for tk in tasks}, cfg.heads.num_heads)]
-    names.append("val/dropped_fraction")
+    names += ["val/dropped_fraction", *(f"val/{k}" for k in DATA_COUNTS)]  # what validate() adds
     if t.metric not in names:
         raise ConfigError(f"train.metric={t.metric!r} will not be computed for these tasks; choose one of "
                           f"{', '.join(names)}")

@@ -35,8 +35,7 @@ from moefuse.fusion.model import ROUTING_ROWS, MultimodalMoEModel, build_collato
 from moefuse.train.checkpoint import export_run, has_checkpoints, intact_checkpoints, run_result, save_checkpoint
 from moefuse.train.evaluation import (
     DATA_COUNTS,
-    add_counts,
-    data_counts,
+    count_into,
     evaluate_loader,
     merge_stats,
     routing_summary,
@@ -192,10 +191,6 @@ def finished(state: dict, max_steps: int) -> str | None:
     return None
 
 
-def count_data(state: dict, counts: dict[str, int]) -> None:
-    state.update(add_counts(state, counts))
-
-
 def validate(model: MultimodalMoEModel, loader, cfg: ExperimentConfig, accelerator, step: int, log,
              out: Path) -> dict | None:
     """Validation on every process, metrics on the main one (logged, routing heatmap); None elsewhere."""
@@ -297,7 +292,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
             has = torch.tensor([0.0 if batch is None else 1.0], device=accelerator.device)
             any_left = accelerator.gather(has).max().item() > 0
             if not any_left:
-                count_data(state, data_counts(loader.tail_counts or {}))
+                count_into(state, loader.tail_counts or {})
                 if batches_this_epoch == 0 and skip == 0:
                     seen = ", ".join(f"{state[k]} {v}" for k, v in DATA_COUNTS.items())
                     raise DataError(f"the training data yielded no batch in epoch {epoch} "
@@ -310,7 +305,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
                 batch, weight = last_batch, 0.0
             else:
                 state["batches_in_epoch"] += 1
-                count_data(state, data_counts(batch))
+                count_into(state, batch)
                 check_training_targets(batch)
                 if t.record_sample_ids:
                     ids_file = out / "sample_ids" / f"epoch{epoch:04d}-rank{rank:03d}.txt"
