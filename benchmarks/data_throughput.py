@@ -57,7 +57,8 @@ from moefuse.config import ExperimentConfig, load_config
 from moefuse.datasets.loader import make_loader
 from moefuse.datasets.shards import BuildOptions, build_shards
 from moefuse.fusion.model import MultimodalMoEModel, build_collator, build_model
-from moefuse.train.run import param_groups, resolve_tasks
+from moefuse.train.optim import param_groups
+from moefuse.train.preflight import resolve_tasks
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny.yaml"

@@ -4,10 +4,11 @@ What is measured (fp32, CPU, torch's default thread count):
 
 * ``dense``: the floor, ``DenseFFN(d_model=D, d_hidden=k*H)``. A token through it does the same multiply-adds as a
   token through k experts of width H, so a perfect dispatch would cost 1.0x of it.
-* ``moe-native`` / ``moe-loop``: ``SparseMoE(D, H, E, top_k=k)`` (dropless) with ``backend="native"``
+* ``moe-native`` / ``moe-loop``: ``SparseMoE(MoEConfig(D, H, E, top_k=k))`` (dropless) with ``backend="native"``
   (``torch._grouped_mm``) and ``backend="loop"`` (one ``mm`` per expert in a custom autograd Function).
   ``moe-auto`` is the default backend, whichever that picks (on CPU: native under ``no_grad``, the loop when a weight
-  gradient is needed; see ``moefuse.fusion.moe.grouped_mm``).
+  gradient is needed; see ``moefuse.fusion.kernels.grouped_mm``). For CPU training with many experts, compare runs
+  with and without ``THP_MEM_ALLOC_ENABLE=1`` in the environment (see ``moefuse.fusion.kernels``).
 * ``hf-grouped_mm`` / ``hf-eager``: transformers' ``MixtralSparseMoeBlock`` as peers, with
   ``config._experts_implementation`` set to ``"grouped_mm"`` (sort by expert, ``grouped_mm``) and to ``"eager"``
   (a Python loop over experts, slicing ``gate_up_proj[e]``). The SparseMoE variants are built with
@@ -40,6 +41,7 @@ Usage::
     python benchmarks/moe_dispatch.py --quick              # small smoke run, seconds
     python benchmarks/moe_dispatch.py --experts 8 32 --rounds 15 --tokens 8192
     python benchmarks/moe_dispatch.py --threads 1 --cpu-time    # a busy machine: work, not scheduling
+    THP_MEM_ALLOC_ENABLE=1 python benchmarks/moe_dispatch.py    # every CPU tensor of >= 2 MiB in huge pages
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 What is measured (CPU, torch's default thread count, ``torch.no_grad``, eval mode):
 
 * The model: by default the tiny config trained for --steps steps (150) on freshly made demo shards through
-  ``moefuse.train.run.train`` (``train.eval_every=1000 train.save_every=1000 train.tensorboard=false``; the run
+  ``moefuse.train.recipe.train`` (``train.eval_every=1000 train.save_every=1000 train.tensorboard=false``; the run
   validates and exports once, at the last step); or an existing export with ``--checkpoint DIR`` (then give its
   data with ``--shards``, e.g. ``outputs/demo/shards``). fp32 is ``load_model(DIR)``, int8 ``load_model(DIR,
   int8=True)`` (``quantize_int8``: every nn.Linear and every expert dynamic-int8, routers fp32).
@@ -52,9 +52,10 @@ from _bench import command_line, demo_shards, summary
 from moefuse.config import load_config
 from moefuse.datasets.loader import decode_sample, shard_urls
 from moefuse.fusion.model import MultimodalMoEModel, build_collator
+from moefuse.train.checkpoint import load_inference_model as load_model
 from moefuse.train.evaluate import evaluate
-from moefuse.train.predict import load_model, predict_samples
-from moefuse.train.run import train
+from moefuse.train.predict import predict_samples
+from moefuse.train.recipe import train
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny.yaml"

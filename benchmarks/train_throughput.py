@@ -88,7 +88,7 @@ def prepare(work: Path, count: int, batches: int, seed: int) -> None:
     from moefuse.config import load_config
     from moefuse.datasets.loader import make_loader
     from moefuse.fusion.model import build_collator, build_model
-    from moefuse.train.run import resolve_tasks
+    from moefuse.train.preflight import resolve_tasks
 
     shards = demo_shards(work, count, seed)
     cfg = load_config(CONFIG, [f"data.train_shards=[{shards}]"])
@@ -152,7 +152,8 @@ def child(work: Path, name: str, warmup: int, threads: int | None, proto: TextIO
 
     from moefuse.config import load_config
     from moefuse.fusion.model import build_model
-    from moefuse.train.run import param_groups, resolve_tasks
+    from moefuse.train.optim import param_groups
+    from moefuse.train.preflight import resolve_tasks
 
     warnings.simplefilter("ignore")  # one-time notices of transformers / torch
     if threads:

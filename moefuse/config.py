@@ -9,30 +9,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moefuse.configutil import apply_overrides, from_dict, load_yaml, save_yaml
+from moefuse.configutil import apply_overrides, check, from_dict, load_yaml, save_yaml
 from moefuse.datasets.config import DataConfig
-from moefuse.fusion.heads import HeadsConfig, TaskConfig
-from moefuse.fusion.model import EncodersConfig, ModelConfig
-from moefuse.fusion.stack import FusionConfig
+from moefuse.fusion.model import ModelConfig
 from moefuse.train.config import TrainConfig
 
 
 @dataclass
-class ExperimentConfig:
-    encoders: EncodersConfig = field(default_factory=EncodersConfig)
-    """Modality encoders (moefuse.encoders); a null entry means the model takes no such input."""
-    fusion: FusionConfig = field(default_factory=FusionConfig)
-    """The shared fusion stack: moe | dense | concat, experts, routing and its losses."""
-    heads: HeadsConfig = field(default_factory=HeadsConfig)
-    """Ensemble voting heads per task."""
-    tasks: list[TaskConfig] = field(default_factory=list)
-    """Tasks to train; empty = every task in the training shards' dataset.json, vocabularies from there too."""
+class ExperimentConfig(ModelConfig):
+    """The model's config (encoders, fusion, heads, tasks: `ModelConfig`) plus how to train it."""
+
     data: DataConfig = field(default_factory=DataConfig)
     """Shards, batching and loader workers."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation, evaluation and checkpointing."""
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        known = list(self.encoders.slots())
+        check(set(self.data.drop_modalities) <= set(known), "data.drop_modalities",
+              f"must list only {', '.join(known)}; got {self.data.drop_modalities}")
+
     def model_config(self) -> ModelConfig:
+        """The part of the config that the model is built from (and exported with)."""
         return ModelConfig(encoders=self.encoders, fusion=self.fusion, heads=self.heads, tasks=self.tasks)
 
 

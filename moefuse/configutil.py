@@ -34,72 +34,100 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp` and convert nested dicts to dataclasses."""
-    origin = get_origin(tp)
-    if tp is Any:
+def _wrong(key: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"{key}: expected {expected}, got {type(value).__name__} {value!r}")
+
+
+def _convert_union(value: Any, tp: Any, key: str) -> Any:
+    """The first member of the union the value converts to; null only when the union allows None."""
+    args = get_args(tp)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{key}: null is not allowed, expected {_type_name(tp)}")
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _convert(value, arg, key)
+        except ConfigError as e:
+            errors.append(str(e))
+    raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
+
+
+def _convert_literal(value: Any, tp: Any, key: str) -> Any:
+    if value not in get_args(tp):
+        choices = ", ".join(repr(a) for a in get_args(tp))
+        raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+    return value
+
+
+def _convert_sequence(value: Any, tp: Any, key: str) -> list | tuple:
+    if not isinstance(value, (list, tuple)):
+        raise _wrong(key, "a list", value)
+    (item_tp, *_) = get_args(tp) or (Any,)
+    items = [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    return items if get_origin(tp) is list else tuple(items)
+
+
+def _convert_mapping(value: Any, tp: Any, key: str) -> dict:
+    if not isinstance(value, dict):
+        raise _wrong(key, "a mapping", value)
+    _, val_tp = get_args(tp) or (Any, Any)
+    return {str(k): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+
+
+def _convert_dataclass(value: Any, tp: Any, key: str) -> Any:
+    if isinstance(value, tp):
         return value
-    if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{key}: null is not allowed, expected {_type_name(tp)}")
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
-    if origin is Literal:
-        if value not in get_args(tp):
-            choices = ", ".join(repr(a) for a in get_args(tp))
-            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        (item_tp, *_) = get_args(tp) or (Any,)
-        items = [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-        return items if origin is list else tuple(items)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        _, val_tp = get_args(tp) or (Any, Any)
-        return {str(k): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {type(value).__name__} {value!r}")
-        return from_dict(tp, value, prefix=key)
+    if not isinstance(value, dict):
+        raise _wrong(key, f"a mapping for {tp.__name__}", value)
+    return from_dict(tp, value, prefix=key)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_BY_ORIGIN = {Union: _convert_union, types.UnionType: _convert_union, Literal: _convert_literal,
+              list: _convert_sequence, tuple: _convert_sequence, dict: _convert_mapping}
+"""Converters of the generic annotations, by `get_origin(annotation)`."""
+_SCALARS = {
+    float: ("a number", lambda v: _is_int(v) or isinstance(v, float), float),
+    int: ("an integer", _is_int, None),
+    bool: ("true or false", lambda v: isinstance(v, bool), None),
+    str: ("a string", lambda v: isinstance(v, str), None),
+}
+"""Scalar annotation -> (what the error says is expected, the check, the conversion or None)."""
+
+
+def _convert_scalar(value: Any, tp: Any, key: str) -> Any:
     if value is None:
         raise ConfigError(f"{key}: null is not allowed, expected {_type_name(tp)}")
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string; accept what float() accepts
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string; take what float() does
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp not in _SCALARS:
         return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
+    expected, ok, convert = _SCALARS[tp]
+    if not ok(value):
+        raise _wrong(key, expected, value)
+    return value if convert is None else convert(value)
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` and convert nested dicts to dataclasses."""
+    if tp is Any:
         return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
-        return value
-    return value
+    by_origin = _BY_ORIGIN.get(get_origin(tp))
+    if by_origin is not None:
+        return by_origin(value, tp, key)
+    if dataclasses.is_dataclass(tp):
+        return _convert_dataclass(value, tp, key)
+    return _convert_scalar(value, tp, key)
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:

@@ -65,7 +65,7 @@ def fault_data(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def fault_run(fault_data: dict) -> Path:
     from moefuse.config import load_config
-    from moefuse.train.run import train
+    from moefuse.train.recipe import train
 
     out = fault_data["root"] / "run"
     train(load_config(TINY, run_overrides(fault_data["shards"], out)))

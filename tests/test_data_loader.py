@@ -253,23 +253,28 @@ def test_real_collator_batches_mixed_modalities(dataset: tuple[Path, list[dict]]
 
     from moefuse.datasets import Collator
     from moefuse.encoders import ImageEncoderConfig, build_image_encoder
-    from moefuse.encoders.text import tiny_vocab
+    from moefuse.encoders.audio import AudioPreprocessor
+    from moefuse.encoders.text import TextPreprocessor, tiny_vocab
 
     shards, rows = dataset
     image = build_image_encoder(ImageEncoderConfig())
     tasks = collect_tasks([str(shards)])
+    preprocessors = {"text": TextPreprocessor(BertTokenizer(vocab=tiny_vocab()), 64),
+                     "image": image.preprocessor(False), "audio": AudioPreprocessor(1000, random_crop=False)}
     collator = Collator(task_names=list(tasks), vocabularies=[t["vocabulary"] for t in tasks.values()],
-                        tokenizer=BertTokenizer(vocab=tiny_vocab()), image_transform=image.transform,
-                        image_size=tuple(image.data_config["input_size"]), audio_max_samples=1000)
+                        preprocessors=preprocessors,
+                        sample_fields={"text": ("text", "question"), "image": ("image",), "audio": ("audio",)})
     batch = next(iter(make_loader(shards, collator, 12, split="train")))
     n = len(batch["ids"])
+    inputs, present = batch["inputs"], batch["present"]
     assert n == 12 and batch["skipped"] == 0
-    assert batch["image"].shape == (n, 3, 32, 32) and batch["audio"].shape == (n, 1000)
-    assert batch["text"]["input_ids"].shape[0] == n and batch["labels"].shape == (n,)
+    assert inputs["image"]["pixel_values"].shape == (n, 3, 32, 32)
+    assert inputs["audio"]["input_values"].shape == (n, 1000)
+    assert inputs["text"]["input_ids"].shape[0] == n and batch["labels"].shape == (n,)
     by_id = {r["id"]: r for r in rows}
-    assert batch["image_present"].tolist() == ["image" in by_id[i] for i in batch["ids"]]
-    assert batch["audio_present"].tolist() == ["audio" in by_id[i] for i in batch["ids"]]
-    assert batch["audio_mask"].sum(1).tolist() == [800 if "audio" in by_id[i] else 0 for i in batch["ids"]]
+    assert present["image"].tolist() == ["image" in by_id[i] for i in batch["ids"]]
+    assert present["audio"].tolist() == ["audio" in by_id[i] for i in batch["ids"]]
+    assert inputs["audio"]["sample_mask"].sum(1).tolist() == [800 if "audio" in by_id[i] else 0 for i in batch["ids"]]
     assert (batch["labels"] >= 0).all()  # every target is in the vocabulary
     assert len(set(batch["tasks"])) == 2 and len({tuple(by_id[i]) for i in batch["ids"]}) > 2
 

@@ -161,7 +161,7 @@ def test_model_with_fewer_tasks_counts_the_other_samples(fault_run: Path, fault_
     from conftest import TINY, run_overrides
 
     from moefuse.config import load_config
-    from moefuse.train.run import train
+    from moefuse.train.recipe import train
 
     out = tmp_path / "run"
     train(load_config(TINY, run_overrides(fault_data["shards"], out, "tasks=[{name: digit, type: classification}]",

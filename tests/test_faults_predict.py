@@ -130,3 +130,33 @@ def test_missing_model_folder(tmp_path: Path, capsys) -> None:
     assert cli(["predict", "--checkpoint", str(tmp_path / "nope"), "--task", "digit", "--image",
                 str(tmp_path / "x.png")]) == 2
     assert str(tmp_path / "nope") in capsys.readouterr().err
+
+
+def test_predict_prepares_raw_files_as_the_shards_were_built(fault_run: Path, fault_data: dict, media: dict,
+                                                             tmp_path: Path, capsys) -> None:
+    """The export records the shards' media settings; predict applies them: a raw image goes through the same
+    fit and size as build-shards gave it, and an audio file longer than the build's limit is refused."""
+    import numpy as np
+    import soundfile as sf
+
+    from moefuse.datasets.media import normalise_image, open_image
+    from moefuse.train.checkpoint import load_inference_model as load_model
+    from moefuse.train.predict import export_media, load_media_sample
+
+    built = json.loads((fault_data["shards"] / "dataset.json").read_text())
+    recorded = json.loads((fault_run / "model" / "export.json").read_text())["media"]
+    assert {k: recorded[k] for k in built["media"]} == built["media"]
+    settings = export_media(fault_run / "model")
+    assert settings["image_size"] == built["media"]["image_size"] != 32  # not the encoder's input size
+    model = load_model(fault_run / "model")
+    sample = load_media_sample(model, "x", "digit", media=settings, image=media["image"])
+    expected = normalise_image(open_image(Path(media["image"]), 10**8), built["media"]["image_size"],
+                               built["media"]["image_fit"])
+    assert sample["image"].size == expected.size and sample["image"].tobytes() == expected.tobytes()
+
+    long = tmp_path / "long.wav"
+    sf.write(long, np.zeros(int(16000 * (built["build"]["max_audio_seconds"] + 1)), dtype="float32"), 16000)
+    manifest = write_manifest(tmp_path / "m.jsonl", [{"id": "long", "task": "digit", "audio": str(long)}])
+    assert predict_cli(fault_run / "model", manifest) == 1
+    line = read_lines(capsys.readouterr().out)[0]
+    assert line["id"] == "long" and "long.wav" in line["error"]

@@ -48,7 +48,8 @@ def test_absent_modality_adds_no_tokens(pooling: str, rng: np.random.Generator) 
     no_audio = make_sample(rng, "b", "digit", "2", image=True)
     alone = model(collate([no_audio])).tasks["digit"].probs
     mixed = collate([with_audio, no_audio])
-    mixed["audio"][1] = torch.randn_like(mixed["audio"][1]) * 100  # garbage where the sample has no audio
+    audio = mixed["inputs"]["audio"]["input_values"]
+    audio[1] = torch.randn_like(audio[1]) * 100  # garbage where the sample has no audio
     together = model(mixed).tasks["digit"].probs[1:]
     torch.testing.assert_close(alone, together, atol=1e-5, rtol=1e-4)
 

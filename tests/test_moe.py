@@ -9,7 +9,9 @@ import torch
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, load_balancing_loss_func
 
-from moefuse.fusion.moe import SparseMoE, grouped_mm
+from moefuse.configutil import ConfigError
+from moefuse.fusion.moe import MoEConfig, SparseMoE
+from moefuse.fusion.stack import FusionConfig, FusionStack
 
 BACKENDS = ["native", "loop"]
 
@@ -26,7 +28,7 @@ def mixtral_block(d: int = 32, h: int = 48, e: int = 8, k: int = 2) -> MixtralSp
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(13, 32), (3, 7, 32)])
 def test_shapes_and_types(backend: str, shape: tuple[int, ...]) -> None:
-    moe = SparseMoE(32, 48, 4, top_k=2, backend=backend)
+    moe = SparseMoE(MoEConfig(32, 48, 4, top_k=2, backend=backend))
     out = moe(torch.randn(shape))
     assert out.out.shape == shape
     n = math.prod(shape[:-1])
@@ -59,7 +61,7 @@ def test_balance_loss_equals_transformers(masked: bool) -> None:
 
 
 def test_combine_weights_sum_to_one_and_dropless() -> None:
-    moe = SparseMoE(16, 32, 8, top_k=3)
+    moe = SparseMoE(MoEConfig(16, 32, 8, top_k=3))
     out = moe(torch.randn(64, 16))
     torch.testing.assert_close(out.combine_weights.sum(-1), torch.ones(64))
     assert int(out.dropped_tokens) == 0
@@ -67,7 +69,7 @@ def test_combine_weights_sum_to_one_and_dropless() -> None:
 
 
 def test_unnormalised_weights_are_router_probabilities() -> None:
-    moe = SparseMoE(16, 32, 4, top_k=1, normalize_top_k=False)
+    moe = SparseMoE(MoEConfig(16, 32, 4, top_k=1, normalize_top_k=False))
     out = moe(torch.randn(20, 16))
     probs = out.router_logits.softmax(-1)
     torch.testing.assert_close(out.combine_weights[:, 0], probs.max(-1).values)
@@ -75,7 +77,7 @@ def test_unnormalised_weights_are_router_probabilities() -> None:
 
 def test_capacity_drops_are_counted() -> None:
     torch.manual_seed(1)
-    moe = SparseMoE(16, 32, 4, top_k=2, capacity_factor=0.5)
+    moe = SparseMoE(MoEConfig(16, 32, 4, top_k=2, capacity_factor=0.5))
     with torch.no_grad():
         moe.router.weight[0] += 5.0  # skew routing so expert 0 overflows
     x = torch.randn(40, 16).abs()
@@ -89,7 +91,7 @@ def test_capacity_drops_are_counted() -> None:
 
 def test_capacity_keeps_first_choices_first() -> None:
     """GShard priority: a token's first choice is kept before any token's second choice."""
-    moe = SparseMoE(4, 8, 2, top_k=2, capacity_factor=0.5)  # capacity = N*K/E/2 = N/2
+    moe = SparseMoE(MoEConfig(4, 8, 2, top_k=2, capacity_factor=0.5))  # capacity = N*K/E/2 = N/2
     top_i = torch.tensor([[0, 1]] * 6 + [[1, 0]] * 2)  # expert 0: 6 first choices, 2 second choices
     keep = moe.capacity_keep(top_i)
     assert keep[:4, 0].all() and not keep[4:6, 0].any()  # 4 slots, taken by first choices in token order
@@ -97,7 +99,7 @@ def test_capacity_keeps_first_choices_first() -> None:
 
 
 def test_padding_takes_no_part() -> None:
-    moe = SparseMoE(16, 32, 4, top_k=2, num_modalities=2).eval()
+    moe = SparseMoE(MoEConfig(16, 32, 4, top_k=2, num_groups=2)).eval()
     x = torch.randn(2, 10, 16)
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[0, 6:] = False
@@ -116,7 +118,7 @@ def test_padding_takes_no_part() -> None:
 
 
 def test_entropy_losses_at_uniform_routing() -> None:
-    moe = SparseMoE(16, 32, 8, top_k=2, num_modalities=2, local_entropy_coef=1.0, global_entropy_coef=1.0)
+    moe = SparseMoE(MoEConfig(16, 32, 8, top_k=2, num_groups=2, local_entropy_coef=1.0, global_entropy_coef=1.0))
     with torch.no_grad():
         moe.router.weight.zero_()  # uniform routing: local entropy = log E, global = -log E
     out = moe(torch.randn(12, 16), modality_ids=torch.tensor([0] * 6 + [1] * 6))
@@ -127,7 +129,7 @@ def test_entropy_losses_at_uniform_routing() -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients_reach_router_and_experts(backend: str) -> None:
-    moe = SparseMoE(16, 32, 4, top_k=2, backend=backend, shared_expert_hidden=8)
+    moe = SparseMoE(MoEConfig(16, 32, 4, top_k=2, backend=backend, shared_expert_hidden=8))
     out = moe(torch.randn(30, 16))
     (out.out.sum() + out.aux_loss).backward()
     assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
@@ -135,34 +137,8 @@ def test_gradients_reach_router_and_experts(backend: str) -> None:
     assert moe.shared_expert.w_in.weight.grad.abs().sum() > 0
 
 
-def test_grouped_mm_backends_agree_with_gradients() -> None:
-    torch.manual_seed(0)
-    x = torch.randn(50, 8, requires_grad=True)
-    w = torch.randn(5, 8, 12, requires_grad=True)  # widths divisible by 4: native kernels need 16-byte strides
-    offs = torch.tensor([10, 10, 25, 40, 50], dtype=torch.int32)  # includes an empty group
-    g = torch.randn(50, 12)
-    grads = []
-    for backend in BACKENDS:
-        x.grad = w.grad = None
-        y = grouped_mm(x, w, offs, backend)
-        y.backward(g)
-        grads.append((y.detach(), x.grad.clone(), w.grad.clone()))
-    ref = torch.cat([x[0:10] @ w[0], x[10:25] @ w[2], x[25:40] @ w[3], x[40:50] @ w[4]]).detach()
-    for y, gx, gw in grads:
-        torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(gx, grads[0][1], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(gw, grads[0][2], atol=1e-5, rtol=1e-5)
-    assert (grads[1][2][1] == 0).all()  # the empty group's gradient is zero
-
-
-def test_auto_backend_falls_back_on_unaligned_widths() -> None:
-    x, w = torch.randn(10, 8), torch.randn(2, 8, 6)  # 6 floats = 24-byte rows: no native kernel
-    offs = torch.tensor([4, 10], dtype=torch.int32)
-    torch.testing.assert_close(grouped_mm(x, w, offs, "auto"), torch.cat([x[:4] @ w[0], x[4:] @ w[1]]))
-
-
 def test_noise_only_in_training() -> None:
-    moe = SparseMoE(16, 32, 4, router_jitter=0.5, router_noise_std=1.0).eval()
+    moe = SparseMoE(MoEConfig(16, 32, 4, router_jitter=0.5, router_noise_std=1.0)).eval()
     x = torch.randn(20, 16)
     torch.testing.assert_close(moe(x).router_logits, moe(x).router_logits)
     moe.train()
@@ -171,20 +147,45 @@ def test_noise_only_in_training() -> None:
 
 def test_bad_arguments_name_the_problem() -> None:
     with pytest.raises(ValueError, match="top_k"):
-        SparseMoE(16, 32, 4, top_k=5)
+        SparseMoE(MoEConfig(16, 32, 4, top_k=5))
     with pytest.raises(ValueError, match="capacity_factor"):
-        SparseMoE(16, 32, 4, capacity_factor=-1)
-    moe = SparseMoE(16, 32, 4)
+        SparseMoE(MoEConfig(16, 32, 4, capacity_factor=-1))
+    moe = SparseMoE(MoEConfig(16, 32, 4))
     with pytest.raises(ValueError, match=r"\[N, 16\]"):
         moe(torch.randn(4, 8))
     with pytest.raises(ValueError, match="mask"):
         moe(torch.randn(2, 3, 16), mask=torch.ones(3, 2, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("kind", ["moe", "concat"])
+def test_fusion_stack_groups_are_the_modalities_and_the_fusion_token(kind: str) -> None:
+    """FusionStack(num_modalities=M): ids 0..M-1 are modalities, M the fusion token; MoE stats over M + 1 groups,
+    the concat baseline over the M modalities alone."""
+    stack = FusionStack(FusionConfig(kind=kind, d_model=16, num_heads=2, d_expert=8, num_experts=4), num_modalities=3)
+    ids = torch.tensor([[3, 0, 0, 1, 2, 2], [3, 1, 1, 1, 0, 0]])
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    out = stack(torch.randn(2, 6, 16), mask, ids)
+    assert out.pooled.shape == (2, 16)
+    if kind == "concat":
+        assert stack.mlp[0].in_features == 3 * (16 + 1)
+        return
+    counts = out.moe[0].modality_expert_counts
+    assert counts.shape == (4, 4) and counts.sum(1).tolist() == [4 * 2, 4 * 2, 2 * 2, 2 * 2]
+
+
+def test_fusion_config_checks_moe_fields_by_their_fusion_key() -> None:
+    for kwargs, key in [({"top_k": 9}, "fusion.top_k"), ({"d_expert": 0}, "fusion.d_expert"),
+                        ({"capacity_factor": 0.0}, "fusion.capacity_factor"), ({"z_coef": -1.0}, "fusion.z_coef")]:
+        with pytest.raises(ConfigError, match=f"^{key}: "):
+            FusionConfig(**kwargs)
+    moe = FusionConfig(shared_expert=True, d_expert=32).moe_config(num_groups=4)
+    assert (moe.d_expert, moe.shared_expert_hidden, moe.num_groups) == (32, 32, 4)
+
+
 def test_golden_values() -> None:
     """Fixed seed -> fixed numbers: catches silent changes to init, routing or dispatch."""
     torch.manual_seed(1234)
-    moe = SparseMoE(8, 16, 4, top_k=2)
+    moe = SparseMoE(MoEConfig(8, 16, 4, top_k=2))
     x = torch.randn(6, 8)
     out = moe(x)
     assert out.top_k_index.tolist() == GOLDEN_TOPK

@@ -16,10 +16,11 @@ from moefuse.configutil import ConfigError
 from moefuse.datasets import BuildOptions, build_shards, make_demo_data, read_manifest
 from moefuse.fusion.model import MultimodalMoEModel
 from moefuse.train.checkpoint import latest_checkpoint, load_exported
+from moefuse.train.checkpoint import load_inference_model as load_model
 from moefuse.train.evaluate import evaluate
-from moefuse.train.predict import load_media_sample, load_model, predict_samples
+from moefuse.train.predict import load_media_sample, predict_samples
 from moefuse.train.predict import main as predict_main
-from moefuse.train.run import train
+from moefuse.train.recipe import train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"

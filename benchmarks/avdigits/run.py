@@ -87,7 +87,7 @@ def build(manifest: Path, work: Path) -> Path:
 
 def train_variant(name: str, shards: Path, work: Path, init: list[str], extra: list[str]) -> Path:
     from moefuse.config import load_config
-    from moefuse.train.run import train
+    from moefuse.train.recipe import train
 
     run = work / name
     if (run / "model" / "model.safetensors").exists():

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
-from moefuse.configutil import check
-from moefuse.datasets.loader import ShardLoader, make_loader
+from moefuse.configutil import ConfigError, check
+from moefuse.datasets.loader import ShardLoader, loader_option_problems, make_loader
 
 
 @dataclass
@@ -39,28 +39,24 @@ class DataConfig:
 
     drop_modalities: list[str] = field(default_factory=list)
     """Modalities removed from every sample in training and validation, for ablations (e.g. [audio] with
-    encoders.audio: null trains an image-only model on audio-visual shards)."""
+    encoders.audio: null trains an image-only model on audio-visual shards); names are keys of `encoders:`,
+    checked against them where the whole experiment config is known."""
 
     def __post_init__(self) -> None:
-        check(set(self.drop_modalities) <= {"text", "image", "audio"}, "data.drop_modalities",
-              f"must list only text, image, audio; got {self.drop_modalities}")
+        check(all(isinstance(m, str) and m for m in self.drop_modalities), "data.drop_modalities",
+              f"must list modality names (the model's encoders: keys); got {self.drop_modalities}")
         for key in ("train_shards", "val_shards"):
             for i, spec in enumerate(getattr(self, key)):
                 check(isinstance(spec, str) and spec.strip() != "", f"data.{key}[{i}]",
                       "must be a non-empty path, pattern or URL")
-        check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
-        check(self.eval_batch_size >= 1, "data.eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
-        check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
-        check(self.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
-        check(self.epoch_samples is None or self.resampled, "data.epoch_samples",
-              "applies only with resampled: true (a finite epoch reads every sample once)")
-        check(self.epoch_samples is None or self.epoch_samples >= 1, "data.epoch_samples",
-              f"must be >= 1, got {self.epoch_samples}")
-        check(not self.task_weights or self.resampled, "data.task_weights",
-              "needs resampled: true (a finite epoch that reads every sample once cannot follow other task shares)")
-        check(all(w >= 0 for w in self.task_weights.values()), "data.task_weights", "weights must be >= 0")
-        check(not self.task_weights or sum(self.task_weights.values()) > 0, "data.task_weights",
-              "at least one weight must be > 0")
+        # the loader's own rules (one place: loader_option_problems), checked now to name the config key
+        problems = loader_option_problems(batch_size=self.batch_size, num_workers=self.num_workers,
+                                          shuffle=self.shuffle_buffer, resampled=self.resampled,
+                                          epoch_samples=self.epoch_samples, task_weights=self.task_weights)
+        problems += [("eval_batch_size", p) for _, p in loader_option_problems(batch_size=self.eval_batch_size)]
+        if problems:
+            option, problem = problems[0]
+            raise ConfigError(f"data.{'shuffle_buffer' if option == 'shuffle' else option}: {problem}")
 
 
 def build_train_loader(cfg: DataConfig, collator: Callable, *, rank: int = 0, world_size: int = 1, seed: int = 0,

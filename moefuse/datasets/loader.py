@@ -58,7 +58,7 @@ import math
 import os
 import random
 import warnings
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -355,9 +355,7 @@ class ShardStream(IterableDataset):
         return sum(n for t, n in tasks_in.items() if t in self.tasks)
 
     def _check_task_weights(self) -> None:
-        if not self.resampled:
-            raise DataError("task_weights need resampled loading (data.resampled: true): a finite epoch that reads "
-                            "every sample once cannot also follow other task shares")
+        """The task_weights rules that need the sources (the others are in `loader_option_problems`)."""
         if any(s.tasks is None for s in self.sources):
             raise DataError("task_weights need dataset folders (with dataset.json) as sources, so the tasks in each "
                             "shard are known")
@@ -368,8 +366,6 @@ class ShardStream(IterableDataset):
             raise DataError(f"task_weights must give a weight to each task in the training data ({', '.join(present)})"
                             + (f"; unknown: {', '.join(unknown)}" if unknown else "")
                             + (f"; missing: {', '.join(missing)}" if missing else ""))
-        if any(w < 0 for w in self.task_weights.values()) or sum(self.task_weights.values()) <= 0:
-            raise DataError("task_weights must be >= 0 with a positive sum")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -584,6 +580,28 @@ class ShardLoader(DataLoader):
 # main things
 
 
+def loader_option_problems(*, batch_size: int, num_workers: int = 0, shuffle: int = 0, resampled: bool = False,
+                           epoch_samples: int | None = None,
+                           task_weights: Mapping[str, float] | None = None) -> list[tuple[str, str]]:
+    """(option, problem) for each rule of the loader options that these values break, in a fixed order: the one
+    place of these rules. `make_loader` raises the first as a DataError; DataConfig checks its values with it
+    when the config is read, as a ConfigError naming its own key."""
+    weights = task_weights or {}
+    rules = [
+        ("batch_size", batch_size >= 1, f"must be >= 1, got {batch_size}"),
+        ("num_workers", num_workers >= 0, f"must be >= 0, got {num_workers}"),
+        ("shuffle", shuffle >= 0, f"must be >= 0, got {shuffle}"),
+        ("epoch_samples", epoch_samples is None or resampled,
+         "applies only with resampled: true (a finite epoch reads every sample once)"),
+        ("epoch_samples", epoch_samples is None or epoch_samples >= 1, f"must be >= 1, got {epoch_samples}"),
+        ("task_weights", not weights or resampled,
+         "needs resampled: true (task shares need resampled loading: a finite epoch reads every sample once)"),
+        ("task_weights", all(w >= 0 for w in weights.values()), "weights must be >= 0"),
+        ("task_weights", not weights or sum(weights.values()) > 0, "at least one weight must be > 0"),
+    ]
+    return [(option, problem) for option, ok, problem in rules if not ok]
+
+
 def make_loader(sources: str | Sequence[str], collator: Callable, batch_size: int, *, split: str = "train",
                 num_workers: int = 0, shuffle: int = 0, resampled: bool = False, epoch_samples: int | None = None,
                 rank: int = 0, world_size: int = 1, seed: int = 0, audio_sample_rate: int | None = 16000,
@@ -599,13 +617,13 @@ def make_loader(sources: str | Sequence[str], collator: Callable, batch_size: in
         raise DataError("no shard sources given")
     if tasks is not None and (isinstance(tasks, str) or not tasks or not all(isinstance(t, str) for t in tasks)):
         raise DataError(f"tasks must be a non-empty list of task names (or None for every task), got {tasks!r}")
-    if batch_size < 1 or num_workers < 0 or shuffle < 0:
-        raise DataError(f"batch_size must be >= 1, num_workers and shuffle >= 0; got {batch_size}, {num_workers}, "
-                        f"{shuffle}")
+    problems = loader_option_problems(batch_size=batch_size, num_workers=num_workers, shuffle=shuffle,
+                                      resampled=resampled, epoch_samples=epoch_samples, task_weights=task_weights)
+    if problems:
+        option, problem = problems[0]
+        raise DataError(f"{option}: {problem}")
     if not (world_size >= 1 and 0 <= rank < world_size):
         raise DataError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
-    if epoch_samples is not None and not resampled:
-        raise DataError("epoch_samples applies to resampled loading only; a finite epoch reads every sample once")
     if num_workers > 0:
         # Fast (Rust) tokenizers used in the parent and then forked into workers warn and may deadlock; the
         # collator tokenises inside the workers, so their own thread pool is not needed.
@@ -625,5 +643,5 @@ def make_loader(sources: str | Sequence[str], collator: Callable, batch_size: in
 
 
 __all__ = ["COUNT_KEYS", "DataError", "ShardLoader", "ShardSource", "ShardStream", "SkipCounter", "collect_tasks",
-           "decode_sample", "load_dataset_info", "make_loader", "resolve_source", "shard_urls",
-           "validate_dataset_info", "zero_counts"]
+           "decode_sample", "load_dataset_info", "loader_option_problems", "make_loader", "resolve_source",
+           "shard_urls", "validate_dataset_info", "zero_counts"]

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, get_args
 
 import webdataset as wds
 from tqdm import tqdm
@@ -42,6 +42,8 @@ from tqdm import tqdm
 from moefuse.configutil import sha256_file
 from moefuse.datasets.manifest import SPLITS, ManifestError, ManifestRow, assign_splits, read_manifest
 from moefuse.datasets.media import (
+    ImageFit,
+    ImageFormat,
     MediaError,
     check_file,
     encode_flac,
@@ -63,6 +65,12 @@ class BuildError(UserError, RuntimeError):
     """The build cannot go on; the message says why and what to do."""
 
 
+def _choice(flag: str, value: str, literal: Any) -> tuple[bool, str]:
+    """A check of `BuildOptions.__post_init__`: `value` is one of the values of the Literal type."""
+    allowed = get_args(literal)
+    return value in allowed, f"{flag} must be {' or '.join(allowed)}, got {value!r}"
+
+
 @dataclass
 class BuildOptions:
     """build-shards options; the CLI flags have the same names (see `main`)."""
@@ -74,8 +82,8 @@ class BuildOptions:
     test_fraction: float = 0.0
     seed: int = 0
     image_size: int = 64
-    image_fit: str = "pad"
-    image_format: str = "png"
+    image_fit: ImageFit = "pad"
+    image_format: ImageFormat = "png"
     sample_rate: int = 16000
     max_file_mb: float = 64.0
     max_image_pixels: int = 64_000_000
@@ -93,8 +101,8 @@ class BuildOptions:
             (0 <= self.test_fraction < 1, f"--test-fraction must be in [0, 1), got {self.test_fraction}"),
             (self.val_fraction + self.test_fraction < 1, "--val-fraction + --test-fraction must be < 1"),
             (self.image_size >= 8, f"--image-size must be >= 8 pixels, got {self.image_size}"),
-            (self.image_fit in ("pad", "crop"), f"--image-fit must be pad or crop, got {self.image_fit!r}"),
-            (self.image_format in ("png", "jpg"), f"--image-format must be png or jpg, got {self.image_format!r}"),
+            _choice("--image-fit", self.image_fit, ImageFit),
+            _choice("--image-format", self.image_format, ImageFormat),
             (self.sample_rate >= 1000, f"--sample-rate must be >= 1000 Hz, got {self.sample_rate}"),
             (self.max_file_mb > 0, f"--max-file-mb must be > 0, got {self.max_file_mb}"),
             (self.max_image_pixels > 0, f"--max-image-pixels must be > 0, got {self.max_image_pixels}"),
@@ -371,7 +379,8 @@ def dataset_summary(rows: list[ManifestRow], series: dict[str, ShardSeries], man
         "builder_version": BUILDER_VERSION,
         "created_from": {"manifest": str(manifest.resolve()), "sha256": sha256_file(manifest)},
         "build": {"seed": opts.seed, "val_fraction": opts.val_fraction, "test_fraction": opts.test_fraction,
-                  "maxcount": opts.maxcount, "maxsize": opts.maxsize},
+                  "maxcount": opts.maxcount, "maxsize": opts.maxsize, "max_image_pixels": opts.max_image_pixels,
+                  "max_audio_seconds": opts.max_audio_seconds},
         "media": {"image_size": opts.image_size, "image_fit": opts.image_fit, "image_format": opts.image_format,
                   "sample_rate": opts.sample_rate, "audio_format": "flac", "audio_subtype": "PCM_16"},
         "splits": {s: {"samples": sum(sh["samples"] for sh in series[s].shards), "shards": series[s].shards}
@@ -510,9 +519,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of the rows without a split column that go to test")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the val/test assignment")
     p.add_argument("--image-size", type=int, default=d.image_size, help="stored images are this many pixels square")
-    p.add_argument("--image-fit", choices=("pad", "crop"), default=d.image_fit,
+    p.add_argument("--image-fit", choices=get_args(ImageFit), default=d.image_fit,
                    help="pad: longer side to --image-size, black borders; crop: shorter side, centre crop")
-    p.add_argument("--image-format", choices=("png", "jpg"), default=d.image_format, help="stored image format")
+    p.add_argument("--image-format", choices=get_args(ImageFormat), default=d.image_format,
+                   help="stored image format")
     p.add_argument("--sample-rate", type=int, default=d.sample_rate, help="audio is resampled to this rate (Hz)")
     p.add_argument("--max-file-mb", type=float, default=d.max_file_mb, help="larger media files are bad rows")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels, help="larger images are bad rows")

@@ -11,17 +11,21 @@ and about 4x faster than the raw-waveform conv stack (see benchmarks/avdigits/NO
 
 from __future__ import annotations
 
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 import torchaudio
 from torch import nn
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from moefuse.configutil import ConfigError, check
-from moefuse.encoders.base import EncoderOutput, Finetune, apply_finetune, check_finetune, load_init_file
+from moefuse.datasets.media import check_file, load_audio
+from moefuse.encoders.base import EncoderConfig, EncoderOutput, ModalityEncoder, apply_finetune, load_init_file
 
 # tiny/small: random init; 5 conv layers with total stride 320 (50 frames/s, like wav2vec2-base) but 32 channels.
 AUDIO_PRESETS: dict[str, dict] = {
@@ -38,7 +42,10 @@ AUDIO_PRESETS: dict[str, dict] = {
 
 
 @dataclass
-class AudioEncoderConfig:
+class AudioEncoderConfig(EncoderConfig):
+    modality = "audio"
+    sample_fields = ("audio",)
+
     preset: str = "tiny"
     """One of AUDIO_PRESETS: tiny | small (random init) or local (`path`, a saved Wav2Vec2 checkpoint)."""
     path: str | None = None
@@ -55,14 +62,6 @@ class AudioEncoderConfig:
     init_file: str | None = None
     """Safetensors weights of this exact wav2vec2 (same preset, frontend, mel_bins) to start from, e.g. after
     per-modality pretraining (benchmarks/avdigits/probe_encoders.py --save); None = the preset's weights."""
-    finetune: Finetune = "full"
-    """full: train all weights; frozen: no gradients; lora: train peft LoRA adapters only."""
-    lora_r: int = 8
-    """LoRA rank."""
-    lora_alpha: float = 16.0
-    """LoRA scaling numerator."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA branch."""
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     """Names of the wav2vec2 attention projections that get adapters."""
 
@@ -79,11 +78,14 @@ class AudioEncoderConfig:
         check(8 <= self.mel_bins <= 256, "encoders.audio.mel_bins", f"must be in [8, 256], got {self.mel_bins}")
         check(0.1 <= self.max_seconds <= 60, "encoders.audio.max_seconds", f"must be in [0.1, 60], got "
               f"{self.max_seconds}")
-        check_finetune("encoders.audio", self.finetune, self.lora_r, self.lora_alpha, self.lora_dropout)
+        super().__post_init__()
 
     @property
     def max_samples(self) -> int:
         return int(round(self.max_seconds * self.sample_rate))
+
+    def build(self, arch_dir: Path | None = None) -> AudioEncoder:
+        return build_audio_encoder(self, arch_dir)
 
 
 class LogMelFrontEnd(nn.Module):
@@ -110,10 +112,35 @@ def logmel_geometry(cfg: AudioEncoderConfig) -> dict:
     return dict(conv_dim=(cfg.mel_bins,), conv_kernel=(2 * hop,), conv_stride=(hop,))
 
 
-class AudioEncoder(nn.Module):
-    """Wav2Vec2Model -> frame tokens [B, F, D_enc] and the frame mask [B, F]."""
+@dataclass
+class AudioPreprocessor:
+    """Waveforms -> input_values [B, S] and sample_mask [B, S], S = max_samples: longer clips are cropped (at a
+    random offset in training, from the start otherwise), shorter ones zero-padded; zeros where absent."""
 
-    modality = "audio"
+    max_samples: int
+    random_crop: bool
+
+    def present(self, sample: dict) -> bool:
+        return sample.get("audio") is not None
+
+    def __call__(self, samples: Sequence[dict], rng: random.Random) -> dict[str, torch.Tensor]:
+        n = self.max_samples
+        audio = torch.zeros(len(samples), n)  # [B, S]
+        mask = torch.zeros(len(samples), n, dtype=torch.bool)  # [B, S]
+        for i, s in enumerate(samples):
+            wav = s.get("audio")
+            if wav is None or len(wav) == 0:
+                continue
+            wav = np.asarray(wav, dtype=np.float32).reshape(-1)
+            start = rng.randint(0, len(wav) - n) if (self.random_crop and len(wav) > n) else 0
+            clip = torch.from_numpy(wav[start : start + n].copy())
+            audio[i, : len(clip)] = clip
+            mask[i, : len(clip)] = True
+        return {"input_values": audio, "sample_mask": mask}
+
+
+class AudioEncoder(ModalityEncoder):
+    """Wav2Vec2Model -> frame tokens [B, F, D_enc] and the frame mask [B, F]."""
 
     def __init__(self, cfg: AudioEncoderConfig, wav2vec2: Wav2Vec2Model):
         super().__init__()
@@ -138,6 +165,22 @@ class AudioEncoder(nn.Module):
         lengths = self.wav2vec2._get_feat_extract_output_lengths(sample_mask.sum(-1))  # [B]
         frame_mask = torch.arange(frames.shape[1], device=frames.device)[None, :] < lengths[:, None]  # [B, F]
         return EncoderOutput(tokens=frames, mask=frame_mask)
+
+    def preprocessor(self, train: bool) -> AudioPreprocessor:
+        return AudioPreprocessor(self.cfg.max_samples, random_crop=train)
+
+    def save_architecture(self, folder: Path) -> None:
+        """wav2vec2's config.json."""
+        self.wav2vec2.config.save_pretrained(folder)
+
+    def read_input(self, field: str, value: Any, media: dict) -> Any:
+        """An audio file -> mono float32 at the encoder's rate (soxr), within the shards' length limit."""
+        path = Path(value)
+        check_file(path, field, media["max_file_bytes"])
+        return load_audio(path, self.sample_rate, media["max_audio_seconds"])
+
+    def decode_options(self) -> dict:
+        return {"audio_sample_rate": self.sample_rate}  # shards are resampled to the encoder's rate on load
 
 
 def build_audio_encoder(cfg: AudioEncoderConfig, arch_dir: str | Path | None = None) -> AudioEncoder:
@@ -165,5 +208,4 @@ def build_audio_encoder(cfg: AudioEncoderConfig, arch_dir: str | Path | None = N
                                                  geometry["conv_stride"][0], cfg.mel_bins)
     if cfg.init_file is not None and arch_dir is None:  # an export's own weights are loaded over it anyway
         load_init_file(model, cfg.init_file, "encoders.audio.init_file")
-    model = apply_finetune(model, cfg.finetune, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
-    return AudioEncoder(cfg, model)
+    return AudioEncoder(cfg, apply_finetune(model, cfg))

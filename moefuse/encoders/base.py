@@ -1,14 +1,26 @@
-"""The one encoder interface: every modality encoder returns tokens [B, T, D_enc] and a boolean mask [B, T].
+"""The one modality interface. Everything specific to a modality lives with its encoder; the collator, the
+model, the export and `predict` only loop over the encoders a model has.
 
-Also the shared fine-tuning switch (full / frozen / LoRA through peft) that every encoder config carries, and the
-`init_file` weights an encoder can start from (e.g. written by a per-modality pretraining run).
+    EncoderConfig          a modality's config: the fine-tuning fields every encoder shares, `build(arch_dir)`,
+                           and `sample_fields`, the fields of a decoded sample that belong to the modality
+    ModalityEncoder        `encoder(**inputs) -> EncoderOutput(tokens [B, T, D_enc], mask [B, T])`, plus
+        .preprocessor(train)     a picklable `Preprocessor` that turns B decoded samples into those inputs
+        .save_architecture(dir)  its part of an exported model folder (weights are in model.safetensors)
+        .read_input(field, v, media)  a user's raw input for `predict` (a file path, a string) -> a sample value
+        .decode_options()        keyword arguments for the shard loader's decoding (e.g. the audio sample rate)
+
+Also the `init_file` weights an encoder can start from (e.g. written by a per-modality pretraining run).
+To add a modality: an EncoderConfig subclass, a ModalityEncoder subclass with its Preprocessor, and a field in
+`moefuse.fusion.model.EncodersConfig` (tests/test_modality_interface.py does this for a toy sensor modality).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import nn
@@ -26,27 +38,95 @@ class EncoderOutput:
     mask: torch.Tensor  # [B, T] bool, True = real token
 
 
-def check_finetune(key: str, finetune: str, lora_r: int, lora_alpha: float, lora_dropout: float) -> None:
-    """Shared `__post_init__` checks of the fine-tuning fields."""
-    check(finetune in ("full", "frozen", "lora"), f"{key}.finetune", f"must be full, frozen or lora, got {finetune!r}")
-    check(lora_r >= 1, f"{key}.lora_r", f"must be >= 1, got {lora_r}")
-    check(lora_alpha > 0, f"{key}.lora_alpha", f"must be > 0, got {lora_alpha}")
-    check(0.0 <= lora_dropout < 1.0, f"{key}.lora_dropout", f"must be in [0, 1), got {lora_dropout}")
+@dataclass
+class EncoderConfig:
+    """What every encoder config carries: how its weights are fine-tuned. Subclasses add their modality's fields,
+    set `modality` and `sample_fields`, and implement `build`."""
+
+    modality: ClassVar[str] = ""
+    """The modality's name: its key in `encoders:`, in batches and in the export folder."""
+    sample_fields: ClassVar[tuple[str, ...]] = ()
+    """Fields of a decoded sample that belong to this modality (dropping the modality clears them)."""
+
+    finetune: Finetune = "full"
+    """full: train all weights; frozen: no gradients; lora: train peft LoRA adapters only."""
+    lora_r: int = 8
+    """LoRA rank."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    lora_targets: list[str] = field(default_factory=list)
+    """Names of the linear layers that get adapters (each encoder sets its own default)."""
+
+    def __post_init__(self) -> None:
+        key = f"encoders.{self.modality}"
+        check(self.finetune in ("full", "frozen", "lora"), f"{key}.finetune",
+              f"must be full, frozen or lora, got {self.finetune!r}")
+        check(self.lora_r >= 1, f"{key}.lora_r", f"must be >= 1, got {self.lora_r}")
+        check(self.lora_alpha > 0, f"{key}.lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        check(0.0 <= self.lora_dropout < 1.0, f"{key}.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+
+    def build(self, arch_dir: Path | None = None) -> ModalityEncoder:
+        """The encoder; with `arch_dir` (this modality's folder of an export) the saved architecture with random
+        init, for the exported state dict to be loaded into."""
+        raise NotImplementedError
 
 
-def apply_finetune(
-    model: nn.Module, finetune: Finetune, lora_targets: list[str], r: int, alpha: float, dropout: float
-) -> nn.Module:
+class Preprocessor(Protocol):
+    """Decoded samples -> the encoder's keyword inputs for all B samples (zeros where a sample lacks the
+    modality). Runs in DataLoader workers, so it must pickle: it holds a tokenizer or a transform, never the
+    encoder's weights."""
+
+    def present(self, sample: dict) -> bool:
+        """Whether the sample has this modality."""
+        ...
+
+    def __call__(self, samples: Sequence[dict], rng: random.Random) -> dict[str, torch.Tensor]:
+        """B samples -> {input name: tensor [B, ...]}; `rng` is the epoch's RNG for random crops in training."""
+        ...
+
+
+class ModalityEncoder(nn.Module):
+    """Base of every modality encoder: `forward(**inputs) -> EncoderOutput`, and what is specific to the
+    modality outside the forward (see the module docstring). `out_dim` is D_enc."""
+
+    cfg: EncoderConfig
+    out_dim: int
+
+    @property
+    def modality(self) -> str:
+        return self.cfg.modality
+
+    def preprocessor(self, train: bool) -> Preprocessor:
+        raise NotImplementedError
+
+    def save_architecture(self, folder: Path) -> None:
+        """Write what `cfg.build(arch_dir=folder)` needs to rebuild this architecture (no weights)."""
+
+    def read_input(self, field: str, value: Any, media: dict) -> Any:
+        """A user's raw input for `field` (e.g. a file path given to `predict`) -> the decoded sample's value,
+        prepared as the shard builder prepared training data (`media`: the settings the shards were built with,
+        read from the export)."""
+        return value
+
+    def decode_options(self) -> dict:
+        """Keyword arguments for the shard loader's decoding of this modality."""
+        return {}
+
+
+def apply_finetune(model: nn.Module, cfg: EncoderConfig) -> nn.Module:
     """Full: train everything. Frozen: no gradients. LoRA (Hu et al. 2021): inject peft adapters into the
-    `lora_targets` linear layers and train only those."""
-    if finetune == "full":
+    `cfg.lora_targets` linear layers and train only those."""
+    if cfg.finetune == "full":
         return model
-    if finetune == "frozen":
+    if cfg.finetune == "frozen":
         model.requires_grad_(False)
         return model
     from peft import LoraConfig, inject_adapter_in_model
 
-    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_targets)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.lora_targets)
     model = inject_adapter_in_model(lora, model)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)

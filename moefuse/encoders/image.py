@@ -12,9 +12,11 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -22,8 +24,9 @@ from timm.data import create_transform, resolve_model_data_config
 from timm.layers import HybridEmbed
 from torch import nn
 
-from moefuse.configutil import ConfigError, check
-from moefuse.encoders.base import EncoderOutput, Finetune, apply_finetune, check_finetune, load_init_file
+from moefuse.configutil import ConfigError, atomic_write_text, check
+from moefuse.datasets.media import check_file, normalise_image, open_image
+from moefuse.encoders.base import EncoderConfig, EncoderOutput, ModalityEncoder, apply_finetune, load_init_file
 
 # Presets are `timm.create_model` arguments. tiny/small are random init sized for 2 CPU cores; vit_* are the
 # standard timm architectures, pretrained when `checkpoint_file` points at their weights.
@@ -38,7 +41,10 @@ IMAGE_PRESETS: dict[str, dict] = {
 
 
 @dataclass
-class ImageEncoderConfig:
+class ImageEncoderConfig(EncoderConfig):
+    modality = "image"
+    sample_fields = ("image",)
+
     preset: str = "tiny"
     """One of IMAGE_PRESETS (tiny | small | vit_tiny | vit_small | vit_base)."""
     model_name: str | None = None
@@ -53,14 +59,6 @@ class ImageEncoderConfig:
     init_file: str | None = None
     """Safetensors weights of this exact ViT (same preset, conv_stem) to start from, e.g. after per-modality
     pretraining (benchmarks/avdigits/probe_encoders.py --save); None = random init or checkpoint_file."""
-    finetune: Finetune = "full"
-    """full: train all weights; frozen: no gradients; lora: train peft LoRA adapters only."""
-    lora_r: int = 8
-    """LoRA rank."""
-    lora_alpha: float = 16.0
-    """LoRA scaling numerator."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA branch."""
     lora_targets: list[str] = field(default_factory=lambda: ["qkv"])
     """Names of the ViT linear layers that get adapters."""
 
@@ -75,13 +73,29 @@ class ImageEncoderConfig:
               "a conv stem replaces the pretrained patch embedding; set conv_stem: [] or drop checkpoint_file")
         check(not (self.init_file and self.checkpoint_file), "encoders.image.init_file",
               "checkpoint_file and init_file both give the starting weights; set only one")
-        check_finetune("encoders.image", self.finetune, self.lora_r, self.lora_alpha, self.lora_dropout)
+        super().__post_init__()
+
+    def build(self, arch_dir: Path | None = None) -> ImageEncoder:
+        return build_image_encoder(self, arch_dir)
 
 
-class ImageEncoder(nn.Module):
+@dataclass
+class ImagePreprocessor:
+    """PIL images -> pixel_values [B, 3, H, W] through the encoder's timm eval transform; zeros where absent."""
+
+    transform: Callable
+    input_size: tuple[int, int, int]  # (3, H, W)
+
+    def present(self, sample: dict) -> bool:
+        return sample.get("image") is not None
+
+    def __call__(self, samples: Sequence[dict], rng: random.Random) -> dict[str, torch.Tensor]:
+        images = [self.transform(s["image"]) if self.present(s) else torch.zeros(self.input_size) for s in samples]
+        return {"pixel_values": torch.stack(images)}  # [B, 3, H, W]
+
+
+class ImageEncoder(ModalityEncoder):
     """timm ViT -> tokens [B, 1 + P, D_enc] (CLS/prefix tokens then P patches); every token is real."""
-
-    modality = "image"
 
     def __init__(self, cfg: ImageEncoderConfig, vit: nn.Module, data_config: dict):
         super().__init__()
@@ -98,6 +112,21 @@ class ImageEncoder(nn.Module):
         tokens = self.vit.forward_features(pixel_values)  # [B, 1 + P, D_enc]
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)  # [B, 1 + P]
         return EncoderOutput(tokens=tokens, mask=mask)
+
+    def preprocessor(self, train: bool) -> ImagePreprocessor:
+        return ImagePreprocessor(self.transform, tuple(self.data_config["input_size"]))
+
+    def save_architecture(self, folder: Path) -> None:
+        """data_config.json: timm's preprocessing (input size, mean, std) the model was trained with."""
+        atomic_write_text(folder / "data_config.json", json.dumps(self.data_config, indent=2))
+
+    def read_input(self, field: str, value: Any, media: dict) -> Any:
+        """An image file -> RGB, fitted to the square the shards were built with (`media` image_size and
+        image_fit; without them, the encoder's input size, padded)."""
+        path = Path(value)
+        check_file(path, field, media["max_file_bytes"])
+        size = media.get("image_size") or self.data_config["input_size"][-1]
+        return normalise_image(open_image(path, media["max_image_pixels"]), size, media.get("image_fit") or "pad")
 
 
 def conv_stem(channels: list[int], in_chans: int = 3) -> nn.Sequential:
@@ -139,8 +168,6 @@ def build_image_encoder(cfg: ImageEncoderConfig, arch_dir: str | Path | None = N
     """Build from the preset; with `arch_dir` (an exported model's image/ folder) skip the pretrained file and
     build the same architecture with random init, for a state dict to be loaded into."""
     if arch_dir is not None:
-        from dataclasses import replace
-
         cfg = replace(cfg, checkpoint_file=None, init_file=None)
         saved = read_data_config(Path(arch_dir) / "data_config.json")
     kwargs = dict(IMAGE_PRESETS[cfg.preset])
@@ -175,5 +202,4 @@ def build_image_encoder(cfg: ImageEncoderConfig, arch_dir: str | Path | None = N
                            std=tuple(saved["std"]))  # the preprocessing the model was trained with
     if cfg.init_file is not None:
         load_init_file(vit, cfg.init_file, "encoders.image.init_file")
-    vit = apply_finetune(vit, cfg.finetune, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
-    return ImageEncoder(cfg, vit, data_config)
+    return ImageEncoder(cfg, apply_finetune(vit, cfg), data_config)

@@ -7,15 +7,16 @@ segment ids, so the question always reaches the model (Devlin et al. 2019, sente
 from __future__ import annotations
 
 import importlib.util
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers import BertConfig, BertModel, BertTokenizer, PreTrainedTokenizerBase
 
 from moefuse.configutil import ConfigError, check
-from moefuse.encoders.base import EncoderOutput, Finetune, apply_finetune, check_finetune
+from moefuse.encoders.base import EncoderConfig, EncoderOutput, ModalityEncoder, apply_finetune
 
 # Presets: "config" = random init from these BertConfig fields; "package" = a pip-installed model folder;
 # "folder" = the config's `path`.
@@ -47,21 +48,16 @@ def tiny_vocab() -> dict[str, int]:
 
 
 @dataclass
-class TextEncoderConfig:
+class TextEncoderConfig(EncoderConfig):
+    modality = "text"
+    sample_fields = ("text", "question")
+
     preset: str = "tiny"
     """One of TEXT_PRESETS: tiny | small (random init, offline), minilm (pretrained, offline), local (`path`)."""
     path: str | None = None
     """Local folder with a BERT-family config.json, weights and tokenizer (preset `local`)."""
     max_length: int = 64
     """Tokens per sample after truncation, [CLS]/[SEP] included."""
-    finetune: Finetune = "full"
-    """full: train all weights; frozen: no gradients; lora: train peft LoRA adapters only."""
-    lora_r: int = 8
-    """LoRA rank."""
-    lora_alpha: float = 16.0
-    """LoRA scaling numerator (scale = alpha / r)."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA branch."""
     lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
     """Names of the BERT linear layers that get adapters."""
 
@@ -71,7 +67,10 @@ class TextEncoderConfig:
         if self.preset == "local":
             check(self.path is not None, "encoders.text.path", "preset 'local' needs path: a local BERT folder")
         check(2 <= self.max_length <= 4096, "encoders.text.max_length", f"must be in [2, 4096], got {self.max_length}")
-        check_finetune("encoders.text", self.finetune, self.lora_r, self.lora_alpha, self.lora_dropout)
+        super().__post_init__()
+
+    def build(self, arch_dir: Path | None = None) -> TextEncoder:
+        return build_text_encoder(self, arch_dir)
 
 
 def resolve_text_folder(cfg: TextEncoderConfig) -> Path | None:
@@ -93,10 +92,31 @@ def resolve_text_folder(cfg: TextEncoderConfig) -> Path | None:
     return folder
 
 
-class TextEncoder(nn.Module):
-    """BertModel -> tokens [B, L, D_enc] (last hidden state) and the attention mask."""
+@dataclass
+class TextPreprocessor:
+    """Tokenises each sample's text, or a QA sample's (question, text) pair, and pads the batch. A sample without
+    text becomes an empty "[CLS] [SEP]" (masked out by the model)."""
 
-    modality = "text"
+    tokenizer: PreTrainedTokenizerBase
+    max_length: int
+
+    def present(self, sample: dict) -> bool:
+        return bool(sample.get("text") or sample.get("question"))
+
+    def __call__(self, samples: Sequence[dict], rng: random.Random) -> dict[str, torch.Tensor]:
+        encoded = []
+        for s in samples:
+            first, second = (s.get("question"), s.get("text")) if s.get("question") else (s.get("text") or "", None)
+            encoded.append(self.tokenizer(first, text_pair=second or None, truncation=True,
+                                          max_length=self.max_length))
+        padded = self.tokenizer.pad(encoded, padding=True, return_tensors="pt")  # [B, L] each
+        if "token_type_ids" not in padded:
+            padded["token_type_ids"] = torch.zeros_like(padded["input_ids"])
+        return {k: padded[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+class TextEncoder(ModalityEncoder):
+    """BertModel -> tokens [B, L, D_enc] (last hidden state) and the attention mask."""
 
     def __init__(self, cfg: TextEncoderConfig, bert: BertModel, tokenizer: PreTrainedTokenizerBase):
         super().__init__()
@@ -110,27 +130,29 @@ class TextEncoder(nn.Module):
                            token_type_ids=token_type_ids).last_hidden_state  # [B, L, D_enc]
         return EncoderOutput(tokens=hidden, mask=attention_mask.bool())
 
+    def preprocessor(self, train: bool) -> TextPreprocessor:
+        return TextPreprocessor(self.tokenizer, self.cfg.max_length)
+
+    def save_architecture(self, folder: Path) -> None:
+        """BERT's config.json and the tokenizer files."""
+        self.bert.config.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+
 
 def build_text_encoder(cfg: TextEncoderConfig, arch_dir: str | Path | None = None) -> TextEncoder:
     """Build from the preset; with `arch_dir` (an exported model's text/ folder: config.json + tokenizer, no
     weights) build the same architecture with random init, for a state dict to be loaded into."""
-    if arch_dir is not None:
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer
 
+    folder = resolve_text_folder(cfg) if arch_dir is None else None
+    if arch_dir is not None:
         tokenizer = AutoTokenizer.from_pretrained(arch_dir, local_files_only=True)
         bert = BertModel(BertConfig.from_pretrained(arch_dir, local_files_only=True), add_pooling_layer=False)
-        bert = apply_finetune(bert, cfg.finetune, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
-        return TextEncoder(cfg, bert, tokenizer)
-    folder = resolve_text_folder(cfg)
-    if folder is None:
+    elif folder is None:
         preset = {k: v for k, v in TEXT_PRESETS[cfg.preset].items() if k != "source"}
         tokenizer = BertTokenizer(vocab=tiny_vocab())
         bert = BertModel(BertConfig(vocab_size=len(tokenizer), **preset), add_pooling_layer=False)
-    else:
-        # local_files_only: no code path may fetch weights from a hub.
-        from transformers import AutoTokenizer
-
+    else:  # local_files_only: no code path may fetch weights from a hub.
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         bert = BertModel.from_pretrained(folder, local_files_only=True, add_pooling_layer=False)
-    bert = apply_finetune(bert, cfg.finetune, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
-    return TextEncoder(cfg, bert, tokenizer)
+    return TextEncoder(cfg, apply_finetune(bert, cfg), tokenizer)

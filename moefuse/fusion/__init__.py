@@ -1,6 +1,8 @@
-"""Fusion: the sparse MoE layer, the fusion stack, the voting heads and the top multimodal model."""
+"""Fusion: the expert kernels, the sparse MoE layer, the fusion stack, the voting heads and the top multimodal
+model."""
 
 from moefuse.fusion.heads import HeadsConfig, TaskConfig, TaskOutput, VotingHeads
+from moefuse.fusion.kernels import grouped_mm
 from moefuse.fusion.model import (
     MODALITIES,
     EncodersConfig,
@@ -10,7 +12,7 @@ from moefuse.fusion.model import (
     build_collator,
     build_model,
 )
-from moefuse.fusion.moe import DenseFFN, MoEOutput, SparseMoE, grouped_mm
+from moefuse.fusion.moe import DenseFFN, MoEConfig, MoEOutput, SparseMoE
 from moefuse.fusion.stack import FusionConfig, FusionOutput, FusionStack
 
 __all__ = [
@@ -23,6 +25,7 @@ __all__ = [
     "HeadsConfig",
     "ModelConfig",
     "ModelOutput",
+    "MoEConfig",
     "MoEOutput",
     "MultimodalMoEModel",
     "SparseMoE",

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moefuse.configutil import check
-
-IGNORE_INDEX = -100
+from moefuse.datasets.collate import IGNORE_INDEX
 
 
 @dataclass

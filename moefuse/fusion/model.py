@@ -1,42 +1,37 @@
 """The multimodal MoE fusion model, top to bottom:
 
     per modality: encoder -> tokens [B, T_m, D_enc] + mask -> Linear to d_model + learned modality embedding
-    concatenate [fusion token; text; image; audio] -> FusionStack (attention + SparseMoE blocks) -> pooled [B, D]
+    concatenate [fusion token; modality 0; modality 1; ...] -> FusionStack (attention + SparseMoE) -> pooled [B, D]
     per task: VotingHeads -> ensemble answer, per-head votes, agreement
 
-A modality a sample lacks adds no tokens (its rows are masked out, and the encoder runs only on the samples that
-have it). The batch format is documented in `moefuse.datasets.collate`.
+The model loops over its encoders (a dict, as torchmultimodal's LateFusion) and never branches on a modality's
+name: what is specific to a modality lives with its encoder (`moefuse.encoders.base`). A modality a sample lacks
+adds no tokens (its rows are masked out, and the encoder runs only on the samples that have it). The batch
+format is documented in `moefuse.datasets.collate`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import torch
 from torch import nn
 
 from moefuse.configutil import ConfigError, check
 from moefuse.datasets.collate import Collator
-from moefuse.encoders import (
-    AudioEncoderConfig,
-    ImageEncoderConfig,
-    TextEncoderConfig,
-    build_audio_encoder,
-    build_image_encoder,
-    build_text_encoder,
-)
+from moefuse.encoders import AudioEncoderConfig, EncoderConfig, ImageEncoderConfig, ModalityEncoder, TextEncoderConfig
 from moefuse.fusion.heads import HeadsConfig, TaskConfig, TaskOutput, VotingHeads
 from moefuse.fusion.moe import MoEOutput
 from moefuse.fusion.stack import FusionConfig, FusionStack
 
-MODALITIES = ("text", "image", "audio")
-FUSION_TOKEN = len(MODALITIES)  # modality id of the learned fusion token (row 3 of the routing stats)
-ROUTING_ROWS = (*MODALITIES, "fusion")
-
 
 @dataclass
 class EncodersConfig:
+    """One field per modality the model can take, each an EncoderConfig or null. The field order is the modality
+    order (modality ids, token order, routing rows); adding a modality is adding a field."""
+
     text: TextEncoderConfig | None = field(default_factory=TextEncoderConfig)
     """Text encoder (BERT); null = the model takes no text."""
     image: ImageEncoderConfig | None = field(default_factory=ImageEncoderConfig)
@@ -45,8 +40,19 @@ class EncodersConfig:
     """Audio encoder (wav2vec2); null = the model takes no audio."""
 
     def __post_init__(self) -> None:
-        check(any(getattr(self, m) is not None for m in MODALITIES), "encoders",
-              "at least one of text, image, audio must be configured")
+        check(bool(self.configured()), "encoders", f"at least one of {', '.join(self.slots())} must be configured")
+
+    def slots(self) -> dict[str, type[EncoderConfig]]:
+        """Every modality this config can hold, configured or not -> its config class."""
+        hints = get_type_hints(type(self))
+        return {f.name: next(t for t in get_args(hints[f.name]) if t is not type(None)) for f in fields(self)}
+
+    def configured(self) -> dict[str, EncoderConfig]:
+        """The modalities that have an encoder -> their configs, in modality order."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+MODALITIES = tuple(EncodersConfig().slots())  # the built-in modalities: text, image, audio
 
 
 @dataclass
@@ -58,7 +64,8 @@ class ModelConfig:
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     """Voting heads per task."""
     tasks: list[TaskConfig] = field(default_factory=list)
-    """Tasks with their vocabularies (filled from dataset.json before the model is built)."""
+    """Tasks with their vocabularies. In an experiment config: the tasks to train, [] = every task in the training
+    shards' dataset.json; a task without labels takes its vocabulary from there before the model is built."""
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.tasks]
@@ -79,16 +86,22 @@ class ModelOutput:
     local_entropy_loss: torch.Tensor
     global_entropy_loss: torch.Tensor
     tokens_per_expert: torch.Tensor | None  # [L, E]
-    modality_expert_counts: torch.Tensor | None  # [L, M + 1, E] rows: text, image, audio, fusion token
+    modality_expert_counts: torch.Tensor | None  # [L, M + 1, E] rows: the model's routing_rows
     dropped_tokens: torch.Tensor  # scalar, over all layers
     routed_tokens: torch.Tensor  # scalar: real tokens x layers x top_k (the denominator of the dropped fraction)
     token_mask: torch.Tensor  # [B, T] real tokens of the fused sequence
-    modality_ids: torch.Tensor  # [B, T] 0 text, 1 image, 2 audio, 3 fusion token
+    modality_ids: torch.Tensor  # [B, T] index into the model's routing_rows (modalities, then the fusion token)
     moe_layers: list[MoEOutput]  # per MoE layer: routing of the real tokens in [B, T] row-major order
 
 
 class MultimodalMoEModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, encoders: dict[str, nn.Module]):
+    """Encoders (one per configured modality) -> fusion stack -> voting heads per task.
+
+    `modalities` are every modality the config knows (configured or not): modality m has id
+    `modalities.index(m)` (its embedding row and routing-stats row) and the fusion token id M = len(modalities),
+    so a model's ids do not depend on which of them it has. `routing_rows` names the M + 1 rows."""
+
+    def __init__(self, cfg: ModelConfig, encoders: dict[str, ModalityEncoder]):
         super().__init__()
         if not cfg.tasks:
             raise ConfigError("tasks: the model needs at least one task with its labels")
@@ -96,13 +109,19 @@ class MultimodalMoEModel(nn.Module):
             if not t.labels:
                 raise ConfigError(f"tasks.{t.name}.labels: empty; fill it from the shards' dataset.json first")
         self.cfg = cfg
+        self.modalities = list(cfg.encoders.slots())
+        unknown = sorted(set(encoders) - set(self.modalities))
+        if unknown:
+            raise ConfigError(f"encoders: {unknown[0]!r} is not a field of {type(cfg.encoders).__name__} "
+                              f"({', '.join(self.modalities)})")
+        self.routing_rows = [*self.modalities, "fusion"]
         d = cfg.fusion.d_model
         self.encoders = nn.ModuleDict(encoders)
         self.project = nn.ModuleDict({m: nn.Linear(enc.out_dim, d) for m, enc in encoders.items()})
-        self.modality_embed = nn.Embedding(len(MODALITIES) + 1, d)  # + the fusion token's
+        self.modality_embed = nn.Embedding(len(self.modalities) + 1, d)  # + the fusion token's
         self.fusion_token = nn.Parameter(torch.zeros(1, 1, d))
         nn.init.normal_(self.fusion_token, std=0.02)
-        self.fusion = FusionStack(cfg.fusion, num_modalities=len(ROUTING_ROWS))
+        self.fusion = FusionStack(cfg.fusion, num_modalities=len(self.modalities))
         self.heads = nn.ModuleDict({t.name: VotingHeads(d, len(t.labels), cfg.heads) for t in cfg.tasks})
         self.task_names = [t.name for t in cfg.tasks]
 
@@ -118,39 +137,37 @@ class MultimodalMoEModel(nn.Module):
         keep[none_left] = stacked[none_left]  # a sample that would lose everything keeps what it had
         return {m: keep[:, i] for i, m in enumerate(present)}
 
-    def _encoder_inputs(self, modality: str, batch: dict, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        if modality == "text":
-            return {k: v.index_select(0, rows) for k, v in batch["text"].items()}
-        if modality == "image":
-            return {"pixel_values": batch["image"].index_select(0, rows)}
-        return {"input_values": batch["audio"].index_select(0, rows),
-                "sample_mask": batch["audio_mask"].index_select(0, rows)}
-
     def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encode every present modality -> tokens [B, T, D], mask [B, T], modality_ids [B, T]."""
         b = batch["task_index"].shape[0]
-        for m in MODALITIES:
-            if m not in self.encoders and bool(batch[f"{m}_present"].any()):
+        for m, flags in batch["present"].items():
+            if m not in self.encoders and bool(flags.any()):
                 raise ConfigError(f"the batch has {m} but the model has no {m} encoder (encoders.{m} is null)")
-        present = {m: batch[f"{m}_present"].bool() for m in self.encoders}
+        present = {m: batch["present"][m].bool() for m in self.encoders}
         if self.training and self.cfg.fusion.modality_dropout > 0:
             present = self._drop_modalities(present)
         device = self.fusion_token.device
-        parts = [self.fusion_token.expand(b, -1, -1) + self.modality_embed.weight[FUSION_TOKEN]]  # [B, 1, D]
+        fusion_id = len(self.modalities)
+        parts = [self.fusion_token.expand(b, -1, -1) + self.modality_embed.weight[fusion_id]]  # [B, 1, D]
         masks = [torch.ones(b, 1, dtype=torch.bool, device=device)]
-        ids = [torch.full((b, 1), FUSION_TOKEN, device=device)]
+        ids = [torch.full((b, 1), fusion_id, device=device)]
         for m, encoder in self.encoders.items():
             rows = present[m].nonzero().squeeze(1)  # [B_m]: only the samples that have this modality
             if rows.numel() == 0:
                 continue
-            enc = encoder(**self._encoder_inputs(m, batch, rows))
-            tok = self.project[m](enc.tokens) + self.modality_embed.weight[MODALITIES.index(m)]  # [B_m, T_m, D]
+            enc = encoder(**{k: v.index_select(0, rows) for k, v in batch["inputs"][m].items()})
+            m_id = self.modalities.index(m)
+            tok = self.project[m](enc.tokens) + self.modality_embed.weight[m_id]  # [B_m, T_m, D]
             full = tok.new_zeros(b, tok.shape[1], tok.shape[2]).index_copy(0, rows, tok)  # [B, T_m, D]
             mask = torch.zeros(b, tok.shape[1], dtype=torch.bool, device=device).index_copy(0, rows, enc.mask)
             parts.append(full)
             masks.append(mask)
-            ids.append(torch.full(mask.shape, MODALITIES.index(m), device=device))
+            ids.append(torch.full(mask.shape, m_id, device=device))
         return torch.cat(parts, 1), torch.cat(masks, 1), torch.cat(ids, 1)  # [B, T, D], [B, T], [B, T]
+
+    def decode_options(self) -> dict:
+        """Keyword arguments for the shard loader's decoding, from every encoder (e.g. the audio sample rate)."""
+        return {k: v for enc in self.encoders.values() for k, v in enc.decode_options().items()}
 
     # -- forward --------------------------------------------------------------------------------------------
 
@@ -199,12 +216,10 @@ class MultimodalMoEModel(nn.Module):
 # builders
 
 
-def build_encoders(cfg: EncodersConfig, arch_dir: str | Path | None = None) -> dict[str, nn.Module]:
+def build_encoders(cfg: EncodersConfig, arch_dir: str | Path | None = None) -> dict[str, ModalityEncoder]:
     """The configured encoders; with `arch_dir` (an exported model folder) each is built from the architecture
     saved in `arch_dir/<modality>/` with random init, ready for the exported state dict."""
-    builders = {"text": build_text_encoder, "image": build_image_encoder, "audio": build_audio_encoder}
-    return {m: builders[m](getattr(cfg, m), **({"arch_dir": Path(arch_dir) / m} if arch_dir else {}))
-            for m in MODALITIES if getattr(cfg, m) is not None}
+    return {m: enc_cfg.build(Path(arch_dir) / m if arch_dir else None) for m, enc_cfg in cfg.configured().items()}
 
 
 def build_model(cfg: ModelConfig, arch_dir: str | Path | None = None) -> MultimodalMoEModel:
@@ -213,19 +228,13 @@ def build_model(cfg: ModelConfig, arch_dir: str | Path | None = None) -> Multimo
 
 def build_collator(model: MultimodalMoEModel, train: bool = False, seed: int = 0,
                    drop_modalities: tuple[str, ...] | list[str] = ()) -> Collator:
-    """The collator that turns decoded samples into this model's batches (optionally without some modalities)."""
-    enc = model.encoders
-    text, image, audio = enc["text"] if "text" in enc else None, enc["image"] if "image" in enc else None, \
-        enc["audio"] if "audio" in enc else None
+    """The collator that turns decoded samples into this model's batches (optionally without some modalities):
+    each encoder's preprocessor, and every known modality's sample fields."""
     return Collator(
         task_names=list(model.task_names),
         vocabularies=[list(t.labels) for t in model.cfg.tasks],
-        tokenizer=text.tokenizer if text is not None else None,
-        text_max_length=text.cfg.max_length if text is not None else 64,
-        image_transform=image.transform if image is not None else None,
-        image_size=tuple(image.data_config["input_size"]) if image is not None else None,
-        audio_max_samples=audio.cfg.max_samples if audio is not None else None,
-        random_crop=train,
-        seed=seed,
+        preprocessors={m: enc.preprocessor(train) for m, enc in model.encoders.items()},
+        sample_fields={m: cls.sample_fields for m, cls in model.cfg.encoders.slots().items()},
         drop_modalities=tuple(drop_modalities),
+        seed=seed,
     )

@@ -3,6 +3,17 @@
 Every nn.Linear becomes torch.ao's DynamicQuantizedLinear (int8 weights, activations quantised per batch on the
 fly; Jacob et al. 2018), and each MoE expert's stacked weights become one such layer per expert, applied to that
 expert's contiguous slice of the sorted tokens. Routers stay fp32 (see `moe.Router`).
+
+Why torch.ao and not torchao yet: torch.ao.quantization is deprecated upstream in favour of torchao's `quantize_`,
+but torchao 0.18.0 (the current PyPI release; it installs, imports and quantises nn.Linear with torch 2.11 on CPU)
+runs int8 on x86 CPU far slower than torch.ao's fbgemm kernels. Measured on the 2-core dev VM (one thread, CPU
+time, paired rounds, eager, no_grad) against `quantize_dynamic(..., dtype=torch.qint8)`, over Linear(64, 256),
+Linear(128, 64) and Linear(256, 1024) at 32, 512 and 4096 rows:
+`Int8DynamicActivationInt8WeightConfig` 17-49x slower (eager `aten::_int_mm` plus Python-level quantisation of
+the activations), `Int8DynamicActivationIntxWeightConfig` 2.1-16x slower, `Int8WeightOnlyConfig` 1.2-2.2x slower
+(and no faster than fp32). Under `torch.compile` the int8-dynamic layer was still ~40x slower (Linear(256, 1024)
+at 512 rows: 139 ms vs 3.3 ms) after a 25 s compile, and recompiles as the per-expert row counts change. Revisit
+when torchao has an eager x86 int8 kernel (or move the predict path to torchao's pt2e X86InductorQuantizer flow).
 """
 
 from __future__ import annotations
@@ -10,9 +21,9 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from moefuse.fusion.kernels import Backend, activate
 from moefuse.fusion.moe import Experts
 
 
@@ -35,20 +46,16 @@ class Int8Experts(nn.Module):
             self.w_in = nn.ModuleList(_quantized_linear(w) for w in experts.w_in.detach().float())
             self.w_out = nn.ModuleList(_quantized_linear(w) for w in experts.w_out.detach().float())
 
-    def forward(self, x_sorted: torch.Tensor, offs: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    def forward(self, x_sorted: torch.Tensor, offs: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
+        """x_sorted [S, D] sorted by expert, offs [E] int32 cumulative group ends -> [S, D] (`backend` unused)."""
         bounds = [0, *offs.tolist()]
         out = x_sorted.new_zeros(x_sorted.shape)  # [S, D]
         for e, (w_in, w_out) in enumerate(zip(self.w_in, self.w_out)):
             s, t = bounds[e], bounds[e + 1]
             if t == s:
                 continue
-            h = w_in(x_sorted[s:t])  # [S_e, 2H] or [S_e, H]
-            if self.activation == "swiglu":
-                gate, up = h.chunk(2, dim=-1)
-                h = F.silu(gate) * up
-            else:
-                h = F.gelu(h)
-            out[s:t] = w_out(h)
+            h = activate(w_in(x_sorted[s:t]), self.activation)  # [S_e, H]
+            out[s:t] = w_out(h)  # [S_e, D]
         return out
 
 

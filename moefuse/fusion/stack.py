@@ -4,19 +4,25 @@
 `kind: dense` the same blocks with a dense SwiGLU FFN of equal active compute (width top_k * d_expert).
 `kind: concat` a late-fusion baseline: masked mean per modality, concatenated with presence flags, then an MLP.
 Pre-norm residual blocks as in GPT-2 / nanoGPT; the MoE-in-place-of-FFN layout is GShard's and LIMoE's.
+
+Token groups: the stack takes M modalities with ids 0..M-1 and one fusion token with id M, so the MoE routing
+stats and the per-group LIMoE entropy losses run over G = M + 1 token groups (`FusionStack.num_groups`).
+
+Shapes: B samples, T tokens per sample, D = d_model, M modalities, G = M + 1 token groups.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moefuse.configutil import check
-from moefuse.fusion.moe import DenseFFN, MoEOutput, SparseMoE
+from moefuse.configutil import ConfigError, check
+from moefuse.fusion.kernels import Activation, Backend
+from moefuse.fusion.moe import DenseFFN, MoEConfig, MoEOutput, SparseMoE
 
 
 @dataclass
@@ -37,7 +43,7 @@ class FusionConfig:
     """K experts per token: 1 = Switch, 2 = GShard/Mixtral."""
     d_expert: int = 256
     """Hidden width H of each expert; the dense baseline's FFN is top_k * d_expert wide."""
-    activation: Literal["swiglu", "gelu"] = "swiglu"
+    activation: Activation = "swiglu"
     """Expert (and dense FFN) MLP type."""
     normalize_top_k: bool = True
     """Renormalise the chosen experts' probabilities to sum to 1 (Mixtral)."""
@@ -59,11 +65,12 @@ class FusionConfig:
     """Weight of the LIMoE global entropy loss (minus the entropy of a modality's mean routing), per modality."""
     pooling: Literal["cls", "mean", "modality"] = "cls"
     """Fused representation: cls = the fusion token's output; mean = the masked mean over all tokens; modality = the
-    masked mean of each modality's tokens (zeros when absent), concatenated and projected to d_model, so that no
-    modality is outweighed by another's token count (on AV-digits it did worse than mean: avdigits/NOTES.md)."""
+    masked mean of each token group's tokens (the M modalities and the fusion token; zeros when absent),
+    concatenated and projected to d_model, so that no modality is outweighed by another's token count (on AV-digits
+    it did worse than mean: avdigits/NOTES.md)."""
     modality_dropout: float = 0.0
     """In training, drop each present modality of a sample with this probability (never all of them)."""
-    backend: Literal["auto", "native", "loop"] = "auto"
+    backend: Backend = "auto"
     """Grouped-matmul kernel for the experts: auto = torch._grouped_mm where it has a kernel (on CPU only when no
     weight gradient is needed: the loop backward measured faster there), else the loop fallback."""
 
@@ -73,17 +80,21 @@ class FusionConfig:
         check(self.num_heads >= 1 and self.d_model % self.num_heads == 0, "fusion.num_heads",
               f"must divide d_model={self.d_model}, got {self.num_heads}")
         check(0.0 <= self.dropout < 1.0, "fusion.dropout", f"must be in [0, 1), got {self.dropout}")
-        check(self.num_experts >= 1, "fusion.num_experts", f"must be >= 1, got {self.num_experts}")
-        check(1 <= self.top_k <= self.num_experts, "fusion.top_k",
-              f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
-        check(self.d_expert >= 1, "fusion.d_expert", f"must be >= 1, got {self.d_expert}")
-        check(self.capacity_factor is None or self.capacity_factor > 0, "fusion.capacity_factor",
-              f"must be null (dropless) or > 0, got {self.capacity_factor}")
         check(0.0 <= self.modality_dropout < 1.0, "fusion.modality_dropout",
               f"must be in [0, 1), got {self.modality_dropout}")
-        for name in ("router_jitter", "router_noise_std", "balance_coef", "z_coef", "local_entropy_coef",
-                     "global_entropy_coef"):
-            check(getattr(self, name) >= 0, f"fusion.{name}", f"must be >= 0, got {getattr(self, name)}")
+        try:  # the MoE fields, by MoEConfig's rules (whatever the kind, as a config may switch kinds later)
+            self.moe_config(num_groups=1)
+        except ConfigError as e:
+            raise ConfigError(f"fusion.{e}") from None
+
+    def moe_config(self, num_groups: int) -> MoEConfig:
+        """The MoEConfig of this stack's MoE layers: every MoEConfig field this config has by the same name, the
+        shared expert of width d_expert when `shared_expert`, and the stack's G token groups."""
+        same = {f.name: getattr(self, f.name) for f in fields(MoEConfig) if f.name in _FIELD_NAMES}
+        return MoEConfig(**same, num_groups=num_groups, shared_expert_hidden=self.d_expert if self.shared_expert else 0)
+
+
+_FIELD_NAMES = {f.name for f in fields(FusionConfig)}
 
 
 @dataclass
@@ -94,6 +105,14 @@ class FusionOutput:
     pooled: torch.Tensor  # [B, D]
     aux_loss: torch.Tensor  # scalar, weighted MoE losses summed over layers (0 for dense/concat)
     moe: list[MoEOutput] = field(default_factory=list)  # one per MoE layer
+
+
+@dataclass
+class BlockOutput:
+    """One fusion block's result."""
+
+    x: torch.Tensor  # [B, T, D] the block's output sequence
+    moe: MoEOutput | None  # the MoE FFN's losses and stats; None for a dense FFN
 
 
 class SelfAttention(nn.Module):
@@ -118,86 +137,94 @@ class SelfAttention(nn.Module):
 class FusionBlock(nn.Module):
     """x + attn(norm(x)); x + ffn(norm(x)) with the FFN either a SparseMoE or a dense FFN."""
 
-    def __init__(self, cfg: FusionConfig, num_modalities: int):
+    def __init__(self, cfg: FusionConfig, num_groups: int):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
         self.attn = SelfAttention(cfg.d_model, cfg.num_heads, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
         if cfg.kind == "moe":
-            self.ffn = SparseMoE(
-                cfg.d_model, cfg.d_expert, cfg.num_experts, cfg.top_k, activation=cfg.activation,
-                normalize_top_k=cfg.normalize_top_k, router_jitter=cfg.router_jitter,
-                router_noise_std=cfg.router_noise_std, capacity_factor=cfg.capacity_factor,
-                num_modalities=num_modalities, balance_coef=cfg.balance_coef, z_coef=cfg.z_coef,
-                local_entropy_coef=cfg.local_entropy_coef, global_entropy_coef=cfg.global_entropy_coef,
-                shared_expert_hidden=cfg.d_expert if cfg.shared_expert else 0, backend=cfg.backend,
-            )
+            self.ffn = SparseMoE(cfg.moe_config(num_groups))
         else:  # equal active compute: K experts of width H are one FFN of width K * H
             width = cfg.top_k * cfg.d_expert + (cfg.d_expert if cfg.shared_expert else 0)
             self.ffn = DenseFFN(cfg.d_model, width, cfg.activation)
 
-    def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, modality_ids: torch.Tensor
-    ) -> tuple[torch.Tensor, MoEOutput | None]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, modality_ids: torch.Tensor) -> BlockOutput:
+        """x [B, T, D], mask [B, T] bool (True = real token), modality_ids [B, T] group ids."""
         x = x + self.drop(self.attn(self.norm1(x), mask))
         h = self.norm2(x)
         if isinstance(self.ffn, SparseMoE):
             moe = self.ffn(h, modality_ids=modality_ids, mask=mask)
-            return x + self.drop(moe.out), moe
-        return x + self.drop(self.ffn(h)), None
+            return BlockOutput(x=x + self.drop(moe.out), moe=moe)
+        return BlockOutput(x=x + self.drop(self.ffn(h)), moe=None)
 
 
 class FusionStack(nn.Module):
-    """Attention + FFN (MoE or dense) blocks over [fusion token; text; image; audio] tokens, or the concat MLP."""
+    """Attention + FFN (MoE or dense) blocks over [fusion token; modality tokens], or the concat MLP.
+
+    Args:
+        cfg: the stack's hyper-parameters.
+        num_modalities: M real modalities, with ids 0..M-1 in `modality_ids`; the fusion token has id M. The MoE
+            routing stats, the LIMoE entropy losses and `pooling: modality` run over `num_groups` = M + 1 token
+            groups; the concat baseline over the M modalities alone.
+    """
 
     def __init__(self, cfg: FusionConfig, num_modalities: int):
         super().__init__()
+        if num_modalities < 1:
+            raise ValueError(f"FusionStack needs num_modalities >= 1, got {num_modalities}")
         self.cfg, self.num_modalities = cfg, num_modalities
+        self.num_groups = num_modalities + 1  # the modalities and the fusion token
+        d = cfg.d_model
         if cfg.kind == "concat":
-            d = cfg.d_model
             self.mlp = nn.Sequential(nn.Linear(num_modalities * (d + 1), 2 * d), nn.GELU(), nn.Dropout(cfg.dropout),
                                      nn.Linear(2 * d, d))
         else:
-            self.blocks = nn.ModuleList(FusionBlock(cfg, num_modalities) for _ in range(cfg.num_layers))
+            self.blocks = nn.ModuleList(FusionBlock(cfg, self.num_groups) for _ in range(cfg.num_layers))
             if cfg.pooling == "modality":
-                self.pool_proj = nn.Linear(num_modalities * cfg.d_model, cfg.d_model)
-        self.norm = nn.LayerNorm(cfg.d_model)
+                self.pool_proj = nn.Linear(self.num_groups * d, d)
+        self.norm = nn.LayerNorm(d)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, modality_ids: torch.Tensor) -> FusionOutput:
-        """x [B, T, D] (position 0 is the fusion token), mask [B, T] bool, modality_ids [B, T] long."""
+        """x [B, T, D] (position 0 is the fusion token), mask [B, T] bool, modality_ids [B, T] long in [0, M]."""
         if self.cfg.kind == "concat":
             return self._concat(x, mask, modality_ids)
         aux = x.new_zeros(())
         moes = []
         for block in self.blocks:
-            x, moe = block(x, mask, modality_ids)
-            if moe is not None:
-                aux = aux + moe.aux_loss
-                moes.append(moe)
+            step = block(x, mask, modality_ids)
+            x = step.x
+            if step.moe is not None:
+                aux = aux + step.moe.aux_loss
+                moes.append(step.moe)
         x = self.norm(x)
-        if self.cfg.pooling == "cls":
-            pooled = x[:, 0]  # [B, D]
-        elif self.cfg.pooling == "modality":
-            means, _ = self._modality_means(x, mask, modality_ids)
-            pooled = self.pool_proj(torch.cat(means, dim=-1))  # [B, M * D] -> [B, D]
-        else:
-            w = mask.unsqueeze(-1).to(x.dtype)  # [B, T, 1]
-            pooled = (x * w).sum(1) / w.sum(1).clamp_min(1.0)
-        return FusionOutput(tokens=x, pooled=pooled, aux_loss=aux, moe=moes)
+        return FusionOutput(tokens=x, pooled=self._pool(x, mask, modality_ids), aux_loss=aux, moe=moes)
 
-    def _modality_means(self, x: torch.Tensor, mask: torch.Tensor, modality_ids: torch.Tensor
-                        ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Masked mean of each modality's tokens [B, D] (zeros where absent) and its presence flag [B, 1]."""
+    def _pool(self, x: torch.Tensor, mask: torch.Tensor, modality_ids: torch.Tensor) -> torch.Tensor:
+        """The normed fused tokens x [B, T, D] -> [B, D], by `cfg.pooling`."""
+        if self.cfg.pooling == "cls":
+            return x[:, 0]  # [B, D]
+        if self.cfg.pooling == "modality":
+            means, _ = self._group_means(x, mask, modality_ids, self.num_groups)
+            return self.pool_proj(torch.cat(means, dim=-1))  # [B, G * D] -> [B, D]
+        w = mask.unsqueeze(-1).to(x.dtype)  # [B, T, 1]
+        return (x * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+    @staticmethod
+    def _group_means(x: torch.Tensor, mask: torch.Tensor, modality_ids: torch.Tensor, count: int
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """For ids 0..count-1: the masked mean of that group's tokens [B, D] (zeros where absent) and its presence
+        flag [B, 1]."""
         means, present = [], []
-        for m in range(self.num_modalities):
+        for m in range(count):
             w = (mask & (modality_ids == m)).unsqueeze(-1).to(x.dtype)  # [B, T, 1]
-            count = w.sum(1)  # [B, 1]
-            means.append((x * w).sum(1) / count.clamp_min(1.0))
-            present.append((count > 0).to(x.dtype))
+            n = w.sum(1)  # [B, 1]
+            means.append((x * w).sum(1) / n.clamp_min(1.0))
+            present.append((n > 0).to(x.dtype))
         return means, present
 
     def _concat(self, x: torch.Tensor, mask: torch.Tensor, modality_ids: torch.Tensor) -> FusionOutput:
-        means, present = self._modality_means(x, mask, modality_ids)
+        """Late fusion over the M real modalities (the fusion token takes no part)."""
+        means, present = self._group_means(x, mask, modality_ids, self.num_modalities)
         parts = [t for pair in zip(means, present) for t in pair]  # mean_0, flag_0, mean_1, flag_1, ...
         pooled = self.norm(self.mlp(torch.cat(parts, dim=-1)))  # [B, M * (D + 1)] -> [B, D]
         return FusionOutput(tokens=x, pooled=pooled, aux_loss=x.new_zeros(()))

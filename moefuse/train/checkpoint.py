@@ -9,10 +9,11 @@ the newest intact one is used instead.
 The export is a self-contained folder that `evaluate` and `predict` load with no pickle:
     model.safetensors   the weights
     config.yaml         the resolved model config (encoders, fusion, heads, tasks with their vocabularies)
-    text/               BERT config.json + tokenizer files (architecture only; weights are in model.safetensors)
-    image/              data_config.json (timm preprocessing)
-    audio/              wav2vec2 config.json
-    export.json         provenance: step, metrics, dataset info, moefuse version
+    <modality>/         each encoder's architecture files (`save_architecture`; weights are in model.safetensors):
+                        text/ BERT config.json + tokenizer, image/ data_config.json (timm preprocessing),
+                        audio/ wav2vec2 config.json
+    export.json         provenance (step, metrics, training shards) and `media`: the settings the training shards
+                        were built with (image size and fit, sample rate, limits), which `predict` applies to raw files
 """
 
 from __future__ import annotations
@@ -190,23 +191,16 @@ def _write_export(model: MultimodalMoEModel, tmp: Path, extra: dict | None) -> N
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "moefuse", "version": str(EXPORT_FORMAT)})
     atomic_write_text(tmp / "config.yaml", yaml.safe_dump(to_dict(model.cfg), sort_keys=False))
-    enc = model.encoders
-    if "text" in enc:
-        (tmp / "text").mkdir()
-        enc["text"].bert.config.save_pretrained(tmp / "text")
-        enc["text"].tokenizer.save_pretrained(tmp / "text")
-    if "image" in enc:
-        (tmp / "image").mkdir()
-        atomic_write_text(tmp / "image" / "data_config.json", json.dumps(enc["image"].data_config, indent=2))
-    if "audio" in enc:
-        (tmp / "audio").mkdir()
-        enc["audio"].wav2vec2.config.save_pretrained(tmp / "audio")
+    for modality, encoder in model.encoders.items():  # each encoder writes its own architecture files
+        (tmp / modality).mkdir()
+        encoder.save_architecture(tmp / modality)
     atomic_write_text(tmp / "export.json", dumps_json({"format": EXPORT_FORMAT, **(extra or {})}, "export.json",
                                                       indent=2))
 
 
-def read_model_config(path: Path) -> ModelConfig:
-    """An export's config.yaml -> ModelConfig; anything wrong is a ConfigError naming the file."""
+def read_model_config(path: Path, config_type: type[ModelConfig] = ModelConfig) -> ModelConfig:
+    """An export's config.yaml -> ModelConfig (or the `config_type` subclass that declares more modalities);
+    anything wrong is a ConfigError naming the file."""
     where = path / "config.yaml"
     try:
         data = yaml.safe_load(where.read_text(encoding="utf-8"))
@@ -215,7 +209,7 @@ def read_model_config(path: Path) -> ModelConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must hold a mapping (the model config), got {type(data).__name__}")
     try:
-        return from_dict(ModelConfig, data)
+        return from_dict(config_type, data)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 
@@ -234,7 +228,8 @@ def read_export_info(path: Path) -> dict:
     return info
 
 
-def load_exported(path: str | Path, device: str | torch.device = "cpu") -> MultimodalMoEModel:
+def load_exported(path: str | Path, device: str | torch.device = "cpu",
+                  config_type: type[ModelConfig] = ModelConfig) -> MultimodalMoEModel:
     """Rebuild the model from an export folder: architecture from its configs, weights from safetensors. A
     damaged or mismatched folder is a ConfigError that names the file."""
     path = Path(path)
@@ -243,7 +238,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Multi
     if not (path / "model.safetensors").is_file() or not (path / "config.yaml").is_file():
         raise ConfigError(f"{path} is not an exported moefuse model (needs model.safetensors and config.yaml); "
                           f"give the model/ folder a training run wrote")
-    cfg = read_model_config(path)
+    cfg = read_model_config(path, config_type)
     try:
         model = build_model(cfg, arch_dir=path)
     except ConfigError:
@@ -269,6 +264,30 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> Multi
 
 # ----------------------------------------------------------------------------------------------------------------
 # a run's export (the end of `moefuse train`, and `moefuse export RUN_DIR` to redo it)
+
+
+def training_media(sources: list[str]) -> dict | None:
+    """The `media` settings (image size and fit, sample rate, limits) the training shards were built with, from
+    the first source with a dataset.json; None for shard patterns (predict then uses its defaults). Sources built
+    with different settings get a warning: predict applies the first one's."""
+    from moefuse.datasets import DataError, load_dataset_info
+
+    found = []
+    for spec in sources:
+        try:
+            info = load_dataset_info(spec)
+        except DataError:
+            continue  # a shard pattern: no dataset.json
+        limits = {k: v for k, v in (info.get("build") or {}).items() if k in ("max_image_pixels", "max_audio_seconds")}
+        if isinstance(info.get("media"), dict):
+            found.append((spec, {**info["media"], **limits}))
+    if not found:
+        return None
+    others = [spec for spec, media in found[1:] if media != found[0][1]]
+    if others:
+        warnings.warn(f"the training sources were built with different media settings ({found[0][0]} vs "
+                      f"{', '.join(others)}); the export records {found[0][0]}'s for predict", stacklevel=2)
+    return found[0][1]
 
 
 def run_result(state: dict, metric: str) -> dict:
@@ -300,7 +319,8 @@ def export_run(model: MultimodalMoEModel, out: Path, state: dict, cfg: Experimen
     step = _load_best(model, out / "checkpoints", state)
     result = run_result(state, cfg.train.metric)
     extra = {"step": step, "result": result, "final_val_metrics": state.get("last_val_metrics"),
-             "drop_modalities": list(cfg.data.drop_modalities), "train_shards": list(cfg.data.train_shards)}
+             "drop_modalities": list(cfg.data.drop_modalities), "train_shards": list(cfg.data.train_shards),
+             "media": training_media(cfg.data.train_shards)}
     try:
         export_model(model, out / "model", extra)
         result.update(model_dir=str(out / "model"), final_val_metrics=state.get("last_val_metrics"))
@@ -329,3 +349,14 @@ def load_run(out: Path) -> tuple[MultimodalMoEModel, dict, ExperimentConfig]:
     except Exception as e:
         raise ConfigError(f"{ckpt / 'model.safetensors'} does not fit {out / 'config.yaml'}: {e}") from None
     return model, state, cfg
+
+
+def load_inference_model(path: str | Path, device: str | torch.device = "cpu",
+                         int8: bool = False) -> MultimodalMoEModel:
+    """`load_exported`, then with `int8` the dynamic-int8 quantised model (CPU only), as evaluate and predict use."""
+    model = load_exported(path, device)
+    if int8:
+        from moefuse.fusion.quant import quantize_int8
+
+        model = quantize_int8(model)
+    return model

@@ -19,7 +19,7 @@ from moefuse.datasets import BuildOptions, build_shards, make_demo_data, read_ma
 from moefuse.errors import command
 from moefuse.train.evaluate import evaluate, format_summary
 from moefuse.train.predict import load_media_sample, load_model, predict_samples
-from moefuse.train.run import train
+from moefuse.train.recipe import train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
@@ -41,15 +41,51 @@ def pick_test_samples(manifest: Path) -> list:
     return [qa, full]
 
 
-@command("moefuse demo")
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="moefuse demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("outputs/demo"), help="folder for every demo output")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="training config (default configs/tiny.yaml)")
     p.add_argument("--count", type=int, default=2000, help="demo samples to generate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("overrides", nargs="*", help="extra config overrides, e.g. train.max_steps=50")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def predict_two(model_dir: Path, manifest: Path, out: Path) -> None:
+    """Predict two test samples (the second without its audio) -> out/predictions.jsonl, and print them."""
+    model = load_model(model_dir)
+    qa, full = pick_test_samples(manifest)
+    samples = [
+        load_media_sample(model, qa.id, qa.task, text=qa.text, question=qa.question, image=qa.image,
+                          audio=qa.audio, target=qa.target),
+        load_media_sample(model, f"{full.id}-no-audio", full.task, text=full.text, image=full.image,
+                          target=full.target),
+    ]
+    predictions = predict_samples(model, samples)
+    atomic_write_text(out / "predictions.jsonl", "".join(dumps_json(r, "a prediction") + "\n" for r in predictions))
+    for r in predictions:
+        if "error" in r:
+            print(f"  {r['id']} ({r['task']}): error: {r['error']}")
+            continue
+        print(f"  {r['id']} ({r['task']}, {r['modalities']}): predicted {r['prediction']!r} "
+              f"(p={r['probability']:.2f}, heads {r['votes']}), target {r.get('target')!r}")
+
+
+def print_summary(out: Path, report: dict, manifest: Path) -> None:
+    """Each task's validation accuracy next to its chance level, then where every output is."""
+    chance = chance_levels(manifest, "val")
+    print("\nvalidation accuracy vs chance (majority-class rate):")
+    for task, d in report["tasks"].items():
+        print(f"  {task:<8} {d['accuracy']:.3f}   chance {chance.get(task, float('nan')):.3f}")
+    data, shards, run = out / "data", out / "shards", out / "run"
+    print(f"\noutputs:\n  data         {data}\n  shards       {shards}\n  run          {run} (metrics.jsonl, "
+          f"tensorboard/, checkpoints/)\n  model        {run / 'model'}\n  evaluation   {out / 'eval.json'}\n"
+          f"  heatmap      {out / 'routing_heatmap.png'}\n  predictions  {out / 'predictions.jsonl'}")
+
+
+@command("moefuse demo")
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if not args.config.is_file():
         print(f"moefuse demo: error: config {args.config} not found; pass --config configs/tiny.yaml from a "
               f"checkout of the repository", file=sys.stderr)
@@ -81,28 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(report))
 
     print("[5/5] predict two test samples (the second without its audio)")
-    model = load_model(model_dir)
-    qa, full = pick_test_samples(manifest)
-    samples = [
-        load_media_sample(model, qa.id, qa.task, text=qa.text, question=qa.question, image=qa.image,
-                          audio=qa.audio, target=qa.target),
-        load_media_sample(model, f"{full.id}-no-audio", full.task, text=full.text, image=full.image,
-                          target=full.target),
-    ]
-    predictions = predict_samples(model, samples)
-    atomic_write_text(out / "predictions.jsonl", "".join(dumps_json(r, "a prediction") + "\n" for r in predictions))
-    for r in predictions:
-        if "error" in r:
-            print(f"  {r['id']} ({r['task']}): error: {r['error']}")
-            continue
-        print(f"  {r['id']} ({r['task']}, {r['modalities']}): predicted {r['prediction']!r} "
-              f"(p={r['probability']:.2f}, heads {r['votes']}), target {r.get('target')!r}")
-
-    chance = chance_levels(manifest, "val")
-    print("\nvalidation accuracy vs chance (majority-class rate):")
-    for task, d in report["tasks"].items():
-        print(f"  {task:<8} {d['accuracy']:.3f}   chance {chance.get(task, float('nan')):.3f}")
-    print(f"\noutputs:\n  data         {data}\n  shards       {shards}\n  run          {run} (metrics.jsonl, "
-          f"tensorboard/, checkpoints/)\n  model        {model_dir}\n  evaluation   {out / 'eval.json'}\n"
-          f"  heatmap      {out / 'routing_heatmap.png'}\n  predictions  {out / 'predictions.jsonl'}")
+    predict_two(model_dir, manifest, out)
+    print_summary(out, report, manifest)
     return 0

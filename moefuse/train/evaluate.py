@@ -19,11 +19,11 @@ import torch
 from moefuse.configutil import ConfigError, atomic_write_text, dumps_json
 from moefuse.datasets import make_loader
 from moefuse.errors import command, non_negative_int, os_error_message, positive_int
-from moefuse.fusion.model import ROUTING_ROWS, build_collator
-from moefuse.train.checkpoint import load_exported, read_export_info
+from moefuse.fusion.model import build_collator
+from moefuse.train.checkpoint import load_inference_model, read_export_info
 from moefuse.train.evaluation import DATA_COUNTS, evaluate_loader, routing_summary
 from moefuse.train.metrics import compute_metrics
-from moefuse.train.plots import draw_routing_heatmap, save_png_atomic
+from moefuse.train.plots import save_routing_heatmap
 
 
 def evaluate(checkpoint: str | Path, shards: list[str], split: str = "val", batch_size: int = 64,
@@ -31,17 +31,12 @@ def evaluate(checkpoint: str | Path, shards: list[str], split: str = "val", batc
              drop_modalities: list[str] | None = None) -> dict:
     """Metrics of an exported model. `drop_modalities` defaults to what the model was trained without
     (export.json), so an image-only model is evaluated on the images of audio-visual shards."""
-    model = load_exported(checkpoint)
-    if int8:
-        from moefuse.fusion.quant import quantize_int8
-
-        model = quantize_int8(model)
-    audio_rate = model.encoders["audio"].sample_rate if "audio" in model.encoders else None
+    model = load_inference_model(checkpoint, int8=int8)
     if drop_modalities is None:
         drop_modalities = read_export_info(Path(checkpoint)).get("drop_modalities", [])
     collator = build_collator(model, train=False, drop_modalities=drop_modalities)
     loader = make_loader(shards, collator, batch_size, split=split, num_workers=num_workers,
-                         audio_sample_rate=audio_rate, tasks=model.task_names)
+                         tasks=model.task_names, **model.decode_options())
     records, stats = evaluate_loader(model, loader, torch.device("cpu"), progress=progress)
     counts = {k: stats[k] for k in DATA_COUNTS}
     if not records:
@@ -65,8 +60,7 @@ def evaluate(checkpoint: str | Path, shards: list[str], split: str = "val", batc
     result["errors"] = []
     if heatmap is not None and stats["modality_expert_counts"] is not None:
         try:
-            save_png_atomic(draw_routing_heatmap(stats["modality_expert_counts"], list(ROUTING_ROWS), "evaluate"),
-                            heatmap)
+            save_routing_heatmap(stats["modality_expert_counts"], stats["routing_rows"], "evaluate", [heatmap])
             result["routing_heatmap"] = str(heatmap)
         except OSError as e:  # the metrics are computed: report the failure, keep them
             result["errors"].append(f"the heatmap was not written: {os_error_message(e)}")
@@ -113,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--num-workers", type=non_negative_int, default=0)
     p.add_argument("--int8", action="store_true", help="evaluate the dynamic-int8 quantised model")
-    p.add_argument("--drop", nargs="*", choices=["text", "image", "audio"], default=None,
-                   help="modalities to remove from every sample (default: those the model was trained without)")
+    p.add_argument("--drop", nargs="*", metavar="MODALITY", default=None,
+                   help="modalities to remove from every sample, e.g. audio (default: those the model was trained "
+                        "without)")
     args = p.parse_args(argv)
     result = evaluate(args.checkpoint, args.shards, args.split, args.batch_size, args.num_workers, args.int8,
                       args.heatmap, drop_modalities=args.drop)

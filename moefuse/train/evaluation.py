@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from moefuse.fusion.model import ROUTING_ROWS, MultimodalMoEModel
+from moefuse.fusion.model import MultimodalMoEModel
 from moefuse.train.metrics import records_from_output
 
 # loader batch key -> its name in stats and results (every loader batch carries the three batch keys); then
@@ -24,12 +24,13 @@ def count_into(total: dict, batch_or_counts: dict) -> None:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch with every tensor (in nested dicts too: `present`, `inputs`) on `device`."""
     out = {}
     for k, v in batch.items():
         if isinstance(v, torch.Tensor):
             out[k] = v.to(device, non_blocking=True)
         elif isinstance(v, dict):
-            out[k] = {kk: vv.to(device) if isinstance(vv, torch.Tensor) else vv for kk, vv in v.items()}
+            out[k] = to_device(v, device)
         else:
             out[k] = v
     return out
@@ -42,8 +43,8 @@ def evaluate_loader(model: MultimodalMoEModel, loader, device: torch.device, max
     data counts (DATA_COUNTS), the loader's tail counts included when the whole loader was read."""
     model.eval()
     records: list[dict] = []
-    stats: dict = {"modality_expert_counts": None, "dropped_tokens": 0, "routed_tokens": 0,
-                   **dict.fromkeys(DATA_COUNTS, 0)}
+    stats: dict = {"modality_expert_counts": None, "routing_rows": list(model.routing_rows), "dropped_tokens": 0,
+                   "routed_tokens": 0, **dict.fromkeys(DATA_COUNTS, 0)}
     vocab = {t.name: list(t.labels) for t in model.cfg.tasks}
     finished = True
     for i, batch in enumerate(tqdm(loader, desc="evaluate", disable=not progress, leave=False)):
@@ -69,7 +70,7 @@ def evaluate_loader(model: MultimodalMoEModel, loader, device: torch.device, max
 def merge_stats(all_stats: list[dict]) -> dict:
     """Stats of several processes (gathered) -> one: routing counts and data counts summed."""
     counts = [s["modality_expert_counts"] for s in all_stats if s["modality_expert_counts"] is not None]
-    merged = {"modality_expert_counts": sum(counts) if counts else None,
+    merged = {"modality_expert_counts": sum(counts) if counts else None, "routing_rows": all_stats[0]["routing_rows"],
               "dropped_tokens": sum(s["dropped_tokens"] for s in all_stats),
               "routed_tokens": sum(s["routed_tokens"] for s in all_stats)}
     return {**merged, **{k: sum(s[k] for s in all_stats) for k in DATA_COUNTS}}
@@ -80,7 +81,7 @@ def routing_summary(stats: dict) -> dict:
     counts = stats["modality_expert_counts"]
     if counts is not None:
         total = counts.sum(0)  # [M, E] over layers
-        for m, name in enumerate(ROUTING_ROWS):
+        for m, name in enumerate(stats["routing_rows"]):
             if total[m].sum() > 0:
                 out[f"expert_load/{name}"] = (total[m] / total[m].sum()).round(decimals=4).tolist()
     return out

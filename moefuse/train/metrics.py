@@ -7,23 +7,24 @@ predictions, agreement and which modalities the sample had.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+import warnings
+from collections import defaultdict
 
 import torch
 
-IGNORE_INDEX = -100
+from moefuse.datasets.collate import IGNORE_INDEX
 
 
 def records_from_output(batch: dict, output, vocabularies: dict[str, list[str]]) -> list[dict]:
     """Per-sample records of one batch's ModelOutput."""
     records = []
-    present = {m: batch[f"{m}_present"].tolist() for m in ("text", "image", "audio")}
+    present = {m: flags.tolist() for m, flags in batch["present"].items()}
     labels = batch["labels"].tolist()
     for task, out in output.tasks.items():
         vocab = vocabularies[task]
         top = out.probs.topk(min(5, out.probs.shape[-1]), dim=-1)
         for j, row in enumerate(out.rows.tolist()):
-            modalities = "+".join(m for m in ("text", "image", "audio") if present[m][row]) or "none"
+            modalities = "+".join(m for m, flags in present.items() if flags[row]) or "none"
             records.append({
                 "id": batch["ids"][row],
                 "task": task,
@@ -43,25 +44,31 @@ def records_from_output(batch: dict, output, vocabularies: dict[str, list[str]])
 
 
 def macro_f1(y_true: list[int], y_pred: list[int], num_classes: int) -> tuple[float, list[dict]]:
-    """Macro-averaged F1 over the classes that occur in y_true or y_pred, and the per-class report."""
-    tp, fp, fn = Counter(), Counter(), Counter()
-    for t, p in zip(y_true, y_pred):
-        if t == p:
-            tp[t] += 1
-        else:
-            fp[p] += 1
-            fn[t] += 1
-    report, f1s = [], []
-    for c in range(num_classes):
-        support = tp[c] + fn[c]
-        if support == 0 and fp[c] == 0:
-            continue
-        precision = tp[c] / (tp[c] + fp[c]) if tp[c] + fp[c] else 0.0
-        recall = tp[c] / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        report.append({"class": c, "precision": precision, "recall": recall, "f1": f1, "support": support})
-        f1s.append(f1)
-    return (sum(f1s) / len(f1s) if f1s else 0.0), report
+    """Macro-averaged F1 over the classes that occur in y_true or y_pred, and the per-class report (scikit-learn's
+    precision/recall/F1 per class; a target outside the vocabulary (IGNORE_INDEX) is no class, but its prediction
+    counts as a false positive of the predicted class)."""
+    from sklearn.metrics import precision_recall_fscore_support  # imported here: slow, and only validation needs it
+
+    classes = sorted(c for c in set(y_true) | set(y_pred) if 0 <= c < num_classes)
+    if not classes:
+        return 0.0, []
+    columns = precision_recall_fscore_support(y_true, y_pred, labels=classes, average=None, zero_division=0)
+    report = [{"class": c, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+              for c, p, r, f, n in zip(classes, *columns)]
+    return sum(row["f1"] for row in report) / len(report), report
+
+
+def confusion(y_true: list[int], y_pred: list[int], num_classes: int) -> list[list[int]]:
+    """[target][prediction] counts over the samples whose target is in the vocabulary (scikit-learn's)."""
+    from sklearn.metrics import confusion_matrix
+
+    pairs = [(t, p) for t, p in zip(y_true, y_pred) if t != IGNORE_INDEX]
+    if not pairs:  # scikit-learn refuses empty input
+        return [[0] * num_classes for _ in range(num_classes)]
+    seen, predicted = zip(*pairs)
+    with warnings.catch_warnings():  # a one-word vocabulary makes a 1x1 matrix, which scikit-learn warns about
+        warnings.filterwarnings("ignore", "A single label was found", UserWarning)
+        return confusion_matrix(seen, predicted, labels=list(range(num_classes))).tolist()
 
 
 def expected_calibration_error(confidences: list[float], correct: list[bool], bins: int = 15) -> float:
@@ -91,6 +98,84 @@ def metric_names(task_types: dict[str, str], num_heads: int) -> list[str]:
     return names
 
 
+def _mean(xs: list) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _task_scores(recs: list[dict], num_classes: int) -> dict:
+    """The statistics of one task's records that both the flat metrics and the details use."""
+    n = len(recs)
+    correct = [r["prediction_index"] == r["target_index"] for r in recs]
+    head_acc = [sum(r["head_correct"][h] for r in recs) / n for h in range(len(recs[0]["head_correct"]))]
+    y_true = [r["target_index"] for r in recs]
+    y_pred = [r["prediction_index"] for r in recs]
+    f1, report = macro_f1(y_true, y_pred, num_classes)
+    return {"samples": n, "correct": correct, "acc": sum(correct) / n, "head_acc": head_acc, "f1": f1,
+            "report": report, "y_true": y_true, "y_pred": y_pred,
+            "ece": expected_calibration_error([r["probability"] for r in recs], correct),
+            "agreement": sum(r["agreement"] for r in recs) / n,
+            "unseen": sum(r["target_index"] == IGNORE_INDEX for r in recs)}
+
+
+def _flat_metrics(task: str, kind: str, s: dict) -> dict[str, float]:
+    """One task's entries of the flat metrics, in the order they are logged."""
+    flat = {f"{task}/acc": s["acc"]}
+    if kind == "qa":
+        flat[f"{task}/exact_match"] = s["acc"]
+    if kind == "classification":
+        flat[f"{task}/macro_f1"] = s["f1"]
+    flat.update({f"{task}/head{h}_acc": a for h, a in enumerate(s["head_acc"])})
+    flat[f"{task}/best_head_acc"] = max(s["head_acc"])
+    flat[f"{task}/ensemble_minus_best_head"] = s["acc"] - max(s["head_acc"])
+    flat[f"{task}/ece"] = s["ece"]
+    flat[f"{task}/agreement"] = s["agreement"]
+    flat[f"{task}/unseen_targets"] = s["unseen"]
+    flat[f"{task}/samples"] = s["samples"]
+    return flat
+
+
+def _accuracy_by(pairs: list[tuple]) -> dict:
+    """(key, correct) pairs -> {key: {accuracy, samples}}, keys sorted."""
+    groups = defaultdict(list)
+    for key, c in pairs:
+        groups[key].append(c)
+    return {k: {"accuracy": _mean(cs), "samples": len(cs)} for k, cs in sorted(groups.items())}
+
+
+def _agreement_vs_correctness(recs: list[dict], correct: list[bool]) -> dict:
+    """Are the heads' disagreements the errors? Agreement by correctness, and accuracy by unanimity."""
+    unanimous = [r["agreement"] == 1.0 for r in recs]
+    return {
+        "mean_agreement_when_correct": _mean([r["agreement"] for r, c in zip(recs, correct) if c]),
+        "mean_agreement_when_wrong": _mean([r["agreement"] for r, c in zip(recs, correct) if not c]),
+        "accuracy_when_unanimous": _mean([c for c, u in zip(correct, unanimous) if u]),
+        "accuracy_when_split": _mean([c for c, u in zip(correct, unanimous) if not u]),
+        "unanimous_fraction": _mean(unanimous),
+    }
+
+
+def _task_details(recs: list[dict], vocab: list[str], kind: str, s: dict) -> dict:
+    """One task's nested report (`moefuse evaluate`)."""
+    correct = s["correct"]
+    qtypes = [(r["meta"]["qtype"], c) for r, c in zip(recs, correct) if "qtype" in (r.get("meta") or {})]
+    return {
+        "type": kind,
+        "samples": s["samples"],
+        "accuracy": s["acc"],
+        "macro_f1": s["f1"],
+        "ensemble_accuracy": s["acc"],
+        "head_accuracy": s["head_acc"],
+        "best_single_head_accuracy": max(s["head_acc"]),
+        "ece": s["ece"],
+        "agreement_vs_correctness": _agreement_vs_correctness(recs, correct),
+        "accuracy_by_modalities": _accuracy_by([(r["modalities"], c) for r, c in zip(recs, correct)]),
+        "accuracy_by_qtype": _accuracy_by(qtypes),
+        "per_class": [{**row, "class": vocab[row["class"]]} for row in s["report"]],
+        "confusion_matrix": {"labels": vocab, "matrix": confusion(s["y_true"], s["y_pred"], len(vocab))},
+        "unseen_targets": s["unseen"],
+    }
+
+
 def compute_metrics(records: list[dict], vocabularies: dict[str, list[str]], task_types: dict[str, str],
                     detailed: bool = False) -> dict:
     """Flat metrics {"<task>/acc": ..} for logging, plus nested details when `detailed` (evaluate)."""
@@ -100,69 +185,10 @@ def compute_metrics(records: list[dict], vocabularies: dict[str, list[str]], tas
     for r in records:
         by_task[r["task"]].append(r)
     for task, recs in sorted(by_task.items()):
-        n = len(recs)
-        correct = [r["prediction_index"] == r["target_index"] for r in recs]
-        acc = sum(correct) / n
-        k = len(recs[0]["head_correct"])
-        head_acc = [sum(r["head_correct"][h] for r in recs) / n for h in range(k)]
-        flat[f"{task}/acc"] = acc
-        if task_types[task] == "qa":
-            flat[f"{task}/exact_match"] = acc
-        y_true = [r["target_index"] for r in recs]
-        y_pred = [r["prediction_index"] for r in recs]
-        f1, report = macro_f1(y_true, y_pred, len(vocabularies[task]))
-        if task_types[task] == "classification":
-            flat[f"{task}/macro_f1"] = f1
-        for h, a in enumerate(head_acc):
-            flat[f"{task}/head{h}_acc"] = a
-        flat[f"{task}/best_head_acc"] = max(head_acc)
-        flat[f"{task}/ensemble_minus_best_head"] = acc - max(head_acc)
-        flat[f"{task}/ece"] = expected_calibration_error([r["probability"] for r in recs], correct)
-        flat[f"{task}/agreement"] = sum(r["agreement"] for r in recs) / n
-        flat[f"{task}/unseen_targets"] = sum(r["target_index"] == IGNORE_INDEX for r in recs)
-        flat[f"{task}/samples"] = n
-        if not detailed:
-            continue
-        vocab = vocabularies[task]
-        unanimous = [r["agreement"] == 1.0 for r in recs]
-        subsets = defaultdict(list)
-        for r, c in zip(recs, correct):
-            subsets[r["modalities"]].append(c)
-        qtypes = defaultdict(list)
-        for r, c in zip(recs, correct):
-            if "qtype" in (r.get("meta") or {}):
-                qtypes[r["meta"]["qtype"]].append(c)
-        confusion = [[0] * len(vocab) for _ in vocab]
-        for t, p in zip(y_true, y_pred):
-            if t != IGNORE_INDEX:
-                confusion[t][p] += 1
-
-        def mean(xs: list) -> float | None:
-            return sum(xs) / len(xs) if xs else None
-
-        details[task] = {
-            "type": task_types[task],
-            "samples": n,
-            "accuracy": acc,
-            "macro_f1": f1,
-            "ensemble_accuracy": acc,
-            "head_accuracy": head_acc,
-            "best_single_head_accuracy": max(head_acc),
-            "ece": flat[f"{task}/ece"],
-            "agreement_vs_correctness": {
-                "mean_agreement_when_correct": mean([r["agreement"] for r, c in zip(recs, correct) if c]),
-                "mean_agreement_when_wrong": mean([r["agreement"] for r, c in zip(recs, correct) if not c]),
-                "accuracy_when_unanimous": mean([c for c, u in zip(correct, unanimous) if u]),
-                "accuracy_when_split": mean([c for c, u in zip(correct, unanimous) if not u]),
-                "unanimous_fraction": mean(unanimous),
-            },
-            "accuracy_by_modalities": {s: {"accuracy": mean(cs), "samples": len(cs)}
-                                       for s, cs in sorted(subsets.items())},
-            "accuracy_by_qtype": {q: {"accuracy": mean(cs), "samples": len(cs)} for q, cs in sorted(qtypes.items())},
-            "per_class": [{**row, "class": vocab[row["class"]]} for row in report],
-            "confusion_matrix": {"labels": vocab, "matrix": confusion},
-            "unseen_targets": flat[f"{task}/unseen_targets"],
-        }
+        scores = _task_scores(recs, len(vocabularies[task]))
+        flat.update(_flat_metrics(task, task_types[task], scores))
+        if detailed:
+            details[task] = _task_details(recs, vocabularies[task], task_types[task], scores)
     accs = [v for k, v in flat.items() if k.endswith("/acc")]
     flat["mean_acc"] = sum(accs) / len(accs) if accs else 0.0
     return {"metrics": flat, "tasks": details} if detailed else {"metrics": flat}

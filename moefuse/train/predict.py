@@ -2,8 +2,9 @@
 a manifest (`--manifest M.jsonl`), writing JSON Lines: id, task, prediction, probability, top 5, per-head votes,
 agreement, and a routing summary (which experts each modality's tokens went to, per MoE layer).
 
-Media are read and normalised as the shard builder does (images letterboxed to a square, audio mono and
-resampled to the encoder's rate), so predictions on raw files match what the model saw in training.
+Raw files are prepared by each modality's encoder (`read_input`) with the settings the training shards were built
+with, recorded in the export's `media` (image size and fit, audio limits; audio is resampled to the encoder's
+rate), so predictions on raw files see what the model saw in training.
 """
 
 from __future__ import annotations
@@ -17,46 +18,47 @@ from pathlib import Path
 import torch
 
 from moefuse.configutil import ConfigError, atomic_write_text, dumps_json
-from moefuse.datasets.media import MediaError, check_file, load_audio, normalise_image, open_image
+from moefuse.datasets.media import MediaError
 from moefuse.errors import command, positive_int
-from moefuse.fusion.model import ROUTING_ROWS, ModelOutput, MultimodalMoEModel, build_collator
-from moefuse.train.checkpoint import load_exported
+from moefuse.fusion.model import ModelOutput, MultimodalMoEModel, build_collator
+from moefuse.train.checkpoint import load_inference_model, read_export_info
 from moefuse.train.metrics import records_from_output
 
-MAX_IMAGE_PIXELS = 100_000_000
-MAX_AUDIO_SECONDS = 3600.0
-MAX_FILE_BYTES = 1 << 30
+# Limits for exports that do not record the shards' media settings (trained on shard patterns, or before the
+# settings were recorded); otherwise the build's own limits apply.
+DEFAULT_MEDIA = {"max_file_bytes": 1 << 30, "max_image_pixels": 100_000_000, "max_audio_seconds": 3600.0}
 
 
-def load_media_sample(model: MultimodalMoEModel, sid: str, task: str, *, text: str | None = None,
-                      question: str | None = None, image: str | Path | None = None, audio: str | Path | None = None,
-                      target: str | None = None, meta: dict | None = None) -> dict:
-    """Files -> a decoded sample (the collate contract), normalised like the shard builder does."""
+def export_media(checkpoint: str | Path) -> dict:
+    """The media settings predict applies to raw inputs: the export's record of the training shards' build
+    settings over DEFAULT_MEDIA."""
+    return {**DEFAULT_MEDIA, **(read_export_info(Path(checkpoint)).get("media") or {})}
+
+
+def load_media_sample(model: MultimodalMoEModel, sid: str, task: str, *, media: dict | None = None,
+                      target: str | None = None, meta: dict | None = None, **inputs: object) -> dict:
+    """Raw inputs (text, question: strings; image, audio: file paths; None = not given) -> a decoded sample (the
+    collate contract), each read by the encoder of its modality with the training shards' `media` settings."""
     tasks = {t.name: t for t in model.cfg.tasks}
     if task not in tasks:
         raise ConfigError(f"unknown task {task!r}; this model has: {', '.join(tasks)}")
-    if tasks[task].type == "qa" and not question:
+    if tasks[task].type == "qa" and not inputs.get("question"):
         raise ConfigError(f"task {task!r} is a QA task: give --question")
-    if not any([text, question, image, audio]):
-        raise ConfigError("give at least one input: --text, --question, --image or --audio")
-    sample = {"id": sid, "task": task, "text": text, "question": question, "image": None, "audio": None,
-              "target": target, "meta": meta or {}}
-    if image is not None:
-        if "image" not in model.encoders:
-            raise ConfigError("this model has no image encoder; drop --image")
-        size = model.encoders["image"].data_config["input_size"][-1]
-        check_file(Path(image), "image", MAX_FILE_BYTES)
-        sample["image"] = normalise_image(open_image(Path(image), MAX_IMAGE_PIXELS), size, "pad")
-    if audio is not None:
-        if "audio" not in model.encoders:
-            raise ConfigError("this model has no audio encoder; drop --audio")
-        check_file(Path(audio), "audio", MAX_FILE_BYTES)
-        sample["audio"] = load_audio(Path(audio), model.encoders["audio"].sample_rate, MAX_AUDIO_SECONDS)
+    given = {f: v for f, v in inputs.items() if v is not None and v != ""}
+    if not given:
+        raise ConfigError(f"give at least one input: {', '.join('--' + f for f in inputs)}")
+    owner = {f: m for m, cls in model.cfg.encoders.slots().items() for f in cls.sample_fields}
+    sample = {"id": sid, "task": task, **dict.fromkeys(inputs), "target": target, "meta": meta or {}}
+    for f, value in given.items():
+        if f not in owner or owner[f] not in model.encoders:
+            raise ConfigError(f"this model has no {owner.get(f, f)} encoder; drop --{f}")
+        sample[f] = model.encoders[owner[f]].read_input(f, value, media or DEFAULT_MEDIA)
     return sample
 
 
-def routing_per_sample(output: ModelOutput) -> list[dict]:
-    """For each sample: {modality: [ {expert: assignments} per MoE layer ]}, experts sorted by count."""
+def routing_per_sample(output: ModelOutput, rows: list[str]) -> list[dict]:
+    """For each sample: {modality: [ {expert: assignments} per MoE layer ]}, experts sorted by count; `rows` names
+    the modality ids (the model's routing_rows)."""
     b = output.token_mask.shape[0]
     real = output.token_mask.reshape(-1).nonzero().squeeze(1)  # [N_real] row-major over [B, T]
     t = output.token_mask.shape[1]
@@ -68,7 +70,7 @@ def routing_per_sample(output: ModelOutput) -> list[dict]:
         for i, experts in enumerate(moe.top_k_index.tolist()):
             counters.setdefault((sample_of[i], mod_of[i]), Counter()).update(experts)
         for (s, m), c in counters.items():
-            per_layer = result[s].setdefault(ROUTING_ROWS[m], [{} for _ in output.moe_layers])
+            per_layer = result[s].setdefault(rows[m], [{} for _ in output.moe_layers])
             per_layer[layer] = {str(e): n for e, n in c.most_common()}
     return result
 
@@ -93,7 +95,7 @@ def _result_line(rec: dict, routing: dict) -> dict:
 def _predict_batch(model: MultimodalMoEModel, collator, samples: list[dict]) -> list[dict]:
     batch = collator(samples)
     out = model(batch)
-    routing = routing_per_sample(out)
+    routing = routing_per_sample(out, model.routing_rows)
     vocab = {t.name: list(t.labels) for t in model.cfg.tasks}
     return [_result_line(rec, routing[batch["ids"].index(rec["id"])])
             for rec in records_from_output(batch, out, vocab)]
@@ -120,16 +122,8 @@ def predict_samples(model: MultimodalMoEModel, samples: list[dict], batch_size: 
     return sorted(results, key=lambda r: position[r["id"]])
 
 
-def load_model(checkpoint: str | Path, int8: bool = False) -> MultimodalMoEModel:
-    model = load_exported(checkpoint)
-    if int8:
-        from moefuse.fusion.quant import quantize_int8
-
-        model = quantize_int8(model)
-    return model
-
-
-def manifest_samples(model: MultimodalMoEModel, manifest: Path) -> tuple[list[dict], list[dict]]:
+def manifest_samples(model: MultimodalMoEModel, manifest: Path, media: dict | None = None
+                     ) -> tuple[list[dict], list[dict]]:
     """Manifest rows (targets optional) -> decoded samples, and error lines for the rows that could not be read,
     each naming the row's problems. Both carry the manifest line, for the output order."""
     from moefuse.datasets.manifest import read_manifest
@@ -141,8 +135,8 @@ def manifest_samples(model: MultimodalMoEModel, manifest: Path) -> tuple[list[di
             continue
         target = row.label if row.label is not None else row.answer
         try:
-            sample = load_media_sample(model, row.id, row.task, text=row.text, question=row.question,
-                                       image=row.image, audio=row.audio, target=target, meta=row.meta)
+            sample = load_media_sample(model, row.id, row.task, media=media, target=target, meta=row.meta,
+                                       text=row.text, question=row.question, image=row.image, audio=row.audio)
         except (MediaError, ConfigError) as e:
             bad.append({"line": row.line, "id": row.id, "task": row.task, "error": str(e)})
             continue
@@ -180,10 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.manifest is not None and any([args.text, args.question, args.image, args.audio]):
         raise ConfigError("give either --manifest or single-sample inputs, not both")
-    model = load_model(args.checkpoint, args.int8)
+    model = load_inference_model(args.checkpoint, int8=args.int8)
+    media = export_media(args.checkpoint)
     bad: list[dict] = []
     if args.manifest is not None:
-        samples, bad = manifest_samples(model, args.manifest)
+        samples, bad = manifest_samples(model, args.manifest, media)
     else:
         task = args.task
         if task is None:
@@ -191,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"this model has several tasks; choose one with --task "
                                   f"({', '.join(model.task_names)})")
             task = model.task_names[0]
-        samples = [load_media_sample(model, args.id, task, text=args.text, question=args.question,
+        samples = [load_media_sample(model, args.id, task, media=media, text=args.text, question=args.question,
                                      image=args.image, audio=args.audio)]
     results = predict_samples(model, samples, args.batch_size) if samples else []
     for r, s in zip(results, samples):
