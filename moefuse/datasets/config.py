@@ -60,7 +60,7 @@ class DataConfig:
 
 
 def build_train_loader(cfg: DataConfig, collator: Callable, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                       audio_sample_rate: int | None = 16000, tasks: Collection[str] | None = None) -> ShardLoader:
+                       audio_sample_rate: int | None = None, tasks: Collection[str] | None = None) -> ShardLoader:
     """The training loader; the trainer passes accelerator.process_index / num_processes as rank / world_size.
     tasks: keep only these tasks' samples (the config's task list); None keeps every task."""
     check(bool(cfg.train_shards), "data.train_shards", "is empty; give the dataset folder(s) to train on")
@@ -72,7 +72,7 @@ def build_train_loader(cfg: DataConfig, collator: Callable, *, rank: int = 0, wo
 
 def build_eval_loader(cfg: DataConfig, collator: Callable, *, sources: list[str] | None = None,
                       split: str | None = None, rank: int = 0, world_size: int = 1,
-                      audio_sample_rate: int | None = 16000, tasks: Collection[str] | None = None) -> ShardLoader:
+                      audio_sample_rate: int | None = None, tasks: Collection[str] | None = None) -> ShardLoader:
     """An evaluation loader (no shuffle, every sample once across ranks) over `sources` (default: val_shards);
     tasks: keep only these tasks' samples; None keeps every task."""
     sources = cfg.val_shards if sources is None else sources

@@ -1,2 +1,4 @@
-"""Entry points: training (`run`; the recipe itself is `recipe`), evaluation, prediction and the end-to-end demo.
-Each has `main(argv)`."""
+"""Training, evaluation and inference. Entry points, each with `main(argv)` and never imported as a library:
+`run` (`moefuse train`), `evaluate`, `predict`, `export`, `demo`. Library modules they share: `recipe` (the
+training recipe in named steps), `state`, `optim`, `metrics_log`, `preflight`, `evaluation`, `metrics`, `plots`,
+`checkpoint`."""

@@ -17,8 +17,9 @@ from moefuse.config import load_config
 from moefuse.configutil import ConfigError, atomic_write_text, dumps_json
 from moefuse.datasets import BuildOptions, build_shards, make_demo_data, read_manifest
 from moefuse.errors import command
+from moefuse.train.checkpoint import load_inference_model
 from moefuse.train.evaluate import evaluate, format_summary
-from moefuse.train.predict import load_media_sample, load_model, predict_samples
+from moefuse.train.predict import export_media, load_media_sample, predict_samples
 from moefuse.train.recipe import train
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
@@ -53,12 +54,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def predict_two(model_dir: Path, manifest: Path, out: Path) -> None:
     """Predict two test samples (the second without its audio) -> out/predictions.jsonl, and print them."""
-    model = load_model(model_dir)
+    model, media = load_inference_model(model_dir), export_media(model_dir)
     qa, full = pick_test_samples(manifest)
     samples = [
-        load_media_sample(model, qa.id, qa.task, text=qa.text, question=qa.question, image=qa.image,
+        load_media_sample(model, qa.id, qa.task, media=media, text=qa.text, question=qa.question, image=qa.image,
                           audio=qa.audio, target=qa.target),
-        load_media_sample(model, f"{full.id}-no-audio", full.task, text=full.text, image=full.image,
+        load_media_sample(model, f"{full.id}-no-audio", full.task, media=media, text=full.text, image=full.image,
                           target=full.target),
     ]
     predictions = predict_samples(model, samples)

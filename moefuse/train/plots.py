@@ -99,11 +99,3 @@ def save_routing_heatmap(counts: torch.Tensor, row_names: Sequence[str], title: 
     for path in paths:
         atomic_write_bytes(path, png)
 
-
-# The names the trainer (moefuse/train/recipe.py) still uses: draw_routing_heatmap now returns the PNG bytes, which
-# save_png_atomic writes. New code calls save_routing_heatmap; drop these two once nothing imports them.
-draw_routing_heatmap = render_routing_heatmap
-
-
-def save_png_atomic(png: bytes, path: str | Path) -> None:
-    atomic_write_bytes(path, png)

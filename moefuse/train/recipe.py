@@ -160,12 +160,12 @@ class TrainRecipe:
         """This process's training loader, and the validation loader (None without data.val_shards)."""
         d, t, rank, world, raw_model = self.cfg.data, self.t, self.rank, self.world, self.raw_model
         names = [tk.name for tk in self.cfg.tasks]
-        audio_rate = raw_model.encoders["audio"].sample_rate if "audio" in raw_model.encoders else None
+        decode = raw_model.decode_options()  # e.g. the audio encoder's sample rate, for the shards' decoding
         self.loader = build_train_loader(d, self.train_collator, rank=rank, world_size=world, seed=t.seed,
-                                         audio_sample_rate=audio_rate, tasks=names)
+                                         tasks=names, **decode)
         # Built now, so that a missing or broken validation set stops the run before its first step.
         self.val_loader = build_eval_loader(d, self.eval_collator, rank=rank, world_size=world,
-                                            audio_sample_rate=audio_rate, tasks=names) if d.val_shards else None
+                                            tasks=names, **decode) if d.val_shards else None
 
     def restore(self) -> TrainerState:
         """Load the newest intact checkpoint (damaged or unloadable ones are skipped with a warning) -> its
