@@ -108,11 +108,11 @@ class Collator:
             if m in self.preprocessors:
                 continue
             for s in samples:
-                if any(_has_value(s.get(f)) for f in names):
+                if any(has_value(s.get(f)) for f in names):
                     raise ValueError(f"sample {s['id']!r} has {m} but the model has no {m} encoder "
                                      f"(encoders.{m} is null); configure one or drop that field")
 
 
-def _has_value(value: object) -> bool:
+def has_value(value: object) -> bool:
     """Whether a sample field holds something (None and "" are absent)."""
     return value is not None and not (isinstance(value, str) and not value)

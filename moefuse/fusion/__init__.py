@@ -4,7 +4,6 @@ model."""
 from moefuse.fusion.heads import HeadsConfig, TaskConfig, TaskOutput, VotingHeads
 from moefuse.fusion.kernels import grouped_mm
 from moefuse.fusion.model import (
-    MODALITIES,
     EncodersConfig,
     ModelConfig,
     ModelOutput,
@@ -16,7 +15,6 @@ from moefuse.fusion.moe import DenseFFN, MoEConfig, MoEOutput, SparseMoE
 from moefuse.fusion.stack import FusionConfig, FusionOutput, FusionStack
 
 __all__ = [
-    "MODALITIES",
     "DenseFFN",
     "EncodersConfig",
     "FusionConfig",

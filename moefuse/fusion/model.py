@@ -52,8 +52,6 @@ class EncodersConfig:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
-MODALITIES = tuple(EncodersConfig().slots())  # the built-in modalities: text, image, audio
-
 
 @dataclass
 class ModelConfig:
@@ -115,6 +113,7 @@ class MultimodalMoEModel(nn.Module):
             raise ConfigError(f"encoders: {unknown[0]!r} is not a field of {type(cfg.encoders).__name__} "
                               f"({', '.join(self.modalities)})")
         self.routing_rows = [*self.modalities, "fusion"]
+        self.sample_fields = {m: cls.sample_fields for m, cls in cfg.encoders.slots().items()}  # all known modalities
         d = cfg.fusion.d_model
         self.encoders = nn.ModuleDict(encoders)
         self.project = nn.ModuleDict({m: nn.Linear(enc.out_dim, d) for m, enc in encoders.items()})
@@ -234,7 +233,7 @@ def build_collator(model: MultimodalMoEModel, train: bool = False, seed: int = 0
         task_names=list(model.task_names),
         vocabularies=[list(t.labels) for t in model.cfg.tasks],
         preprocessors={m: enc.preprocessor(train) for m, enc in model.encoders.items()},
-        sample_fields={m: cls.sample_fields for m, cls in model.cfg.encoders.slots().items()},
+        sample_fields=model.sample_fields,
         drop_modalities=tuple(drop_modalities),
         seed=seed,
     )

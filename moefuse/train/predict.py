@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from moefuse.configutil import ConfigError, atomic_write_text, dumps_json
+from moefuse.datasets.collate import has_value
 from moefuse.datasets.media import MediaError
 from moefuse.errors import command, positive_int
 from moefuse.fusion.model import ModelOutput, MultimodalMoEModel, build_collator
@@ -44,10 +45,10 @@ def load_media_sample(model: MultimodalMoEModel, sid: str, task: str, *, media: 
         raise ConfigError(f"unknown task {task!r}; this model has: {', '.join(tasks)}")
     if tasks[task].type == "qa" and not inputs.get("question"):
         raise ConfigError(f"task {task!r} is a QA task: give --question")
-    given = {f: v for f, v in inputs.items() if v is not None and v != ""}
+    given = {f: v for f, v in inputs.items() if has_value(v)}
     if not given:
         raise ConfigError(f"give at least one input: {', '.join('--' + f for f in inputs)}")
-    owner = {f: m for m, cls in model.cfg.encoders.slots().items() for f in cls.sample_fields}
+    owner = {f: m for m, names in model.sample_fields.items() for f in names}
     sample = {"id": sid, "task": task, **dict.fromkeys(inputs), "target": target, "meta": meta or {}}
     for f, value in given.items():
         if f not in owner or owner[f] not in model.encoders:
