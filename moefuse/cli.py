@@ -8,8 +8,8 @@ import sys
 
 # command -> (module, one-line help). Each module defines `main(argv: list[str] | None) -> int | None`.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "build-shards": ("moefuse.datasets.shards", "validate a manifest and write webdataset tar shards"),
-    "demo-data": ("moefuse.datasets.demo", "generate the built-in synthetic multimodal demo dataset"),
+    "build-shards": ("moefuse.train.build_shards", "validate a manifest and write webdataset tar shards"),
+    "demo-data": ("moefuse.train.demo_data", "generate the built-in synthetic multimodal demo dataset"),
     "train": ("moefuse.train.run", "joint multi-task training from a YAML config (also under accelerate launch)"),
     "evaluate": ("moefuse.train.evaluate", "metrics of an exported model on shards"),
     "predict": ("moefuse.train.predict", "predictions for one sample or a manifest, as JSON Lines"),

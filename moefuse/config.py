@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moefuse.configutil import apply_overrides, check, from_dict, load_yaml, save_yaml
+from moefuse.configutil import apply_overrides, from_dict, load_yaml, save_yaml
 from moefuse.datasets.config import DataConfig
 from moefuse.fusion.model import ModelConfig
 from moefuse.train.config import TrainConfig
@@ -27,8 +27,8 @@ class ExperimentConfig(ModelConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         known = list(self.encoders.slots())
-        check(set(self.data.drop_modalities) <= set(known), "data.drop_modalities",
-              f"must list only {', '.join(known)}; got {self.data.drop_modalities}")
+        self.check(set(self.data.drop_modalities) <= set(known), "data.drop_modalities",
+                   f"must list only {', '.join(known)}; got {self.data.drop_modalities}")
 
     def model_config(self) -> ModelConfig:
         """The part of the config that the model is built from (and exported with)."""

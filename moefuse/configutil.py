@@ -2,7 +2,8 @@
 
 `from_dict(Cls, data)` builds a (nested) dataclass, checking every key and value type and naming the dotted key
 in any error; `apply_overrides(data, ["fusion.num_experts=16"])` edits the raw dict before that, so overrides go
-through the same checks. Each dataclass validates its own values in `__post_init__`.
+through the same checks. Each component config subclasses `Config` and validates its own values in
+`__post_init__` with `self.check(cond, field, msg)`, which names the key from the class's `config_key`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import tempfile
 import types
 import warnings
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -28,6 +29,30 @@ T = TypeVar("T")
 
 class ConfigError(UserError, ValueError):
     """A config key or value is wrong; the message names the dotted key and what is expected."""
+
+
+def check(cond: bool, key: str, msg: str) -> None:
+    """Raise ConfigError naming the dotted `key` when `cond` is false."""
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+class Config:
+    """Base of every component config (a dataclass). `config_key` says where the component sits in the experiment
+    config, so its errors name the full dotted key whether it was loaded from YAML or built in code:
+    `FusionConfig(top_k=9)` raises `fusion.top_k: must be in [1, num_experts=8], got 9`."""
+
+    config_key: ClassVar[str] = ""
+    """The component's dotted key (`fusion`, `train`, ...); "" = the top level, or a config used on its own.
+    A subclass whose key depends on its values (a task's name) overrides it with a property."""
+
+    def key(self, name: str) -> str:
+        """The dotted key of this config's field `name`, for error messages."""
+        return f"{self.config_key}.{name}" if self.config_key else name
+
+    def check(self, cond: bool, name: str, msg: str) -> None:
+        """Validation for `__post_init__`: ConfigError `<key(name)>: <msg>` when `cond` is false."""
+        check(cond, self.key(name), msg)
 
 
 def _type_name(tp: Any) -> str:
@@ -147,12 +172,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
         kwargs[name] = _convert(value, hints[name], key)
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        if prefix and not str(e).startswith(prefix):
-            raise ConfigError(f"{prefix}.{e}") from None
-        raise
+    return cls(**kwargs)  # its __post_init__ names the keys of its own values (Config.config_key)
 
 
 def to_dict(cfg: Any) -> Any:
@@ -291,13 +311,8 @@ def dumps_json(obj: Any, what: str, **kwargs: Any) -> str:
     return json.dumps(clean, allow_nan=False, **kwargs)
 
 
-def check(cond: bool, key: str, msg: str) -> None:
-    """Validation helper for `__post_init__`: raise ConfigError naming `key` when `cond` is false."""
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
-
-
 __all__ = [
+    "Config",
     "ConfigError",
     "apply_overrides",
     "atomic_write_text",

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import replace
+import re
+from collections.abc import Callable
+from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 
 import pytest
 
 from moefuse.config import ExperimentConfig, load_config
-from moefuse.configutil import ConfigError, apply_overrides, from_dict, parse_override
-from moefuse.fusion import TaskConfig, build_model
+from moefuse.configutil import Config, ConfigError, apply_overrides, from_dict, parse_override
+from moefuse.encoders import AudioEncoderConfig
+from moefuse.fusion import FusionConfig, TaskConfig, build_model
+from moefuse.fusion.moe import ExpertsConfig, MoEConfig
+from moefuse.train.config import TrainConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -70,6 +75,58 @@ def test_bad_config_names_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert message in str(e.value)
+
+
+def _components(cfg: object, key: str = "") -> list[tuple[str, Config]]:
+    """Every component config in a config tree, with the dotted key it sits at (tasks by name)."""
+    found = [(key, cfg)] if isinstance(cfg, Config) else []
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        children = [(f"{key}.{f.name}".lstrip("."), value)] if is_dataclass(value) else []
+        if f.name == "tasks":
+            children = [(f"tasks.{t.name}", t) for t in value]
+        for child_key, child in children:
+            found += _components(child, child_key)
+    return found
+
+
+def test_every_component_names_its_own_key() -> None:
+    """The class of 'errors name the key': every component's config_key is where it sits in the experiment config,
+    so a check raised in __post_init__ is named the same whether the config came from YAML or was built in code."""
+    cfg = load_config(CONFIGS[0], ["tasks=[{name: digit}, {name: avqa, type: qa}]"])
+    components = _components(cfg)
+    assert {key for key, _ in components} >= {"", "encoders", "encoders.text", "encoders.image", "encoders.audio",
+                                              "fusion", "heads", "data", "train", "tasks.digit", "tasks.avqa"}
+    for key, component in components:
+        assert component.config_key == key, type(component).__name__
+
+
+@pytest.mark.parametrize("build, key", [
+    (lambda: FusionConfig(top_k=9), "fusion.top_k"),            # an ExpertsConfig field, checked by the base class
+    (lambda: FusionConfig(num_layers=0), "fusion.num_layers"),  # one of the stack's own
+    (lambda: TrainConfig(grad_accum=0), "train.grad_accum"),
+    (lambda: TaskConfig("q", labels=["a", "a"]), "tasks.q.labels"),
+    (lambda: AudioEncoderConfig(lora_alpha=0), "encoders.audio.lora_alpha"),  # a shared EncoderConfig field
+    (lambda: MoEConfig(16, 32, 4, global_entropy_coef=-1), "global_entropy_coef"),  # a layer on its own: relative
+])
+def test_configs_built_in_code_name_the_dotted_key(build: Callable[[], object], key: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{re.escape(key)}: "):
+        build()
+
+
+def test_a_bad_task_in_a_yaml_list_is_named_once() -> None:
+    with pytest.raises(ConfigError, match=r"^tasks\.a\.labels: needs at least 2 entries"):
+        load_config(None, ["tasks=[{name: a, labels: [x]}]"])
+
+
+def test_fusion_and_moe_layer_share_one_declaration_of_the_expert_fields() -> None:
+    expert_fields = {f.name for f in fields(ExpertsConfig)}
+    for cls in (FusionConfig, MoEConfig):  # inherited, never re-declared (one docstring, one default, one rule)
+        assert not expert_fields & set(vars(cls).get("__annotations__", {})), cls.__name__
+    fusion = FusionConfig(num_experts=16, top_k=1, d_expert=64, capacity_factor=1.5, shared_expert=True)
+    layer = fusion.moe_config(num_groups=4)
+    assert all(getattr(layer, name) == getattr(fusion, name) for name in expert_fields)
+    assert (layer.num_groups, layer.shared_expert_hidden) == (4, 64)
 
 
 def test_unknown_key_in_yaml(tmp_path: Path) -> None:

@@ -26,7 +26,8 @@ from test_data_helpers import (
 
 from moefuse.datasets import shards as shards_mod
 from moefuse.datasets.manifest import ManifestError
-from moefuse.datasets.shards import BuildError, main
+from moefuse.datasets.shards import BuildError
+from moefuse.train.build_shards import main
 
 REPO = Path(__file__).resolve().parents[1]
 

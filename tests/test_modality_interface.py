@@ -18,13 +18,13 @@ import torch
 from conftest import make_sample
 from torch import nn
 
-from moefuse.configutil import atomic_write_text, check
+from moefuse.configutil import atomic_write_text
 from moefuse.encoders import EncoderConfig, EncoderOutput, ModalityEncoder
 from moefuse.encoders.base import apply_finetune
 from moefuse.fusion import EncodersConfig, FusionConfig, ModelConfig, TaskConfig, build_collator, build_model
 from moefuse.train.checkpoint import export_model, load_exported
+from moefuse.train.inference import load_media_sample, routing_per_sample
 from moefuse.train.metrics import records_from_output
-from moefuse.train.predict import load_media_sample, routing_per_sample
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = [str(i) for i in range(10)]
@@ -44,13 +44,13 @@ class SensorEncoderConfig(EncoderConfig):
     lora_targets: list[str] = field(default_factory=lambda: ["proj"])
 
     def __post_init__(self) -> None:
-        check(self.length % 4 == 0, "encoders.sensor.length", f"must be a multiple of 4, got {self.length}")
+        self.check(self.length % 4 == 0, "length", f"must be a multiple of 4, got {self.length}")
         super().__post_init__()
 
     def build(self, arch_dir: Path | None = None) -> SensorEncoder:
         if arch_dir is not None:  # what save_architecture wrote must match the config
             saved = json.loads((arch_dir / "sensor.json").read_text())
-            check(saved == {"channels": self.channels, "width": self.width}, "encoders.sensor", "export mismatch")
+            self.check(saved == {"channels": self.channels, "width": self.width}, "width", "export mismatch")
         return SensorEncoder(self)
 
 
@@ -182,7 +182,8 @@ def test_dropping_a_modality_clears_all_its_fields(rng: np.random.Generator) -> 
 
 SHARED = ["moefuse/fusion/model.py", "moefuse/fusion/stack.py", "moefuse/fusion/heads.py", "moefuse/fusion/moe.py",
           "moefuse/datasets/collate.py", "moefuse/train/metrics.py", "moefuse/train/evaluation.py",
-          "moefuse/train/evaluate.py", "moefuse/train/predict.py", "moefuse/train/checkpoint.py"]
+          "moefuse/train/evaluate.py", "moefuse/train/predict.py", "moefuse/train/checkpoint.py",
+          "moefuse/train/report.py", "moefuse/train/inference.py"]
 
 
 @pytest.mark.parametrize("path", SHARED)

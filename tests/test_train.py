@@ -17,10 +17,10 @@ from moefuse.datasets import BuildOptions, build_shards, make_demo_data, read_ma
 from moefuse.fusion.model import MultimodalMoEModel
 from moefuse.train.checkpoint import latest_checkpoint, load_exported
 from moefuse.train.checkpoint import load_inference_model as load_model
-from moefuse.train.evaluate import evaluate
-from moefuse.train.predict import load_media_sample, predict_samples
+from moefuse.train.inference import load_media_sample, predict_samples
 from moefuse.train.predict import main as predict_main
 from moefuse.train.recipe import train
+from moefuse.train.report import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"

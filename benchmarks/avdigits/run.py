@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = prepare(args.data, args.work, args.quick)
     shards = build(manifest, args.work)
     init = pretrain_encoders(manifest.parent, args.work, args.quick, extra)
-    from moefuse.train.evaluate import evaluate
+    from moefuse.train.report import evaluate
 
     # Only a full run replaces the committed RESULTS.md and heatmap; a partial one (some variants, or --quick)
     # writes its own into WORK.

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from moefuse.configutil import ConfigError, check
+from moefuse.configutil import Config, ConfigError, check
 from moefuse.datasets.loader import ShardLoader, loader_option_problems, make_loader
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Config):
+    config_key: ClassVar[str] = "data"
+
     train_shards: list[str] = field(default_factory=list)
     """Training sources: dataset folders (from `moefuse build-shards`; their `train_split` is read), dataset.json
     paths/URLs, or shard patterns/URLs such as `data/train-{000000..000009}.tar`. Several are read as one stream."""
@@ -43,12 +46,12 @@ class DataConfig:
     checked against them where the whole experiment config is known."""
 
     def __post_init__(self) -> None:
-        check(all(isinstance(m, str) and m for m in self.drop_modalities), "data.drop_modalities",
-              f"must list modality names (the model's encoders: keys); got {self.drop_modalities}")
+        self.check(all(isinstance(m, str) and m for m in self.drop_modalities), "drop_modalities",
+                   f"must list modality names (the model's encoders: keys); got {self.drop_modalities}")
         for key in ("train_shards", "val_shards"):
             for i, spec in enumerate(getattr(self, key)):
-                check(isinstance(spec, str) and spec.strip() != "", f"data.{key}[{i}]",
-                      "must be a non-empty path, pattern or URL")
+                self.check(isinstance(spec, str) and spec.strip() != "", f"{key}[{i}]",
+                           "must be a non-empty path, pattern or URL")
         # the loader's own rules (one place: loader_option_problems), checked now to name the config key
         problems = loader_option_problems(batch_size=self.batch_size, num_workers=self.num_workers,
                                           shuffle=self.shuffle_buffer, resampled=self.resampled,
@@ -56,14 +59,14 @@ class DataConfig:
         problems += [("eval_batch_size", p) for _, p in loader_option_problems(batch_size=self.eval_batch_size)]
         if problems:
             option, problem = problems[0]
-            raise ConfigError(f"data.{'shuffle_buffer' if option == 'shuffle' else option}: {problem}")
+            raise ConfigError(f"{self.key('shuffle_buffer' if option == 'shuffle' else option)}: {problem}")
 
 
 def build_train_loader(cfg: DataConfig, collator: Callable, *, rank: int = 0, world_size: int = 1, seed: int = 0,
                        audio_sample_rate: int | None = None, tasks: Collection[str] | None = None) -> ShardLoader:
     """The training loader; the trainer passes accelerator.process_index / num_processes as rank / world_size.
     tasks: keep only these tasks' samples (the config's task list); None keeps every task."""
-    check(bool(cfg.train_shards), "data.train_shards", "is empty; give the dataset folder(s) to train on")
+    check(bool(cfg.train_shards), cfg.key("train_shards"), "is empty; give the dataset folder(s) to train on")
     return make_loader(cfg.train_shards, collator, cfg.batch_size, split=cfg.train_split,
                        num_workers=cfg.num_workers, shuffle=cfg.shuffle_buffer, resampled=cfg.resampled,
                        epoch_samples=cfg.epoch_samples, rank=rank, world_size=world_size, seed=seed,
@@ -76,7 +79,7 @@ def build_eval_loader(cfg: DataConfig, collator: Callable, *, sources: list[str]
     """An evaluation loader (no shuffle, every sample once across ranks) over `sources` (default: val_shards);
     tasks: keep only these tasks' samples; None keeps every task."""
     sources = cfg.val_shards if sources is None else sources
-    check(bool(sources), "data.val_shards", "is empty; give the dataset folder(s) to evaluate on")
+    check(bool(sources), cfg.key("val_shards"), "is empty; give the dataset folder(s) to evaluate on")
     return make_loader(sources, collator, cfg.eval_batch_size, split=split or cfg.val_split,
                        num_workers=cfg.num_workers, rank=rank, world_size=world_size,
                        audio_sample_rate=audio_sample_rate, tasks=tasks)

@@ -1,7 +1,6 @@
-"""`moefuse demo-data`: a self-contained synthetic multimodal dataset (no downloads), written as a manifest plus
-media files so that the demo goes through the real `build-shards` path.
-
-    moefuse demo-data --out outputs/demo/data [--count 2000] [--seed 0]
+"""A self-contained synthetic multimodal dataset (no downloads), written as a manifest plus media files so that
+the demo goes through the real `build-shards` path: `make_demo_data(out, count, seed)`, run by `moefuse demo-data`
+(moefuse/train/demo_data.py).
 
 Media: a digit rendered with Pillow's embedded font (Aileron; random size, rotation, position, grey levels and
 pixel noise) as a 64x64 PNG; the digit as a DTMF tone pair (ITU-T Q.23 row + column frequencies; random onset,
@@ -21,7 +20,6 @@ a file of an earlier run needs --overwrite. A rerun removes only stale files of 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -36,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from moefuse.configutil import atomic_write_bytes, atomic_write_text, sha256_file
-from moefuse.errors import UserError, command, naming
+from moefuse.errors import UserError, naming
 
 SAMPLE_RATE = 16000
 CLIP_SECONDS = 1.0
@@ -335,26 +333,4 @@ def make_demo_data(out: str | Path, count: int = 2000, seed: int = 0, overwrite:
     return out / MANIFEST
 
 
-@command("demo-data")
-def main(argv: list[str] | None = None) -> int:
-    """`moefuse demo-data`: exit code 0, 1 when the data cannot be written (DemoError), 2 for a failed write."""
-    p = argparse.ArgumentParser(prog="moefuse demo-data", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", required=True, help="folder for manifest.jsonl and media/")
-    p.add_argument("--count", type=int, default=2000, help="samples in all, half per task")
-    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
-    p.add_argument("--overwrite", action="store_true",
-                   help="regenerate over an earlier demo-data run (files it did not write are never touched)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    try:
-        manifest = make_demo_data(args.out, args.count, args.seed, args.overwrite, progress=not args.quiet)
-    except DemoError as e:
-        print(f"demo-data: error: {e}", file=sys.stderr)
-        return 1
-    print(f"demo-data: wrote {manifest} ({args.count} samples); next: moefuse build-shards --manifest {manifest} "
-          f"--out {Path(args.out) / 'shards'}")
-    return 0
-
-
-__all__ = ["DTMF", "DemoError", "dtmf_tone", "main", "make_demo_data", "render_digit"]
+__all__ = ["DTMF", "DemoError", "dtmf_tone", "make_demo_data", "render_digit"]

@@ -23,7 +23,7 @@ import torchaudio
 from torch import nn
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-from moefuse.configutil import ConfigError, check
+from moefuse.configutil import ConfigError
 from moefuse.datasets.media import check_file, load_audio
 from moefuse.encoders.base import EncoderConfig, EncoderOutput, ModalityEncoder, apply_finetune, load_init_file
 
@@ -66,18 +66,18 @@ class AudioEncoderConfig(EncoderConfig):
     """Names of the wav2vec2 attention projections that get adapters."""
 
     def __post_init__(self) -> None:
-        check(self.preset in AUDIO_PRESETS, "encoders.audio.preset",
-              f"unknown audio preset {self.preset!r}; choose one of {', '.join(AUDIO_PRESETS)}")
+        self.check(self.preset in AUDIO_PRESETS, "preset",
+                   f"unknown audio preset {self.preset!r}; choose one of {', '.join(AUDIO_PRESETS)}")
         if self.preset == "local":
-            check(self.path is not None, "encoders.audio.path", "preset 'local' needs path: a local wav2vec2 folder")
-        check(self.sample_rate >= 1000, "encoders.audio.sample_rate", f"must be >= 1000, got {self.sample_rate}")
-        check(self.frontend in ("conv", "logmel"), "encoders.audio.frontend",
-              f"must be conv or logmel, got {self.frontend!r}")
-        check(not (self.frontend == "logmel" and self.preset == "local"), "encoders.audio.frontend",
-              "a pretrained wav2vec2 (preset local) expects its own conv features; use frontend: conv")
-        check(8 <= self.mel_bins <= 256, "encoders.audio.mel_bins", f"must be in [8, 256], got {self.mel_bins}")
-        check(0.1 <= self.max_seconds <= 60, "encoders.audio.max_seconds", f"must be in [0.1, 60], got "
-              f"{self.max_seconds}")
+            self.check(self.path is not None, "path", "preset 'local' needs path: a local wav2vec2 folder")
+        self.check(self.sample_rate >= 1000, "sample_rate", f"must be >= 1000, got {self.sample_rate}")
+        self.check(self.frontend in ("conv", "logmel"), "frontend",
+                   f"must be conv or logmel, got {self.frontend!r}")
+        self.check(not (self.frontend == "logmel" and self.preset == "local"), "frontend",
+                   "a pretrained wav2vec2 (preset local) expects its own conv features; use frontend: conv")
+        self.check(8 <= self.mel_bins <= 256, "mel_bins", f"must be in [8, 256], got {self.mel_bins}")
+        self.check(0.1 <= self.max_seconds <= 60, "max_seconds", f"must be in [0.1, 60], got "
+                   f"{self.max_seconds}")
         super().__post_init__()
 
     @property
@@ -197,15 +197,15 @@ def build_audio_encoder(cfg: AudioEncoderConfig, arch_dir: str | Path | None = N
     else:
         folder = Path(cfg.path).expanduser()
         if not (folder / "config.json").is_file():
-            raise ConfigError(f"encoders.audio: no wav2vec2 checkpoint at {folder} (config.json missing)")
+            raise ConfigError(f"{cfg.key('path')}: no wav2vec2 checkpoint at {folder} (config.json missing)")
         model = Wav2Vec2Model.from_pretrained(folder, local_files_only=True)
     if cfg.frontend == "logmel":
         geometry = logmel_geometry(cfg)
         if tuple(model.config.conv_kernel) != geometry["conv_kernel"]:
-            raise ConfigError(f"encoders.audio: the saved wav2vec2 in {arch_dir} was not built for frontend logmel "
+            raise ConfigError(f"{cfg.config_key}: the saved wav2vec2 in {arch_dir} was not built for frontend logmel "
                               f"at {cfg.sample_rate} Hz (conv_kernel {model.config.conv_kernel})")
         model.feature_extractor = LogMelFrontEnd(cfg.sample_rate, geometry["conv_kernel"][0],
                                                  geometry["conv_stride"][0], cfg.mel_bins)
     if cfg.init_file is not None and arch_dir is None:  # an export's own weights are loaded over it anyway
-        load_init_file(model, cfg.init_file, "encoders.audio.init_file")
+        load_init_file(model, cfg.init_file, cfg.key("init_file"))
     return AudioEncoder(cfg, apply_finetune(model, cfg))

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Literal, Protocol
 import torch
 from torch import nn
 
-from moefuse.configutil import ConfigError, atomic_write_bytes, check
+from moefuse.configutil import Config, ConfigError, atomic_write_bytes
 
 Finetune = Literal["full", "frozen", "lora"]
 
@@ -39,7 +39,7 @@ class EncoderOutput:
 
 
 @dataclass
-class EncoderConfig:
+class EncoderConfig(Config):
     """What every encoder config carries: how its weights are fine-tuned. Subclasses add their modality's fields,
     set `modality` and `sample_fields`, and implement `build`."""
 
@@ -60,12 +60,16 @@ class EncoderConfig:
     """Names of the linear layers that get adapters (each encoder sets its own default)."""
 
     def __post_init__(self) -> None:
-        key = f"encoders.{self.modality}"
-        check(self.finetune in ("full", "frozen", "lora"), f"{key}.finetune",
-              f"must be full, frozen or lora, got {self.finetune!r}")
-        check(self.lora_r >= 1, f"{key}.lora_r", f"must be >= 1, got {self.lora_r}")
-        check(self.lora_alpha > 0, f"{key}.lora_alpha", f"must be > 0, got {self.lora_alpha}")
-        check(0.0 <= self.lora_dropout < 1.0, f"{key}.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        self.check(self.finetune in ("full", "frozen", "lora"), "finetune",
+                   f"must be full, frozen or lora, got {self.finetune!r}")
+        self.check(self.lora_r >= 1, "lora_r", f"must be >= 1, got {self.lora_r}")
+        self.check(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        self.check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+
+    @property
+    def config_key(self) -> str:  # type: ignore[override]
+        """`encoders.<modality>`: where every encoder config sits in the experiment config."""
+        return f"encoders.{self.modality}"
 
     def build(self, arch_dir: Path | None = None) -> ModalityEncoder:
         """The encoder; with `arch_dir` (this modality's folder of an export) the saved architecture with random

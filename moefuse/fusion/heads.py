@@ -9,18 +9,20 @@ ensembles / "TreeNets", Lee et al. 2015). Votes are combined by `soft` (mean pro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moefuse.configutil import check
+from moefuse.configutil import Config
 from moefuse.datasets.collate import IGNORE_INDEX
 
 
 @dataclass
-class HeadsConfig:
+class HeadsConfig(Config):
+    config_key: ClassVar[str] = "heads"
+
     num_heads: int = 3
     """K voting heads per task."""
     hidden: int = 128
@@ -31,13 +33,13 @@ class HeadsConfig:
     """How votes become the answer: mean probability, learned weights, or hard majority vote."""
 
     def __post_init__(self) -> None:
-        check(self.num_heads >= 1, "heads.num_heads", f"must be >= 1, got {self.num_heads}")
-        check(self.hidden >= 0, "heads.hidden", f"must be >= 0, got {self.hidden}")
-        check(0.0 <= self.dropout < 1.0, "heads.dropout", f"must be in [0, 1), got {self.dropout}")
+        self.check(self.num_heads >= 1, "num_heads", f"must be >= 1, got {self.num_heads}")
+        self.check(self.hidden >= 0, "hidden", f"must be >= 0, got {self.hidden}")
+        self.check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
-class TaskConfig:
+class TaskConfig(Config):
     name: str
     """Task name, as in the manifest's `task` column."""
     type: Literal["classification", "qa"] = "classification"
@@ -48,12 +50,16 @@ class TaskConfig:
     """Weight of this task's loss in the joint objective."""
 
     def __post_init__(self) -> None:
-        check(bool(self.name), "tasks[].name", "must be a non-empty string")
-        check(self.labels is None or len(self.labels) >= 2, f"tasks.{self.name}.labels",
-              f"needs at least 2 entries, got {self.labels}")
-        check(self.labels is None or len(set(self.labels)) == len(self.labels), f"tasks.{self.name}.labels",
-              "has duplicates")
-        check(self.loss_weight >= 0, f"tasks.{self.name}.loss_weight", f"must be >= 0, got {self.loss_weight}")
+        self.check(bool(self.name), "name", "must be a non-empty string")
+        self.check(self.labels is None or len(self.labels) >= 2, "labels",
+                   f"needs at least 2 entries, got {self.labels}")
+        self.check(self.labels is None or len(set(self.labels)) == len(self.labels), "labels", "has duplicates")
+        self.check(self.loss_weight >= 0, "loss_weight", f"must be >= 0, got {self.loss_weight}")
+
+    @property
+    def config_key(self) -> str:  # type: ignore[override]
+        """A task is named by its name in errors (`tasks.digit.labels`), `tasks[]` while it has none."""
+        return f"tasks.{self.name}" if self.name else "tasks[]"
 
 
 @dataclass

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import get_args, get_type_hints
+from typing import ClassVar, get_args, get_type_hints
 
 import torch
 from torch import nn
 
-from moefuse.configutil import ConfigError, check
+from moefuse.configutil import Config, ConfigError, check
 from moefuse.datasets.collate import Collator
 from moefuse.encoders import AudioEncoderConfig, EncoderConfig, ImageEncoderConfig, ModalityEncoder, TextEncoderConfig
 from moefuse.fusion.heads import HeadsConfig, TaskConfig, TaskOutput, VotingHeads
@@ -28,9 +28,11 @@ from moefuse.fusion.stack import FusionConfig, FusionStack
 
 
 @dataclass
-class EncodersConfig:
+class EncodersConfig(Config):
     """One field per modality the model can take, each an EncoderConfig or null. The field order is the modality
     order (modality ids, token order, routing rows); adding a modality is adding a field."""
+
+    config_key: ClassVar[str] = "encoders"
 
     text: TextEncoderConfig | None = field(default_factory=TextEncoderConfig)
     """Text encoder (BERT); null = the model takes no text."""
@@ -40,7 +42,7 @@ class EncodersConfig:
     """Audio encoder (wav2vec2); null = the model takes no audio."""
 
     def __post_init__(self) -> None:
-        check(bool(self.configured()), "encoders", f"at least one of {', '.join(self.slots())} must be configured")
+        check(bool(self.configured()), self.config_key, f"at least one of {', '.join(self.slots())} must be configured")
 
     def slots(self) -> dict[str, type[EncoderConfig]]:
         """Every modality this config can hold, configured or not -> its config class."""
@@ -54,7 +56,7 @@ class EncodersConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Config):
     encoders: EncodersConfig = field(default_factory=EncodersConfig)
     """Which modalities the model takes, and how each is encoded."""
     fusion: FusionConfig = field(default_factory=FusionConfig)
@@ -67,7 +69,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.tasks]
-        check(len(set(names)) == len(names), "tasks", f"task names must be unique, got {names}")
+        self.check(len(set(names)) == len(names), "tasks", f"task names must be unique, got {names}")
 
 
 @dataclass
@@ -105,7 +107,7 @@ class MultimodalMoEModel(nn.Module):
             raise ConfigError("tasks: the model needs at least one task with its labels")
         for t in cfg.tasks:
             if not t.labels:
-                raise ConfigError(f"tasks.{t.name}.labels: empty; fill it from the shards' dataset.json first")
+                raise ConfigError(f"{t.key('labels')}: empty; fill it from the shards' dataset.json first")
         self.cfg = cfg
         self.modalities = list(cfg.encoders.slots())
         unknown = sorted(set(encoders) - set(self.modalities))

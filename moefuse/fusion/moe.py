@@ -17,14 +17,14 @@ G token groups (modalities, and the fusion token in the fusion stack).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moefuse.configutil import check
+from moefuse.configutil import Config
 from moefuse.fusion.kernels import Activation, Backend, activate, activation_in_width, grouped_mm
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -32,22 +32,21 @@ from moefuse.fusion.kernels import Activation, Backend, activate, activation_in_
 
 
 @dataclass
-class MoEConfig:
-    """Hyper-parameters of one SparseMoE layer, validated once here (ConfigError naming the field).
+class ExpertsConfig(Config):
+    """The routed-expert hyper-parameters a user sets, declared and checked once here: `MoEConfig` (one layer)
+    and `FusionConfig` (the fusion stack's layers, errors naming `fusion.<field>`) both extend it."""
 
-    `FusionConfig.moe_config` builds it for the fusion stack; its fields of the same name are checked by these
-    rules, with errors naming `fusion.<field>`."""
-
-    d_model: int
+    d_model: int = 128
     """Token width D."""
-    d_expert: int
-    """Hidden width H of each expert (and of the shared expert)."""
-    num_experts: int
-    """E routed experts."""
+    d_expert: int = 256
+    """Hidden width H of each expert (and of the shared expert); the fusion stack's dense baseline FFN is
+    top_k * d_expert wide (equal active compute)."""
+    num_experts: int = 8
+    """E routed experts per MoE layer."""
     top_k: int = 2
     """K experts per token: 1 = Switch, 2 = GShard/Mixtral."""
     activation: Activation = "swiglu"
-    """Expert MLP type: SwiGLU (Shazeer 2020) or GELU (`kernels.activate`)."""
+    """Expert (and dense FFN) MLP type: SwiGLU (Shazeer 2020) or GELU (`kernels.activate`)."""
     normalize_top_k: bool = True
     """Renormalise the K chosen probabilities to sum to 1 (Mixtral); else use the raw router probabilities."""
     router_jitter: float = 0.0
@@ -57,39 +56,55 @@ class MoEConfig:
     capacity_factor: float | None = None
     """None = dropless; else each expert keeps at most ceil(cf * N * K / E) assignments, first choices before
     second choices (GShard priority), and the overflow is dropped and counted."""
-    num_groups: int = 1
-    """G token groups, ids 0..G-1 in `modality_ids`: the rows of `modality_expert_counts` [G, E] and the groups
-    the LIMoE entropy losses average over. The fusion stack passes its M modalities + 1 (the fusion token)."""
     balance_coef: float = 0.01
     """Weight of the Switch/GShard load-balancing loss in `aux_loss`."""
     z_coef: float = 0.001
     """Weight of the ST-MoE router z-loss in `aux_loss`."""
     local_entropy_coef: float = 0.0
-    """Weight of the LIMoE local (per-token) entropy loss, averaged over the groups present."""
+    """Weight of the LIMoE local (per-token) entropy loss, averaged over the token groups present."""
     global_entropy_coef: float = 0.0
     """Weight of the LIMoE global entropy loss (minus the entropy of a group's mean routing), averaged alike."""
-    shared_expert_hidden: int = 0
-    """Width of an always-on dense expert beside the routed ones (DeepSeekMoE), 0 = none."""
     backend: Backend = "auto"
     """Grouped-matmul kernel (`kernels.grouped_mm`): auto = torch._grouped_mm where it has a kernel (on CPU only
     when no weight gradient is needed: the loop backward measured faster there), else the loop; native; loop."""
 
     def __post_init__(self) -> None:
-        check(self.d_model >= 1, "d_model", f"must be >= 1, got {self.d_model}")
-        check(self.d_expert >= 1, "d_expert", f"must be >= 1, got {self.d_expert}")
-        check(self.num_experts >= 1, "num_experts", f"must be >= 1, got {self.num_experts}")
-        check(1 <= self.top_k <= self.num_experts, "top_k",
-              f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
-        check(self.activation in ("swiglu", "gelu"), "activation",
-              f"must be 'swiglu' or 'gelu', got {self.activation!r}")
-        check(self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor",
-              f"must be null (dropless) or > 0, got {self.capacity_factor}")
-        check(self.num_groups >= 1, "num_groups", f"must be >= 1, got {self.num_groups}")
+        self.check(self.d_model >= 1, "d_model", f"must be >= 1, got {self.d_model}")
+        self.check(self.d_expert >= 1, "d_expert", f"must be >= 1, got {self.d_expert}")
+        self.check(self.num_experts >= 1, "num_experts", f"must be >= 1, got {self.num_experts}")
+        self.check(1 <= self.top_k <= self.num_experts, "top_k",
+                   f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        self.check(self.activation in ("swiglu", "gelu"), "activation",
+                   f"must be 'swiglu' or 'gelu', got {self.activation!r}")
+        self.check(self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor",
+                   f"must be null (dropless) or > 0, got {self.capacity_factor}")
         for name in ("router_jitter", "router_noise_std", "balance_coef", "z_coef", "local_entropy_coef",
-                     "global_entropy_coef", "shared_expert_hidden"):
-            check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
-        check(self.backend in ("auto", "native", "loop"), "backend",
-              f"must be 'auto', 'native' or 'loop', got {self.backend!r}")
+                     "global_entropy_coef"):
+            self.check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        self.check(self.backend in ("auto", "native", "loop"), "backend",
+                   f"must be 'auto', 'native' or 'loop', got {self.backend!r}")
+
+    def experts_fields(self) -> dict[str, Any]:
+        """The `ExpertsConfig` fields of this config, by name (what a MoEConfig is built from)."""
+        return {f.name: getattr(self, f.name) for f in fields(ExpertsConfig)}
+
+
+@dataclass
+class MoEConfig(ExpertsConfig):
+    """Hyper-parameters of one SparseMoE layer: the expert fields plus what the layer's user decides (its token
+    groups, a shared expert). `FusionConfig.moe_config` builds it for the fusion stack."""
+
+    num_groups: int = 1
+    """G token groups, ids 0..G-1 in `modality_ids`: the rows of `modality_expert_counts` [G, E] and the groups
+    the LIMoE entropy losses average over. The fusion stack passes its M modalities + 1 (the fusion token)."""
+    shared_expert_hidden: int = 0
+    """Width of an always-on dense expert beside the routed ones (DeepSeekMoE), 0 = none."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check(self.num_groups >= 1, "num_groups", f"must be >= 1, got {self.num_groups}")
+        self.check(self.shared_expert_hidden >= 0, "shared_expert_hidden",
+                   f"must be >= 0, got {self.shared_expert_hidden}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

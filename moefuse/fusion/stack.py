@@ -13,56 +13,33 @@ Shapes: B samples, T tokens per sample, D = d_model, M modalities, G = M + 1 tok
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moefuse.configutil import ConfigError, check
-from moefuse.fusion.kernels import Activation, Backend
-from moefuse.fusion.moe import DenseFFN, MoEConfig, MoEOutput, SparseMoE
+from moefuse.fusion.moe import DenseFFN, ExpertsConfig, MoEConfig, MoEOutput, SparseMoE
 
 
 @dataclass
-class FusionConfig:
+class FusionConfig(ExpertsConfig):
+    """The `fusion:` section: the routed-expert fields of `ExpertsConfig` (d_model is the fusion width D, to which
+    every encoder's tokens are projected) plus the stack's own."""
+
+    config_key: ClassVar[str] = "fusion"
+
     kind: Literal["moe", "dense", "concat"] = "moe"
     """moe: sparse-MoE FFN blocks; dense: dense FFN blocks of equal active compute; concat: late-fusion MLP."""
-    d_model: int = 128
-    """Fusion width D; every encoder's tokens are projected to it."""
     num_layers: int = 2
     """Number of fusion blocks L."""
     num_heads: int = 4
     """Attention heads per block (d_model must divide evenly)."""
     dropout: float = 0.1
     """Dropout on attention and FFN outputs."""
-    num_experts: int = 8
-    """E routed experts per MoE layer."""
-    top_k: int = 2
-    """K experts per token: 1 = Switch, 2 = GShard/Mixtral."""
-    d_expert: int = 256
-    """Hidden width H of each expert; the dense baseline's FFN is top_k * d_expert wide."""
-    activation: Activation = "swiglu"
-    """Expert (and dense FFN) MLP type."""
-    normalize_top_k: bool = True
-    """Renormalise the chosen experts' probabilities to sum to 1 (Mixtral)."""
-    router_jitter: float = 0.0
-    """Multiplicative uniform noise on the router input during training (Switch), 0 = off."""
-    router_noise_std: float = 0.0
-    """Additive Gaussian noise on router logits during training (noisy top-k), 0 = off."""
-    capacity_factor: float | None = None
-    """None = dropless; else each expert keeps ceil(cf * N * K / E) tokens and the overflow is dropped (counted)."""
     shared_expert: bool = False
     """Add an always-on dense expert of width d_expert beside the routed ones (the dense baseline grows alike)."""
-    balance_coef: float = 0.01
-    """Weight of the Switch load-balancing loss."""
-    z_coef: float = 0.001
-    """Weight of the ST-MoE router z-loss."""
-    local_entropy_coef: float = 0.0
-    """Weight of the LIMoE local (per-token) entropy loss, per modality."""
-    global_entropy_coef: float = 0.0
-    """Weight of the LIMoE global entropy loss (minus the entropy of a modality's mean routing), per modality."""
     pooling: Literal["cls", "mean", "modality"] = "cls"
     """Fused representation: cls = the fusion token's output; mean = the masked mean over all tokens; modality = the
     masked mean of each token group's tokens (the M modalities and the fusion token; zeros when absent),
@@ -70,31 +47,22 @@ class FusionConfig:
     it did worse than mean: avdigits/NOTES.md)."""
     modality_dropout: float = 0.0
     """In training, drop each present modality of a sample with this probability (never all of them)."""
-    backend: Backend = "auto"
-    """Grouped-matmul kernel for the experts: auto = torch._grouped_mm where it has a kernel (on CPU only when no
-    weight gradient is needed: the loop backward measured faster there), else the loop fallback."""
 
     def __post_init__(self) -> None:
-        check(self.d_model >= 8, "fusion.d_model", f"must be >= 8, got {self.d_model}")
-        check(self.num_layers >= 1, "fusion.num_layers", f"must be >= 1, got {self.num_layers}")
-        check(self.num_heads >= 1 and self.d_model % self.num_heads == 0, "fusion.num_heads",
-              f"must divide d_model={self.d_model}, got {self.num_heads}")
-        check(0.0 <= self.dropout < 1.0, "fusion.dropout", f"must be in [0, 1), got {self.dropout}")
-        check(0.0 <= self.modality_dropout < 1.0, "fusion.modality_dropout",
-              f"must be in [0, 1), got {self.modality_dropout}")
-        try:  # the MoE fields, by MoEConfig's rules (whatever the kind, as a config may switch kinds later)
-            self.moe_config(num_groups=1)
-        except ConfigError as e:
-            raise ConfigError(f"fusion.{e}") from None
+        self.check(self.d_model >= 8, "d_model", f"must be >= 8, got {self.d_model}")
+        self.check(self.num_layers >= 1, "num_layers", f"must be >= 1, got {self.num_layers}")
+        self.check(self.num_heads >= 1 and self.d_model % self.num_heads == 0, "num_heads",
+                   f"must divide d_model={self.d_model}, got {self.num_heads}")
+        self.check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        self.check(0.0 <= self.modality_dropout < 1.0, "modality_dropout",
+                   f"must be in [0, 1), got {self.modality_dropout}")
+        super().__post_init__()  # the expert fields, whatever the kind (a config may switch kinds later)
 
     def moe_config(self, num_groups: int) -> MoEConfig:
-        """The MoEConfig of this stack's MoE layers: every MoEConfig field this config has by the same name, the
-        shared expert of width d_expert when `shared_expert`, and the stack's G token groups."""
-        same = {f.name: getattr(self, f.name) for f in fields(MoEConfig) if f.name in _FIELD_NAMES}
-        return MoEConfig(**same, num_groups=num_groups, shared_expert_hidden=self.d_expert if self.shared_expert else 0)
-
-
-_FIELD_NAMES = {f.name for f in fields(FusionConfig)}
+        """The MoEConfig of this stack's MoE layers: its expert fields, the shared expert of width d_expert when
+        `shared_expert`, and the stack's G token groups."""
+        return MoEConfig(**self.experts_fields(), num_groups=num_groups,
+                         shared_expert_hidden=self.d_expert if self.shared_expert else 0)
 
 
 @dataclass

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
-from moefuse.configutil import check
+from moefuse.configutil import Config
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
+    config_key: ClassVar[str] = "train"
+
     output_dir: str = "runs/experiment"
     """Run folder: checkpoints/, model/ (the export), metrics.jsonl, tensorboard/, routing heatmaps."""
     seed: int = 0
@@ -64,22 +66,22 @@ class TrainConfig:
     """Write the ids each process trained on, per epoch, to output_dir/sample_ids/ (to audit data splitting)."""
 
     def __post_init__(self) -> None:
-        check(self.max_steps >= 1, "train.max_steps", f"must be >= 1, got {self.max_steps}")
+        self.check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         for name in ("lr_encoders", "lr_fusion", "lr_heads"):
-            check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
-        check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        check(self.betas is None or (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)), "train.betas",
-              f"must be two numbers in [0, 1), got {self.betas}")
-        check(self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        check(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
-        check(self.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+            self.check(getattr(self, name) >= 0, f"{name}", f"must be >= 0, got {getattr(self, name)}")
+        self.check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        self.check(self.betas is None or (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)), "betas",
+                   f"must be two numbers in [0, 1), got {self.betas}")
+        self.check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        self.check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        self.check(self.grad_accum >= 1, "grad_accum", f"must be >= 1, got {self.grad_accum}")
+        self.check(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
         for name in ("log_every", "eval_every", "save_every", "keep_last"):
-            check(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
-        check(self.eval_max_batches is None or self.eval_max_batches >= 1, "train.eval_max_batches",
-              f"must be null or >= 1, got {self.eval_max_batches}")
-        check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
-              "train.early_stopping_patience", f"must be null or >= 1, got {self.early_stopping_patience}")
-        check(self.metric.startswith("val/"), "train.metric", f"must name a validation metric (val/...), "
-              f"got {self.metric!r}")
-        check(self.max_skipped_batches >= 0, "train.max_skipped_batches", "must be >= 0")
+            self.check(getattr(self, name) >= 1, f"{name}", f"must be >= 1, got {getattr(self, name)}")
+        self.check(self.eval_max_batches is None or self.eval_max_batches >= 1, "eval_max_batches",
+                   f"must be null or >= 1, got {self.eval_max_batches}")
+        self.check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+                   "early_stopping_patience", f"must be null or >= 1, got {self.early_stopping_patience}")
+        self.check(self.metric.startswith("val/"), "metric", f"must name a validation metric (val/...), "
+                   f"got {self.metric!r}")
+        self.check(self.max_skipped_batches >= 0, "max_skipped_batches", "must be >= 0")

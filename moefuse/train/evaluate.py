@@ -1,98 +1,17 @@
 """`moefuse evaluate --checkpoint DIR --shards PATTERN [--json OUT]`: metrics of an exported model on shards.
 
-Per task: accuracy (exact match for QA), macro-F1 and a per-class report (precision/recall/F1/support) and
-confusion matrix for classification, the ensemble against its best single head, expected calibration error,
-head agreement against correctness (are the disagreements the errors?), and accuracy per modality subset
-present (image only, audio only, all, ...) and per question type where the samples carry `meta.qtype`.
+What the report holds: `moefuse.train.report`, the library this entry point runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-import warnings
 from pathlib import Path
 
-import torch
-
-from moefuse.configutil import ConfigError, atomic_write_text, dumps_json
-from moefuse.datasets import make_loader
+from moefuse.configutil import atomic_write_text, dumps_json
 from moefuse.errors import command, non_negative_int, os_error_message, positive_int
-from moefuse.fusion.model import build_collator
-from moefuse.train.checkpoint import load_inference_model, read_export_info
-from moefuse.train.evaluation import DATA_COUNTS, evaluate_loader, routing_summary
-from moefuse.train.metrics import compute_metrics
-from moefuse.train.plots import save_routing_heatmap
-
-
-def evaluate(checkpoint: str | Path, shards: list[str], split: str = "val", batch_size: int = 64,
-             num_workers: int = 0, int8: bool = False, heatmap: Path | None = None, progress: bool = True,
-             drop_modalities: list[str] | None = None) -> dict:
-    """Metrics of an exported model. `drop_modalities` defaults to what the model was trained without
-    (export.json), so an image-only model is evaluated on the images of audio-visual shards."""
-    model = load_inference_model(checkpoint, int8=int8)
-    if drop_modalities is None:
-        drop_modalities = read_export_info(Path(checkpoint)).get("drop_modalities", [])
-    collator = build_collator(model, train=False, drop_modalities=drop_modalities)
-    loader = make_loader(shards, collator, batch_size, split=split, num_workers=num_workers,
-                         tasks=model.task_names, **model.decode_options())
-    records, stats = evaluate_loader(model, loader, torch.device("cpu"), progress=progress)
-    counts = {k: stats[k] for k in DATA_COUNTS}
-    if not records:
-        found = ", ".join(f"{n} {DATA_COUNTS[k]}" for k, n in counts.items())
-        raise ConfigError(f"no sample of the model's tasks ({', '.join(model.task_names)}) could be read from "
-                          f"{', '.join(shards)} split {split!r} ({found})")
-    vocab = {t.name: list(t.labels) for t in model.cfg.tasks}
-    types = {t.name: t.type for t in model.cfg.tasks}
-    result = compute_metrics(records, vocab, types, detailed=True)
-    result["non_finite_outputs"] = sum(not math.isfinite(r["probability"]) for r in records)
-    if result["non_finite_outputs"]:
-        warnings.warn(f"{result['non_finite_outputs']} of {len(records)} samples got non-finite (NaN or inf) model "
-                      f"outputs from {checkpoint}: its weights are damaged or it diverged; they count as wrong",
-                      stacklevel=2)
-    result["routing"] = routing_summary(stats)
-    result["data"] = counts
-    result["skipped_corrupt"] = counts["skipped_corrupt"]  # kept at the top level for earlier readers
-    result["checkpoint"] = str(checkpoint)
-    result["shards"] = list(shards)
-    result["drop_modalities"] = list(drop_modalities)
-    result["errors"] = []
-    if heatmap is not None and stats["modality_expert_counts"] is not None:
-        try:
-            save_routing_heatmap(stats["modality_expert_counts"], stats["routing_rows"], "evaluate", [heatmap])
-            result["routing_heatmap"] = str(heatmap)
-        except OSError as e:  # the metrics are computed: report the failure, keep them
-            result["errors"].append(f"the heatmap was not written: {os_error_message(e)}")
-    return result
-
-
-def fmt(value: float | None, spec: str = ".4f") -> str:
-    """A statistic for the summary; an optional one that could not be computed (None) prints as n/a."""
-    return "n/a" if value is None else format(value, spec)
-
-
-def format_summary(result: dict) -> str:
-    lines = []
-    for task, d in result["tasks"].items():
-        lines.append(f"{task} ({d['type']}, {d['samples']} samples): accuracy {fmt(d['accuracy'])}"
-                     + (f", macro-F1 {fmt(d['macro_f1'])}" if d["type"] == "classification" else "")
-                     + f", best single head {fmt(d['best_single_head_accuracy'])}, ECE {fmt(d['ece'])}")
-        avc = d["agreement_vs_correctness"]
-        lines.append(f"  heads unanimous on {fmt(avc['unanimous_fraction'], '.1%')}: accuracy "
-                     f"{fmt(avc['accuracy_when_unanimous'])} when unanimous, {fmt(avc['accuracy_when_split'])} "
-                     f"when split")
-        for subset, v in d["accuracy_by_modalities"].items():
-            lines.append(f"  {subset:<18} {fmt(v['accuracy'])}  ({v['samples']})")
-        for qtype, v in d["accuracy_by_qtype"].items():
-            lines.append(f"  qtype {qtype:<12} {fmt(v['accuracy'])}  ({v['samples']})")
-        if d["unseen_targets"]:
-            lines.append(f"  {d['unseen_targets']} samples have a target outside the model's vocabulary "
-                         f"(counted wrong)")
-    data = result.get("data", {})
-    if any(data.values()):
-        lines.append("data: " + ", ".join(f"{n} {DATA_COUNTS[k]}" for k, n in data.items() if n))
-    return "\n".join(lines)
+from moefuse.train.report import evaluate, format_summary
 
 
 @command("moefuse evaluate")

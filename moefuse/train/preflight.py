@@ -63,13 +63,13 @@ def resolve_tasks(cfg: ExperimentConfig) -> list[TaskConfig]:
                 raise ConfigError(f"tasks: task {t.name!r} is not in the training shards (they have: "
                                   f"{', '.join(found) or 'none'})")
         elif found[t.name]["type"] != t.type:
-            raise ConfigError(f"tasks.{t.name}.type is {t.type} but the shards hold it as {found[t.name]['type']}")
+            raise ConfigError(f"{t.key('type')} is {t.type} but the shards hold it as {found[t.name]['type']}")
         elif t.labels is None:
             t = replace(t, labels=list(found[t.name]["vocabulary"]))
         else:
             lacking = [v for v in found[t.name]["vocabulary"] if v not in set(t.labels)]
             if lacking:
-                raise ConfigError(f"tasks.{t.name}.labels lacks {len(lacking)} target(s) the training shards hold "
+                raise ConfigError(f"{t.key('labels')} lacks {len(lacking)} target(s) the training shards hold "
                                   f"({', '.join(map(repr, lacking[:10]))}); add them, or leave labels out to take "
                                   f"the vocabulary from the shards")
         tasks.append(t)

@@ -1,0 +1,141 @@
+"""Inference on raw inputs, the library part of `moefuse predict` (and of the demo and the benchmarks).
+
+Raw files are prepared by each modality's encoder (`read_input`) with the settings the training shards were built
+with, recorded in the export's `media` (image size and fit, audio limits; audio is resampled to the encoder's
+rate), so predictions on raw files see what the model saw in training. `predict_samples` gives one result per
+sample: prediction, probability, top 5, per-head votes, agreement and a routing summary (which experts each
+modality's tokens went to, per MoE layer), or an `error` for a sample the model cannot take.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from moefuse.configutil import ConfigError
+from moefuse.datasets.collate import has_value
+from moefuse.datasets.manifest import read_manifest
+from moefuse.datasets.media import MediaError
+from moefuse.fusion.model import ModelOutput, MultimodalMoEModel, build_collator
+from moefuse.train.checkpoint import read_export_info
+from moefuse.train.metrics import records_from_output
+
+# Limits for exports that do not record the shards' media settings (trained on shard patterns, or before the
+# settings were recorded); otherwise the build's own limits apply.
+DEFAULT_MEDIA = {"max_file_bytes": 1 << 30, "max_image_pixels": 100_000_000, "max_audio_seconds": 3600.0}
+
+
+def export_media(checkpoint: str | Path) -> dict:
+    """The media settings predict applies to raw inputs: the export's record of the training shards' build
+    settings over DEFAULT_MEDIA."""
+    return {**DEFAULT_MEDIA, **(read_export_info(Path(checkpoint)).get("media") or {})}
+
+
+def load_media_sample(model: MultimodalMoEModel, sid: str, task: str, *, media: dict | None = None,
+                      target: str | None = None, meta: dict | None = None, **inputs: object) -> dict:
+    """Raw inputs (text, question: strings; image, audio: file paths; None = not given) -> a decoded sample (the
+    collate contract), each read by the encoder of its modality with the training shards' `media` settings."""
+    tasks = {t.name: t for t in model.cfg.tasks}
+    if task not in tasks:
+        raise ConfigError(f"unknown task {task!r}; this model has: {', '.join(tasks)}")
+    if tasks[task].type == "qa" and not inputs.get("question"):
+        raise ConfigError(f"task {task!r} is a QA task: give --question")
+    given = {f: v for f, v in inputs.items() if has_value(v)}
+    if not given:
+        raise ConfigError(f"give at least one input: {', '.join('--' + f for f in inputs)}")
+    owner = {f: m for m, names in model.sample_fields.items() for f in names}
+    sample = {"id": sid, "task": task, **dict.fromkeys(inputs), "target": target, "meta": meta or {}}
+    for f, value in given.items():
+        if f not in owner or owner[f] not in model.encoders:
+            raise ConfigError(f"this model has no {owner.get(f, f)} encoder; drop --{f}")
+        sample[f] = model.encoders[owner[f]].read_input(f, value, media or DEFAULT_MEDIA)
+    return sample
+
+
+def routing_per_sample(output: ModelOutput, rows: list[str]) -> list[dict]:
+    """For each sample: {modality: [ {expert: assignments} per MoE layer ]}, experts sorted by count; `rows` names
+    the modality ids (the model's routing_rows)."""
+    b = output.token_mask.shape[0]
+    real = output.token_mask.reshape(-1).nonzero().squeeze(1)  # [N_real] row-major over [B, T]
+    t = output.token_mask.shape[1]
+    sample_of = (real // t).tolist()
+    mod_of = output.modality_ids.reshape(-1)[real].tolist()
+    result = [{} for _ in range(b)]
+    for layer, moe in enumerate(output.moe_layers):
+        counters: dict[tuple[int, int], Counter] = {}
+        for i, experts in enumerate(moe.top_k_index.tolist()):
+            counters.setdefault((sample_of[i], mod_of[i]), Counter()).update(experts)
+        for (s, m), c in counters.items():
+            per_layer = result[s].setdefault(rows[m], [{} for _ in output.moe_layers])
+            per_layer[layer] = {str(e): n for e, n in c.most_common()}
+    return result
+
+
+def _result_line(rec: dict, routing: dict) -> dict:
+    """One prediction as `predict` writes it; non-finite model outputs make it an error line instead."""
+    numbers = [rec["probability"], *(p for _, p in rec["top5"])]
+    if not all(math.isfinite(x) for x in numbers):
+        return {"id": rec["id"], "task": rec["task"],
+                "error": "the model's output is not finite (NaN or inf): its weights are damaged or it diverged"}
+    return {
+        "id": rec["id"], "task": rec["task"], "prediction": rec["prediction"],
+        "probability": rec["probability"], "top5": rec["top5"], "votes": rec["head_predictions"],
+        "agreement": rec["agreement"], "modalities": rec["modalities"],
+        **({"target": rec["target"], "correct": rec["target"] == rec["prediction"]}
+           if rec["target"] is not None else {}),
+        "routing": routing,
+    }
+
+
+@torch.no_grad()
+def _predict_batch(model: MultimodalMoEModel, collator, samples: list[dict]) -> list[dict]:
+    batch = collator(samples)
+    out = model(batch)
+    routing = routing_per_sample(out, model.routing_rows)
+    vocab = {t.name: list(t.labels) for t in model.cfg.tasks}
+    return [_result_line(rec, routing[batch["ids"].index(rec["id"])])
+            for rec in records_from_output(batch, out, vocab)]
+
+
+def predict_samples(model: MultimodalMoEModel, samples: list[dict], batch_size: int = 32) -> list[dict]:
+    """One result per sample, in order. A batch that fails is retried sample by sample, so one sample the model
+    cannot take becomes one line with an `error` field and every other sample is still predicted."""
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    collator = build_collator(model, train=False)
+    results = []
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i : i + batch_size]
+        try:
+            results += _predict_batch(model, collator, chunk)
+        except (ValueError, RuntimeError):
+            for sample in chunk:
+                try:
+                    results += _predict_batch(model, collator, [sample])
+                except (ValueError, RuntimeError) as e:
+                    results.append({"id": sample["id"], "task": sample["task"], "error": f"{type(e).__name__}: {e}"})
+    position = {s["id"]: k for k, s in enumerate(samples)}
+    return sorted(results, key=lambda r: position[r["id"]])
+
+
+def manifest_samples(model: MultimodalMoEModel, manifest: Path, media: dict | None = None
+                     ) -> tuple[list[dict], list[dict]]:
+    """Manifest rows (targets optional) -> decoded samples, and error lines for the rows that could not be read,
+    each naming the row's problems. Both carry the manifest line, for the output order."""
+    samples, bad = [], []
+    for row in read_manifest(manifest, require_target=False):
+        if row.errors:
+            bad.append({"line": row.line, "id": row.id, "task": row.task, "error": "; ".join(row.errors)})
+            continue
+        target = row.label if row.label is not None else row.answer
+        try:
+            sample = load_media_sample(model, row.id, row.task, media=media, target=target, meta=row.meta,
+                                       text=row.text, question=row.question, image=row.image, audio=row.audio)
+        except (MediaError, ConfigError) as e:
+            bad.append({"line": row.line, "id": row.id, "task": row.task, "error": str(e)})
+            continue
+        samples.append({**sample, "line": row.line})
+    return samples, bad
