@@ -89,6 +89,17 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def probability(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)
@@ -99,4 +110,4 @@ def _int_at_least(text: str, low: int) -> int:
     return value
 
 
-__all__ = ["UserError", "command", "naming", "non_negative_int", "os_error_message", "positive_int"]
+__all__ = ["UserError", "command", "naming", "non_negative_int", "os_error_message", "positive_int", "probability"]

@@ -4,6 +4,12 @@ Each head is trained with its own cross-entropy (an ensemble of heads on one tru
 ensembles / "TreeNets", Lee et al. 2015). Votes are combined by `soft` (mean probability), `weighted`
 (learned softmax weights over heads, trained on the ensemble's own NLL with head outputs detached) or
 `majority` (hard vote, ties broken by the soft score). Agreement = fraction of heads that vote for the answer.
+
+Calibration: the combined probabilities go through temperature scaling (Guo et al. 2017), p = softmax(log p_ens /
+T), with one T per task, a buffer of the model fit on the validation split after training
+(`moefuse.fusion.calibration.fit_temperature`, run by the training recipe's `calibrate` step). T = 1 (the default,
+and what exports made before calibration load with) leaves the probabilities as they are; T never changes the
+answer, only the confidence.
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ class HeadsConfig(Config):
     """Dropout inside each head (also decorrelates the heads)."""
     combine: Literal["soft", "weighted", "majority"] = "soft"
     """How votes become the answer: mean probability, learned weights, or hard majority vote."""
+    calibrate: bool = True
+    """Fit one temperature per task on the validation split after training (temperature scaling, Guo et al. 2017),
+    stored in the export and applied by evaluate and predict; false = T = 1 (the raw ensemble probabilities)."""
 
     def __post_init__(self) -> None:
         self.check(self.num_heads >= 1, "num_heads", f"must be >= 1, got {self.num_heads}")
@@ -68,7 +77,8 @@ class TaskOutput:
 
     rows: torch.Tensor  # [B_t] indices into the batch
     logits: torch.Tensor  # [B_t, K, C] per-head logits
-    probs: torch.Tensor  # [B_t, C] ensemble probabilities
+    probs: torch.Tensor  # [B_t, C] ensemble probabilities, calibrated (temperature applied)
+    uncalibrated: torch.Tensor  # [B_t, C] ensemble probabilities before temperature scaling
     prediction: torch.Tensor  # [B_t] ensemble answer (index into the vocabulary)
     head_predictions: torch.Tensor  # [B_t, K]
     agreement: torch.Tensor  # [B_t] fraction of heads voting for the ensemble answer
@@ -90,6 +100,17 @@ class VotingHeads(nn.Module):
 
         self.heads = nn.ModuleList(head() for _ in range(cfg.num_heads))
         self.vote_logits = nn.Parameter(torch.zeros(cfg.num_heads)) if cfg.combine == "weighted" else None
+        self.register_buffer("temperature", torch.ones(()))  # T, fit after training (calibration.fit_temperature)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        state_dict.setdefault(prefix + "temperature", torch.ones(()))  # saved before calibration existed: T = 1
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def calibrate(self, probs: torch.Tensor) -> torch.Tensor:
+        """Temperature scaling of ensemble probabilities [B, C] -> [B, C]; exactly the input at T = 1."""
+        if float(self.temperature) == 1.0:
+            return probs
+        return (probs.clamp_min(1e-12).log() / self.temperature).softmax(-1)
 
     def combine(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """logits [B, K, C] -> ensemble probs [B, C], prediction [B], per-head votes [B, K]."""
@@ -127,5 +148,5 @@ class VotingHeads(nn.Module):
                     loss = loss + F.nll_loss(mix.clamp_min(1e-9).log(), y[valid])
             else:
                 loss = logits.sum() * 0.0  # keeps every parameter in the graph (DDP needs it)
-        return TaskOutput(rows=rows, logits=logits, probs=ens, prediction=pred, head_predictions=votes,
-                          agreement=agreement, loss=loss)
+        return TaskOutput(rows=rows, logits=logits, probs=self.calibrate(ens), uncalibrated=ens, prediction=pred,
+                          head_predictions=votes, agreement=agreement, loss=loss)

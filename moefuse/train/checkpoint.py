@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from moefuse.configutil import ConfigError, atomic_write_text, dumps_json, from_dict, sha256_file, to_dict
 from moefuse.errors import naming
 from moefuse.fusion.model import ModelConfig, MultimodalMoEModel, build_model
+from moefuse.train.calibrate import calibrate_run
 
 if TYPE_CHECKING:
     from moefuse.config import ExperimentConfig
@@ -314,11 +315,14 @@ def _load_best(model: MultimodalMoEModel, ckpt_root: Path, state: dict) -> int:
 
 
 def export_run(model: MultimodalMoEModel, out: Path, state: dict, cfg: ExperimentConfig) -> dict:
-    """Export a run's best weights to out/model and write out/results.json; returns the result. A failed write
-    leaves the checkpoints as they are, so `moefuse export OUT` can redo it."""
+    """Export a run's best weights, calibrated on its validation split (`calibrate_run`), to out/model and write
+    out/results.json; returns the result. A failed write leaves the checkpoints as they are, so `moefuse export
+    OUT` can redo it."""
     step = _load_best(model, out / "checkpoints", state)
+    calibration = calibrate_run(model, cfg)  # sets each task's temperature (validation split), or None
     result = run_result(state, cfg.train.metric)
     extra = {"step": step, "result": result, "final_val_metrics": state.get("last_val_metrics"),
+             "calibration": calibration,
              "drop_modalities": list(cfg.data.drop_modalities), "train_shards": list(cfg.data.train_shards),
              "media": training_media(cfg.data.train_shards)}
     try:

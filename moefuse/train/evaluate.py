@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="val", help="split to read from dataset folders (default: val)")
     p.add_argument("--json", type=Path, help="write the full report (JSON) here")
     p.add_argument("--heatmap", type=Path, help="write the modality x expert routing heatmap (PNG) here")
+    p.add_argument("--plots", type=Path, metavar="DIR",
+                   help="write each task's reliability diagram and risk-coverage curve (confidence-TASK.png) here")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--num-workers", type=non_negative_int, default=0)
     p.add_argument("--int8", action="store_true", help="evaluate the dynamic-int8 quantised model")
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
                         "without)")
     args = p.parse_args(argv)
     result = evaluate(args.checkpoint, args.shards, args.split, args.batch_size, args.num_workers, args.int8,
-                      args.heatmap, drop_modalities=args.drop)
+                      args.heatmap, drop_modalities=args.drop, plots=args.plots)
     failures = list(result["errors"])
     written = False
     if args.json is not None:  # written before anything is printed: a failed print never loses the report

@@ -74,15 +74,19 @@ def routing_per_sample(output: ModelOutput, rows: list[str]) -> list[dict]:
     return result
 
 
-def _result_line(rec: dict, routing: dict) -> dict:
-    """One prediction as `predict` writes it; non-finite model outputs make it an error line instead."""
+def _result_line(rec: dict, routing: dict, min_confidence: float | None) -> dict:
+    """One prediction as `predict` writes it; non-finite model outputs make it an error line instead. With
+    `min_confidence`, `abstain` says whether the (calibrated) probability is below it: the answer is then only a
+    best guess (selective prediction)."""
     numbers = [rec["probability"], *(p for _, p in rec["top5"])]
     if not all(math.isfinite(x) for x in numbers):
         return {"id": rec["id"], "task": rec["task"],
                 "error": "the model's output is not finite (NaN or inf): its weights are damaged or it diverged"}
     return {
         "id": rec["id"], "task": rec["task"], "prediction": rec["prediction"],
-        "probability": rec["probability"], "top5": rec["top5"], "votes": rec["head_predictions"],
+        "probability": rec["probability"],
+        **({"abstain": rec["probability"] < min_confidence} if min_confidence is not None else {}),
+        "top5": rec["top5"], "votes": rec["head_predictions"],
         "agreement": rec["agreement"], "modalities": rec["modalities"],
         **({"target": rec["target"], "correct": rec["target"] == rec["prediction"]}
            if rec["target"] is not None else {}),
@@ -91,30 +95,35 @@ def _result_line(rec: dict, routing: dict) -> dict:
 
 
 @torch.no_grad()
-def _predict_batch(model: MultimodalMoEModel, collator, samples: list[dict]) -> list[dict]:
+def _predict_batch(model: MultimodalMoEModel, collator, samples: list[dict], min_confidence: float | None
+                   ) -> list[dict]:
     batch = collator(samples)
     out = model(batch)
     routing = routing_per_sample(out, model.routing_rows)
     vocab = {t.name: list(t.labels) for t in model.cfg.tasks}
-    return [_result_line(rec, routing[batch["ids"].index(rec["id"])])
+    return [_result_line(rec, routing[batch["ids"].index(rec["id"])], min_confidence)
             for rec in records_from_output(batch, out, vocab)]
 
 
-def predict_samples(model: MultimodalMoEModel, samples: list[dict], batch_size: int = 32) -> list[dict]:
+def predict_samples(model: MultimodalMoEModel, samples: list[dict], batch_size: int = 32,
+                    min_confidence: float | None = None) -> list[dict]:
     """One result per sample, in order. A batch that fails is retried sample by sample, so one sample the model
-    cannot take becomes one line with an `error` field and every other sample is still predicted."""
+    cannot take becomes one line with an `error` field and every other sample is still predicted. With
+    `min_confidence` in [0, 1], each result says whether it is an abstention (`abstain`)."""
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
+        raise ConfigError(f"the minimum confidence must be in [0, 1], got {min_confidence}")
     collator = build_collator(model, train=False)
     results = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
         try:
-            results += _predict_batch(model, collator, chunk)
+            results += _predict_batch(model, collator, chunk, min_confidence)
         except (ValueError, RuntimeError):
             for sample in chunk:
                 try:
-                    results += _predict_batch(model, collator, [sample])
+                    results += _predict_batch(model, collator, [sample], min_confidence)
                 except (ValueError, RuntimeError) as e:
                     results.append({"id": sample["id"], "task": sample["task"], "error": f"{type(e).__name__}: {e}"})
     position = {s["id"]: k for k, s in enumerate(samples)}

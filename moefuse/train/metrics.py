@@ -33,6 +33,7 @@ def records_from_output(batch: dict, output, vocabularies: dict[str, list[str]])
                 "prediction_index": int(out.prediction[j]),
                 "prediction": vocab[int(out.prediction[j])],
                 "probability": float(out.probs[j, out.prediction[j]]),
+                "probability_uncalibrated": float(out.uncalibrated[j, out.prediction[j]]),
                 "top5": [[vocab[int(i)], float(p)] for p, i in zip(top.values[j], top.indices[j])],
                 "head_predictions": [vocab[int(i)] for i in out.head_predictions[j]],
                 "head_correct": [int(i) == labels[row] for i in out.head_predictions[j]],
@@ -71,19 +72,68 @@ def confusion(y_true: list[int], y_pred: list[int], num_classes: int) -> list[li
         return confusion_matrix(seen, predicted, labels=list(range(num_classes))).tolist()
 
 
-def expected_calibration_error(confidences: list[float], correct: list[bool], bins: int = 15) -> float:
-    """ECE (Guo et al. 2017): |accuracy - confidence| averaged over equal-width confidence bins."""
+def reliability_bins(confidences: list[float], correct: list[bool], bins: int = 15) -> list[dict]:
+    """Equal-width confidence bins (the reliability diagram's): each non-empty bin's mean confidence, accuracy and
+    number of samples, lowest bin first."""
     if not confidences:
-        return 0.0
-    conf = torch.tensor(confidences)
-    corr = torch.tensor(correct, dtype=torch.float)
+        return []
+    conf = torch.tensor(confidences, dtype=torch.float64)
+    corr = torch.tensor(correct, dtype=torch.float64)
     idx = torch.clamp((conf * bins).long(), max=bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        sel = idx == b
-        if sel.any():
-            ece += float(sel.float().mean() * (corr[sel].mean() - conf[sel].mean()).abs())
-    return ece
+    return [{"low": b / bins, "high": (b + 1) / bins, "confidence": float(conf[sel].mean()),
+             "accuracy": float(corr[sel].mean()), "samples": int(sel.sum())}
+            for b in range(bins) if (sel := idx == b).any()]
+
+
+def expected_calibration_error(confidences: list[float], correct: list[bool], bins: int = 15) -> float:
+    """ECE (Guo et al. 2017): |accuracy - confidence| averaged over equal-width confidence bins, weighted by the
+    bins' shares of the samples."""
+    n = len(confidences)
+    cells = reliability_bins(confidences, correct, bins)
+    return float(sum(c["samples"] / n * abs(c["accuracy"] - c["confidence"]) for c in cells))
+
+
+def risk_coverage(confidences: list[float], correct: list[bool], points: int = 101) -> dict:
+    """Selective prediction (Geifman & El-Yaniv 2017): answer only the samples whose confidence reaches a threshold;
+    coverage = the fraction answered, risk = the error rate among them. Samples are taken by confidence, highest
+    first, tied confidences together. AURC (Geifman et al. 2019) = the risk averaged over the coverages 1/N .. N/N,
+    each sample adding the risk of the threshold that first answers it. The curve is given at up to `points`
+    coverages (the thresholds nearest 0, 1/(points-1), ..., 1)."""
+    n = len(confidences)
+    if n == 0:
+        return {"aurc": None, "coverage": [], "risk": []}
+    order = sorted(range(n), key=lambda i: -confidences[i])
+    ends, errors, risk_at = [], 0, []  # ends: how many are answered at each distinct threshold
+    for k, i in enumerate(order):
+        errors += not correct[i]
+        if k + 1 == n or confidences[order[k + 1]] != confidences[i]:
+            ends.append(k + 1)
+            risk_at.append(errors / (k + 1))
+    start, aurc = 0, 0.0
+    for end, risk in zip(ends, risk_at):
+        aurc += (end - start) * risk
+        start = end
+    picks = sorted({min(range(len(ends)), key=lambda j: abs(ends[j] / n - q / (points - 1))) for q in range(points)})
+    return {"aurc": aurc / n, "coverage": [ends[j] / n for j in picks], "risk": [risk_at[j] for j in picks]}
+
+
+def error_detection_auroc(scores: list[float], wrong: list[bool]) -> float | None:
+    """AUROC with which a score (higher = more doubt) detects the wrong answers (scikit-learn's roc_auc_score);
+    None when every answer is right or every answer is wrong."""
+    if len(set(wrong)) < 2:
+        return None
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(wrong, scores))
+
+
+def selective_prediction(recs: list[dict], correct: list[bool]) -> dict:
+    """The risk-coverage curve and AURC of the ensemble's confidence, and how well low confidence and voter
+    disagreement each detect the wrong answers (AUROC)."""
+    wrong = [not c for c in correct]
+    return {**risk_coverage([r["probability"] for r in recs], correct),
+            "auroc_confidence": error_detection_auroc([-r["probability"] for r in recs], wrong),
+            "auroc_disagreement": error_detection_auroc([1.0 - r["agreement"] for r in recs], wrong)}
 
 
 def metric_names(task_types: dict[str, str], num_heads: int) -> list[str]:
@@ -113,6 +163,7 @@ def _task_scores(recs: list[dict], num_classes: int) -> dict:
     return {"samples": n, "correct": correct, "acc": sum(correct) / n, "head_acc": head_acc, "f1": f1,
             "report": report, "y_true": y_true, "y_pred": y_pred,
             "ece": expected_calibration_error([r["probability"] for r in recs], correct),
+            "ece_uncalibrated": expected_calibration_error([r["probability_uncalibrated"] for r in recs], correct),
             "agreement": sum(r["agreement"] for r in recs) / n,
             "unseen": sum(r["target_index"] == IGNORE_INDEX for r in recs)}
 
@@ -167,6 +218,10 @@ def _task_details(recs: list[dict], vocab: list[str], kind: str, s: dict) -> dic
         "head_accuracy": s["head_acc"],
         "best_single_head_accuracy": max(s["head_acc"]),
         "ece": s["ece"],
+        "ece_uncalibrated": s["ece_uncalibrated"],
+        "selective": selective_prediction(recs, correct),
+        "reliability": {"calibrated": reliability_bins([r["probability"] for r in recs], correct),
+                        "uncalibrated": reliability_bins([r["probability_uncalibrated"] for r in recs], correct)},
         "agreement_vs_correctness": _agreement_vs_correctness(recs, correct),
         "accuracy_by_modalities": _accuracy_by([(r["modalities"], c) for r, c in zip(recs, correct)]),
         "accuracy_by_qtype": _accuracy_by(qtypes),

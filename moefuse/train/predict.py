@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from moefuse.configutil import ConfigError, atomic_write_text, dumps_json
-from moefuse.errors import command, positive_int
+from moefuse.errors import command, positive_int, probability
 from moefuse.train.checkpoint import load_inference_model
 from moefuse.train.inference import export_media, load_media_sample, manifest_samples, predict_samples
 
@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--audio", type=Path, help="audio file (wav/flac/ogg; resampled as needed)")
     p.add_argument("--out", type=Path, help="write JSON Lines here (default: stdout)")
     p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--min-confidence", type=probability, metavar="P",
+                   help="mark answers whose calibrated probability is below P (in [0, 1]) as abstentions "
+                        "(\"abstain\": true; the prediction is still the best guess)")
     p.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of every linear layer and expert")
     args = p.parse_args(argv)
     if args.manifest is not None and any([args.text, args.question, args.image, args.audio]):
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             task = model.task_names[0]
         samples = [load_media_sample(model, args.id, task, media=media, text=args.text, question=args.question,
                                      image=args.image, audio=args.audio)]
-    results = predict_samples(model, samples, args.batch_size) if samples else []
+    results = predict_samples(model, samples, args.batch_size, args.min_confidence) if samples else []
     for r, s in zip(results, samples):
         r.setdefault("line", s.get("line"))
     rows = sorted(results + bad, key=lambda r: r.get("line") or 0)

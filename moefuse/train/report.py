@@ -20,6 +20,7 @@ from moefuse.datasets import make_loader
 from moefuse.errors import os_error_message
 from moefuse.fusion.model import build_collator
 from moefuse.train.checkpoint import load_inference_model, read_export_info
+from moefuse.train.confidence_plots import save_confidence_plot
 from moefuse.train.evaluation import DATA_COUNTS, evaluate_loader, routing_summary
 from moefuse.train.metrics import compute_metrics
 from moefuse.train.plots import save_routing_heatmap
@@ -27,9 +28,10 @@ from moefuse.train.plots import save_routing_heatmap
 
 def evaluate(checkpoint: str | Path, shards: list[str], split: str = "val", batch_size: int = 64,
              num_workers: int = 0, int8: bool = False, heatmap: Path | None = None, progress: bool = True,
-             drop_modalities: list[str] | None = None) -> dict:
+             drop_modalities: list[str] | None = None, plots: Path | None = None) -> dict:
     """Metrics of an exported model. `drop_modalities` defaults to what the model was trained without
-    (export.json), so an image-only model is evaluated on the images of audio-visual shards."""
+    (export.json), so an image-only model is evaluated on the images of audio-visual shards. `plots`: a folder for
+    each task's reliability diagram and risk-coverage curve (`confidence-<task>.png`)."""
     model = load_inference_model(checkpoint, int8=int8)
     if drop_modalities is None:
         drop_modalities = read_export_info(Path(checkpoint)).get("drop_modalities", [])
@@ -45,6 +47,8 @@ def evaluate(checkpoint: str | Path, shards: list[str], split: str = "val", batc
     vocab = {t.name: list(t.labels) for t in model.cfg.tasks}
     types = {t.name: t.type for t in model.cfg.tasks}
     result = compute_metrics(records, vocab, types, detailed=True)
+    for task, details in result["tasks"].items():
+        details["temperature"] = float(model.heads[task].temperature)
     result["non_finite_outputs"] = sum(not math.isfinite(r["probability"]) for r in records)
     if result["non_finite_outputs"]:
         warnings.warn(f"{result['non_finite_outputs']} of {len(records)} samples got non-finite (NaN or inf) model "
@@ -57,6 +61,8 @@ def evaluate(checkpoint: str | Path, shards: list[str], split: str = "val", batc
     result["shards"] = list(shards)
     result["drop_modalities"] = list(drop_modalities)
     result["errors"] = []
+    if plots is not None:
+        _save_confidence_plots(result, Path(plots))
     if heatmap is not None and stats["modality_expert_counts"] is not None:
         try:
             save_routing_heatmap(stats["modality_expert_counts"], stats["routing_rows"], "evaluate", [heatmap])
@@ -64,6 +70,18 @@ def evaluate(checkpoint: str | Path, shards: list[str], split: str = "val", batc
         except OSError as e:  # the metrics are computed: report the failure, keep them
             result["errors"].append(f"the heatmap was not written: {os_error_message(e)}")
     return result
+
+
+def _save_confidence_plots(result: dict, folder: Path) -> None:
+    """Each task's confidence plot into `folder`; a failed write is reported in result["errors"]."""
+    result["confidence_plots"] = {}
+    for task, details in result["tasks"].items():
+        path = folder / f"confidence-{task}.png"
+        try:
+            save_confidence_plot(details, task, path)
+            result["confidence_plots"][task] = str(path)
+        except OSError as e:
+            result["errors"].append(f"the confidence plot of {task} was not written: {os_error_message(e)}")
 
 
 def fmt(value: float | None, spec: str = ".4f") -> str:
@@ -76,7 +94,12 @@ def format_summary(result: dict) -> str:
     for task, d in result["tasks"].items():
         lines.append(f"{task} ({d['type']}, {d['samples']} samples): accuracy {fmt(d['accuracy'])}"
                      + (f", macro-F1 {fmt(d['macro_f1'])}" if d["type"] == "classification" else "")
-                     + f", best single head {fmt(d['best_single_head_accuracy'])}, ECE {fmt(d['ece'])}")
+                     + f", best single head {fmt(d['best_single_head_accuracy'])}")
+        sel = d["selective"]
+        lines.append(f"  confidence: ECE {fmt(d['ece_uncalibrated'])} -> {fmt(d['ece'])} after temperature "
+                     f"{d['temperature']:.3f}; AURC {fmt(sel['aurc'])}; wrong answers detected with AUROC "
+                     f"{fmt(sel['auroc_confidence'])} by low confidence, {fmt(sel['auroc_disagreement'])} by "
+                     f"disagreement")
         avc = d["agreement_vs_correctness"]
         lines.append(f"  heads unanimous on {fmt(avc['unanimous_fraction'], '.1%')}: accuracy "
                      f"{fmt(avc['accuracy_when_unanimous'])} when unanimous, {fmt(avc['accuracy_when_split'])} "
