@@ -27,12 +27,12 @@ def temperature_nll(probs: torch.Tensor, targets: torch.Tensor, temperature: flo
 
 def fit_temperature(probs: torch.Tensor, targets: torch.Tensor) -> float:
     """The T in [MIN_TEMPERATURE, MAX_TEMPERATURE] that minimises the NLL of `probs` [N, C] (ensemble
-    probabilities before scaling) on `targets` [N] (class indices; negative ones are ignored); 1.0 when no sample
-    has a target. The NLL is convex in 1 / T, so a bounded scalar search over log T (scipy's Brent method) finds
-    the minimum without tuning."""
+    probabilities before scaling) on `targets` [N] (class indices; negative ones, and rows that are not finite, are
+    ignored); 1.0 when no sample is left. The NLL is convex in 1 / T, so a bounded scalar search over log T
+    (scipy's Brent method) finds the minimum without tuning."""
     from scipy.optimize import minimize_scalar
 
-    keep = targets >= 0
+    keep = (targets >= 0) & probs.isfinite().all(-1)  # a sample without a target, or a non-finite output
     probs, targets = probs[keep], targets[keep]
     if targets.numel() == 0:
         return 1.0

@@ -7,6 +7,7 @@ predictions, agreement and which modalities the sample had.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import defaultdict
 
@@ -129,10 +130,12 @@ def error_detection_auroc(scores: list[float], wrong: list[bool]) -> float | Non
 
 def selective_prediction(recs: list[dict], correct: list[bool]) -> dict:
     """The risk-coverage curve and AURC of the ensemble's confidence, and how well low confidence and voter
-    disagreement each detect the wrong answers (AUROC)."""
+    disagreement each detect the wrong answers (AUROC). A non-finite output (a diverged model) has the lowest
+    confidence of all."""
     wrong = [not c for c in correct]
-    return {**risk_coverage([r["probability"] for r in recs], correct),
-            "auroc_confidence": error_detection_auroc([-r["probability"] for r in recs], wrong),
+    confidence = [r["probability"] if math.isfinite(r["probability"]) else -1.0 for r in recs]
+    return {**risk_coverage(confidence, correct),
+            "auroc_confidence": error_detection_auroc([-c for c in confidence], wrong),
             "auroc_disagreement": error_detection_auroc([1.0 - r["agreement"] for r in recs], wrong)}
 
 
@@ -163,7 +166,6 @@ def _task_scores(recs: list[dict], num_classes: int) -> dict:
     return {"samples": n, "correct": correct, "acc": sum(correct) / n, "head_acc": head_acc, "f1": f1,
             "report": report, "y_true": y_true, "y_pred": y_pred,
             "ece": expected_calibration_error([r["probability"] for r in recs], correct),
-            "ece_uncalibrated": expected_calibration_error([r["probability_uncalibrated"] for r in recs], correct),
             "agreement": sum(r["agreement"] for r in recs) / n,
             "unseen": sum(r["target_index"] == IGNORE_INDEX for r in recs)}
 
@@ -218,7 +220,7 @@ def _task_details(recs: list[dict], vocab: list[str], kind: str, s: dict) -> dic
         "head_accuracy": s["head_acc"],
         "best_single_head_accuracy": max(s["head_acc"]),
         "ece": s["ece"],
-        "ece_uncalibrated": s["ece_uncalibrated"],
+        "ece_uncalibrated": expected_calibration_error([r["probability_uncalibrated"] for r in recs], correct),
         "selective": selective_prediction(recs, correct),
         "reliability": {"calibrated": reliability_bins([r["probability"] for r in recs], correct),
                         "uncalibrated": reliability_bins([r["probability_uncalibrated"] for r in recs], correct)},

@@ -95,11 +95,12 @@ def format_summary(result: dict) -> str:
         lines.append(f"{task} ({d['type']}, {d['samples']} samples): accuracy {fmt(d['accuracy'])}"
                      + (f", macro-F1 {fmt(d['macro_f1'])}" if d["type"] == "classification" else "")
                      + f", best single head {fmt(d['best_single_head_accuracy'])}")
-        sel = d["selective"]
-        lines.append(f"  confidence: ECE {fmt(d['ece_uncalibrated'])} -> {fmt(d['ece'])} after temperature "
-                     f"{d['temperature']:.3f}; AURC {fmt(sel['aurc'])}; wrong answers detected with AUROC "
-                     f"{fmt(sel['auroc_confidence'])} by low confidence, {fmt(sel['auroc_disagreement'])} by "
-                     f"disagreement")
+        if "selective" in d:  # reports written before calibration have no confidence statistics
+            sel = d["selective"]
+            lines.append(f"  confidence: ECE {fmt(d['ece_uncalibrated'])} -> {fmt(d['ece'])} after temperature "
+                         f"{fmt(d['temperature'], '.3f')}; AURC {fmt(sel['aurc'])}; wrong answers detected with "
+                         f"AUROC {fmt(sel['auroc_confidence'])} by low confidence, {fmt(sel['auroc_disagreement'])} "
+                         f"by disagreement")
         avc = d["agreement_vs_correctness"]
         lines.append(f"  heads unanimous on {fmt(avc['unanimous_fraction'], '.1%')}: accuracy "
                      f"{fmt(avc['accuracy_when_unanimous'])} when unanimous, {fmt(avc['accuracy_when_split'])} "
