@@ -169,6 +169,19 @@ def test_export_ignores_a_damaged_best_checkpoint(copy_run: Path) -> None:
     assert json.loads((copy_run / "model" / "export.json").read_text())["step"] == 2
 
 
+def test_export_without_its_validation_data_still_exports_uncalibrated(copy_run: Path) -> None:
+    """`moefuse export` of a run whose validation shards are gone: the weights are exported (T = 1), with a
+    warning naming the cause, and export.json says there was no calibration."""
+    config = copy_run / "config.yaml"
+    config.write_text(config.read_text().replace("val_shards:\n  - ", f"val_shards:\n  - {copy_run / 'gone'}\n  - ", 1))
+    assert str(copy_run / "gone") in config.read_text()
+    shutil.rmtree(copy_run / "model")
+    with pytest.warns(UserWarning, match="not calibrated.*gone"):
+        assert cli(["export", str(copy_run)]) == 0
+    assert json.loads((copy_run / "model" / "export.json").read_text())["calibration"] is None
+    assert all(float(h.temperature) == 1.0 for h in load_exported(copy_run / "model").heads.values())
+
+
 def test_python_m_moefuse_train_reports_errors_without_traceback(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "moefuse.train", str(tmp_path / "missing.yaml")],
                           capture_output=True, text=True, cwd=REPO, timeout=120)

@@ -1,11 +1,15 @@
-"""Post-hoc calibration of a task's ensemble probabilities: temperature scaling (Guo et al. 2017, "On Calibration
-of Modern Neural Networks").
+"""Post-hoc fits of a task's ensemble on held-out data: the voters' weights (stacking, Wolpert 1992; Breiman 1996,
+"Stacked Regressions": a convex combination of the members chosen on data they were not trained on) and
+temperature scaling (Guo et al. 2017, "On Calibration of Modern Neural Networks").
 
 One scalar T > 0 per task divides the log-probabilities, p_T = softmax(log p / T), and is chosen to minimise the
 negative log-likelihood on held-out data (the validation split, after training). T > 1 softens over-confident
 answers, T < 1 sharpens under-confident ones; the argmax, so the answer and the accuracy, never changes.
 
-Shapes: N samples, C classes.
+The voters' weights w = softmax(v) minimise the NLL of the mixture sum_k w_k p_k; the uniform start is the soft
+vote, and a voter that is worse than the others everywhere ends with a small weight.
+
+Shapes: N samples, K voters, C classes.
 """
 
 from __future__ import annotations
@@ -46,4 +50,42 @@ def fit_temperature(probs: torch.Tensor, targets: torch.Tensor) -> float:
     return math.exp(found.x)
 
 
-__all__ = ["MAX_TEMPERATURE", "MIN_TEMPERATURE", "fit_temperature", "temperature_nll"]
+def mixture_nll(head_probs: torch.Tensor, targets: torch.Tensor, vote_logits: torch.Tensor,
+                voted: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean NLL of the weighted vote sum_k softmax(v)_k p_k of per-voter probabilities [N, K, C] on targets [N],
+    the weights renormalised over the voters that voted ([N, K] bool; default all)."""
+    w = vote_logits.softmax(0)[None, :]  # [1, K]
+    if voted is not None:
+        w = w * voted.to(w.dtype)
+        w = w / w.sum(1, keepdim=True).clamp_min(1e-12)  # [N, K]
+    mix = (head_probs * w[..., None]).sum(1)  # [N, C]
+    return F.nll_loss(mix.clamp_min(1e-12).log(), targets)
+
+
+def fit_vote_weights(head_probs: torch.Tensor, targets: torch.Tensor, voted: torch.Tensor | None = None,
+                     steps: int = 100) -> torch.Tensor:
+    """Vote logits v [K] whose weights softmax(v) minimise the held-out NLL of the weighted vote of `head_probs`
+    [N, K, C] on `targets` [N] (negative ones and non-finite rows ignored), abstaining voters ([N, K] `voted`
+    False) left out of each sample's vote; zeros (the soft vote) when no sample is left. The mixture NLL is convex
+    in the weights, so L-BFGS from the uniform start finds the optimum."""
+    keep = (targets >= 0) & head_probs.isfinite().all(-1).all(-1)
+    head_probs, targets = head_probs[keep].double(), targets[keep]
+    voted = None if voted is None else voted[keep]
+    v = torch.zeros(head_probs.shape[1], dtype=torch.float64, requires_grad=True)
+    if targets.numel() == 0:
+        return v.detach().float()
+    opt = torch.optim.LBFGS([v], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = mixture_nll(head_probs, targets, v, voted)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return v.detach().float()
+
+
+__all__ = ["MAX_TEMPERATURE", "MIN_TEMPERATURE", "fit_temperature", "fit_vote_weights", "mixture_nll",
+           "temperature_nll"]

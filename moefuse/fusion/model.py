@@ -24,7 +24,7 @@ from moefuse.datasets.collate import Collator
 from moefuse.encoders import AudioEncoderConfig, EncoderConfig, ImageEncoderConfig, ModalityEncoder, TextEncoderConfig
 from moefuse.fusion.heads import HeadsConfig, TaskConfig, TaskOutput, VotingHeads
 from moefuse.fusion.moe import MoEOutput
-from moefuse.fusion.stack import FusionConfig, FusionStack
+from moefuse.fusion.stack import FusionConfig, FusionOutput, FusionStack, masked_mean
 
 
 @dataclass
@@ -70,6 +70,10 @@ class ModelConfig(Config):
     def __post_init__(self) -> None:
         names = [t.name for t in self.tasks]
         self.check(len(set(names)) == len(names), "tasks", f"task names must be unique, got {names}")
+        known = ["pooled", "cls", "mean", "modalities", *self.encoders.configured()]
+        bad = [v for v in self.heads.views if v not in known]
+        self.check(not bad, "heads.views", f"{bad[0] if bad else ''!r} is not a view of this model; use "
+                   f"{', '.join(known)}")
 
 
 @dataclass
@@ -123,7 +127,11 @@ class MultimodalMoEModel(nn.Module):
         self.fusion_token = nn.Parameter(torch.zeros(1, 1, d))
         nn.init.normal_(self.fusion_token, std=0.02)
         self.fusion = FusionStack(cfg.fusion, num_modalities=len(self.modalities))
-        self.heads = nn.ModuleDict({t.name: VotingHeads(d, len(t.labels), cfg.heads) for t in cfg.tasks})
+        views = ["pooled"] * cfg.heads.num_heads + cfg.heads.views
+        # what each voter reads, in voter order: pooled, cls, mean or a modality (its fused tokens)
+        self.voter_views = [m for v in views for m in (list(encoders) if v == "modalities" else [v])]
+        self.heads = nn.ModuleDict({t.name: VotingHeads(d, len(t.labels), cfg.heads, len(self.voter_views))
+                                    for t in cfg.tasks})
         self.task_names = [t.name for t in cfg.tasks]
 
     # -- inputs ---------------------------------------------------------------------------------------------
@@ -172,9 +180,30 @@ class MultimodalMoEModel(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------------
 
+    def voter_inputs(self, fused: FusionOutput, mask: torch.Tensor, modality_ids: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each voter's view of the fused sequence -> features [B, K, D] and which voters vote [B, K] (a modality
+        voter abstains where its modality is absent); with only pooled voters, the pooled [B, D] and None."""
+        if all(v == "pooled" for v in self.voter_views):
+            return fused.pooled, None
+        x = fused.tokens  # [B, T, D]
+        everyone = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        fused_views = {"pooled": fused.pooled, "cls": x[:, 0], "mean": masked_mean(x, mask)}  # [B, D] each
+        features, voted = [], []
+        for view in self.voter_views:
+            if view in fused_views:
+                features.append(fused_views[view])
+                voted.append(everyone)
+            else:  # a modality: the mean of its fused tokens, where the sample has any
+                own = mask & (modality_ids == self.modalities.index(view))  # [B, T]
+                features.append(masked_mean(x, own))
+                voted.append(own.any(1))
+        return torch.stack(features, 1), torch.stack(voted, 1)  # [B, K, D], [B, K]
+
     def forward(self, batch: dict) -> ModelOutput:
         tokens, mask, modality_ids = self.embed(batch)
         fused = self.fusion(tokens, mask, modality_ids)
+        features, voted = self.voter_inputs(fused, mask, modality_ids)
         labels = batch.get("labels")
         outputs: dict[str, TaskOutput] = {}
         task_loss = None
@@ -182,7 +211,7 @@ class MultimodalMoEModel(nn.Module):
             rows = (batch["task_index"] == i).nonzero().squeeze(1)  # [B_t]
             if rows.numel() == 0 and not self.training:
                 continue
-            out = heads(fused.pooled, rows, labels)
+            out = heads(features, rows, labels, voted)
             outputs[name] = out
             if out.loss is not None:
                 weighted = self.cfg.tasks[i].loss_weight * out.loss

@@ -65,6 +65,12 @@ class FusionConfig(ExpertsConfig):
                          shared_expert_hidden=self.d_expert if self.shared_expert else 0)
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of x [B, T, D] over the tokens where mask [B, T] is True -> [B, D] (zeros where none is)."""
+    w = mask.unsqueeze(-1).to(x.dtype)  # [B, T, 1]
+    return (x * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
 @dataclass
 class FusionOutput:
     """The fused sequence, its pooled summary and the MoE losses and stats summed over layers."""
@@ -174,8 +180,7 @@ class FusionStack(nn.Module):
         if self.cfg.pooling == "modality":
             means, _ = self._group_means(x, mask, modality_ids, self.num_groups)
             return self.pool_proj(torch.cat(means, dim=-1))  # [B, G * D] -> [B, D]
-        w = mask.unsqueeze(-1).to(x.dtype)  # [B, T, 1]
-        return (x * w).sum(1) / w.sum(1).clamp_min(1.0)
+        return masked_mean(x, mask)
 
     @staticmethod
     def _group_means(x: torch.Tensor, mask: torch.Tensor, modality_ids: torch.Tensor, count: int

@@ -1,7 +1,8 @@
-"""The recipe's calibrate step: after training, fit each task's temperature (Guo et al. 2017) on the validation
-split and set it in the model, so that the export's probabilities are calibrated (`moefuse.fusion.calibration`).
+"""The recipe's calibrate step: after training, fit each task's vote weights (`heads.combine: weighted`) and
+temperature (Guo et al. 2017) on the validation split and set them in the model, so that the export's vote is
+weighted by held-out performance and its probabilities are calibrated (`moefuse.fusion.calibration`).
 
-Shapes: N validation samples of a task, C its classes.
+Shapes: N validation samples of a task, K voters, C its classes.
 """
 
 from __future__ import annotations
@@ -11,35 +12,44 @@ from tqdm.auto import tqdm
 
 from moefuse.config import ExperimentConfig
 from moefuse.datasets import build_eval_loader
-from moefuse.fusion.calibration import fit_temperature, temperature_nll
+from moefuse.fusion.calibration import fit_temperature, fit_vote_weights, temperature_nll
 from moefuse.fusion.model import MultimodalMoEModel, build_collator
 
 
 @torch.no_grad()
-def collect_probs(model: MultimodalMoEModel, loader, progress: bool = False) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Each task's uncalibrated ensemble probabilities [N, C] and target indices [N] over a loader (eval mode)."""
+def collect_logits(model: MultimodalMoEModel, loader, progress: bool = False) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Each task's per-voter logits [N, K, C], which voters voted [N, K] and target indices [N] over a loader
+    (eval mode)."""
     was_training = model.training
     model.eval()
-    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    parts: dict[str, list[tuple[torch.Tensor, ...]]] = {}
     for batch in tqdm(loader, desc="calibrate", disable=not progress, leave=False):
         out = model(batch)
         for task, t in out.tasks.items():
-            parts.setdefault(task, []).append((t.uncalibrated.float(), batch["labels"].index_select(0, t.rows)))
+            parts.setdefault(task, []).append((t.logits.float(), t.voted, batch["labels"].index_select(0, t.rows)))
     model.train(was_training)
-    return {task: (torch.cat([p for p, _ in ps]), torch.cat([y for _, y in ps])) for task, ps in parts.items()}
+    return {task: tuple(torch.cat(column) for column in zip(*ps)) for task, ps in parts.items()}
 
 
+@torch.no_grad()
 def calibrate(model: MultimodalMoEModel, loader, progress: bool = False) -> dict[str, dict]:
-    """Fit and set every task's temperature on `loader`'s samples -> {task: {temperature, samples, nll_before,
-    nll_after}}; a task without validation samples keeps T = 1."""
+    """Fit and set every task's post-hoc parameters on `loader`'s samples: the vote weights where the heads combine
+    by `weighted` (stacking on held-out data, replacing those learned in training), then the temperature of the
+    combined vote -> {task: {temperature, samples, nll_before, nll_after[, vote_weights]}}. A task without
+    samples keeps T = 1 and its weights."""
     report = {}
-    for task, (probs, targets) in collect_probs(model, loader, progress).items():
+    for task, (logits, voted, targets) in collect_logits(model, loader, progress).items():
+        heads, entry = model.heads[task], {}
+        if heads.vote_logits is not None:
+            heads.vote_logits.copy_(fit_vote_weights(logits.softmax(-1), targets, voted))
+            entry["vote_weights"] = heads.vote_logits.softmax(0).tolist()
+        probs, _, _ = heads.combine(logits, voted)  # [N, C], before temperature scaling
         temperature = fit_temperature(probs, targets)
-        model.heads[task].temperature.fill_(temperature)
+        heads.temperature.fill_(temperature)
         keep = targets >= 0
         report[task] = {"temperature": temperature, "samples": int(keep.sum()),
                         "nll_before": float(temperature_nll(probs[keep], targets[keep], 1.0)),
-                        "nll_after": float(temperature_nll(probs[keep], targets[keep], temperature))}
+                        "nll_after": float(temperature_nll(probs[keep], targets[keep], temperature)), **entry}
     return report
 
 
@@ -53,4 +63,4 @@ def calibrate_run(model: MultimodalMoEModel, cfg: ExperimentConfig) -> dict[str,
     return calibrate(model, loader, progress=True)
 
 
-__all__ = ["calibrate", "calibrate_run", "collect_probs"]
+__all__ = ["calibrate", "calibrate_run", "collect_logits"]

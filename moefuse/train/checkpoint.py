@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from moefuse.configutil import ConfigError, atomic_write_text, dumps_json, from_dict, sha256_file, to_dict
-from moefuse.errors import naming
+from moefuse.errors import UserError, naming
 from moefuse.fusion.model import ModelConfig, MultimodalMoEModel, build_model
 from moefuse.train.calibrate import calibrate_run
 
@@ -319,7 +319,12 @@ def export_run(model: MultimodalMoEModel, out: Path, state: dict, cfg: Experimen
     out/results.json; returns the result. A failed write leaves the checkpoints as they are, so `moefuse export
     OUT` can redo it."""
     step = _load_best(model, out / "checkpoints", state)
-    calibration = calibrate_run(model, cfg)  # sets each task's temperature (validation split), or None
+    try:  # sets each task's vote weights and temperature on the validation split, or None
+        calibration = calibrate_run(model, cfg)
+    except (UserError, OSError) as e:  # the validation data is gone or damaged: the weights are still worth a copy
+        warnings.warn(f"the export is not calibrated (temperature 1, weights as trained): its validation data "
+                      f"cannot be read: {e}", stacklevel=2)
+        calibration = None
     result = run_result(state, cfg.train.metric)
     extra = {"step": step, "result": result, "final_val_metrics": state.get("last_val_metrics"),
              "calibration": calibration,

@@ -36,7 +36,7 @@ def records_from_output(batch: dict, output, vocabularies: dict[str, list[str]])
                 "probability": float(out.probs[j, out.prediction[j]]),
                 "probability_uncalibrated": float(out.uncalibrated[j, out.prediction[j]]),
                 "top5": [[vocab[int(i)], float(p)] for p, i in zip(top.values[j], top.indices[j])],
-                "head_predictions": [vocab[int(i)] for i in out.head_predictions[j]],
+                "head_predictions": [vocab[int(i)] if i >= 0 else None for i in out.head_predictions[j]],
                 "head_correct": [int(i) == labels[row] for i in out.head_predictions[j]],
                 "agreement": float(out.agreement[j]),
                 "modalities": modalities,

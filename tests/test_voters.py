@@ -1,0 +1,101 @@
+"""Voters with different views of the fused sequence: per-modality voters abstain exactly where their modality is
+absent and take no part in the vote there; online bagging draws are reproducible from the seed and differ between
+voters; a model with such voters trains; bad view names are config errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_sample
+
+from moefuse.configutil import ConfigError
+from moefuse.fusion import EncodersConfig, FusionConfig, ModelConfig, TaskConfig, build_collator, build_model
+from moefuse.fusion.heads import HeadsConfig, VotingHeads, poisson_bag_weights
+
+DIGITS = [str(i) for i in range(10)]
+
+
+def cfg(**heads) -> ModelConfig:
+    return ModelConfig(fusion=FusionConfig(d_model=64, num_heads=2, d_expert=64, num_experts=4, pooling="mean"),
+                       heads=HeadsConfig(num_heads=2, **heads), tasks=[TaskConfig("digit", "classification", DIGITS)])
+
+
+def test_modality_voters_abstain_exactly_where_their_modality_is_absent(rng: np.random.Generator) -> None:
+    torch.manual_seed(0)
+    model = build_model(cfg(views=["cls", "modalities"])).eval()
+    assert model.voter_views == ["pooled", "pooled", "cls", "text", "image", "audio"]
+    subsets = [dict(text="one", image=True, audio=True), dict(image=True), dict(audio=True), dict(text="two")]
+    batch = build_collator(model)([make_sample(rng, f"s{i}", "digit", "1", **s) for i, s in enumerate(subsets)])
+    out = model(batch).tasks["digit"]
+    expected = torch.stack([torch.ones(4, dtype=torch.bool)] * 3 + [batch["present"][m] for m in model.modalities], 1)
+    assert torch.equal(out.voted, expected)
+    assert torch.equal(out.head_predictions == -1, ~expected)
+    # the abstaining voters take no part: the vote and the agreement are those of the voting voters alone
+    probs = out.logits.softmax(-1)
+    for i in range(4):
+        kept = expected[i]
+        torch.testing.assert_close(out.uncalibrated[i], probs[i, kept].mean(0))
+        agree = (probs[i, kept].argmax(-1) == out.prediction[i]).float().mean()
+        torch.testing.assert_close(out.agreement[i], agree)
+
+
+def test_an_abstaining_voter_gets_no_loss_and_weighted_votes_renormalise() -> None:
+    torch.manual_seed(0)
+    heads = VotingHeads(8, 3, HeadsConfig(num_heads=2, combine="weighted", hidden=0, dropout=0.0), num_voters=3)
+    x, y = torch.randn(4, 3, 8, requires_grad=True), torch.tensor([0, 1, 2, 0])
+    voted = torch.tensor([[True, True, False]] * 4)
+    out = heads(x, torch.arange(4), y, voted)
+    out.loss.backward()
+    assert x.grad[:, 2].abs().sum() == 0  # the third voter never voted: its input gets no gradient
+    torch.testing.assert_close(out.uncalibrated, out.logits[:, :2].softmax(-1).mean(1))  # equal weights of two
+
+
+def test_bagging_draws_are_reproducible_from_the_seed_and_differ_between_voters() -> None:
+    torch.manual_seed(3)
+    a = poisson_bag_weights(500, 3)
+    torch.manual_seed(3)
+    b = poisson_bag_weights(500, 3)
+    assert torch.equal(a, b)
+    assert not torch.equal(a[:, 0], a[:, 1]) and not torch.equal(a[:, 1], a[:, 2])
+    assert abs(float(a.mean()) - 1.0) < 0.1 and float((a == 0).float().mean()) > 0.3  # Poisson(1): P(0) = 0.37
+
+
+def test_bagging_changes_the_training_loss_only_in_training() -> None:
+    torch.manual_seed(0)
+    plain = VotingHeads(8, 4, HeadsConfig(num_heads=3))
+    bagged = VotingHeads(8, 4, HeadsConfig(num_heads=3, bagging=True))
+    bagged.load_state_dict(plain.state_dict())
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    plain.eval(), bagged.eval()
+    torch.testing.assert_close(plain(x, torch.arange(32), y).loss, bagged(x, torch.arange(32), y).loss)
+    plain.train(), bagged.train()
+    torch.manual_seed(1)
+    first = bagged(x, torch.arange(32), y).loss
+    torch.manual_seed(1)
+    assert torch.equal(first, bagged(x, torch.arange(32), y).loss)  # the same seed, the same draws
+    torch.manual_seed(1)
+    assert not torch.equal(first, plain(x, torch.arange(32), y).loss)
+
+
+def test_a_model_with_view_voters_learns_a_fixed_batch(rng: np.random.Generator) -> None:
+    torch.manual_seed(0)
+    model = build_model(cfg(views=["mean", "modalities"], bagging=True))
+    samples = [make_sample(rng, f"s{i}", "digit", str(i % 10), image=bool(i % 2), audio=i % 3 != 0) for i in range(12)]
+    batch = build_collator(model)(samples)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        loss = model(batch).loss
+        first = float(loss.detach()) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.5 * first
+
+
+@pytest.mark.parametrize("views, bad", [(["smell"], "smell"), (["audio"], "audio")])
+def test_a_view_the_model_lacks_is_a_config_error(views: list[str], bad: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^heads\.views: '{bad}' is not a view of this model"):
+        ModelConfig(encoders=EncodersConfig(audio=None), heads=HeadsConfig(views=views),
+                    tasks=[TaskConfig("digit", "classification", DIGITS)])
