@@ -112,6 +112,20 @@ def test_modality_dropout_never_drops_everything() -> None:
         assert not (stacked & ~torch.stack(list(present.values()), 1)).any()  # never adds a modality
 
 
+def test_modality_dropout_per_modality_drops_only_the_named_ones() -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(modality_dropout={"image": 0.5, "audio": 0.5})).train()
+    present = {m: torch.ones(400, dtype=torch.bool) for m in ("text", "image", "audio")}
+    kept = model._drop_modalities(present)
+    assert kept["text"].all()  # not named: never dropped
+    for m in ("image", "audio"):
+        assert 0.4 < 1 - kept[m].float().mean() < 0.6
+    with pytest.raises(ConfigError, match=r"fusion\.modality_dropout.*'smell' is not a modality"):
+        tiny_cfg(modality_dropout={"smell": 0.1})
+    with pytest.raises(ConfigError, match=r"fusion\.modality_dropout.*\[0, 1\)"):
+        tiny_cfg(modality_dropout={"image": 1.0})
+
+
 def test_missing_encoder_is_a_clear_error(rng: np.random.Generator) -> None:
     cfg = tiny_cfg()
     cfg.encoders = EncodersConfig(audio=None)

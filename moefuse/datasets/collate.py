@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from moefuse.configutil import ConfigError
+from moefuse.datasets.corruption import Corruption, check_corruptions, corrupt_samples
 
 if TYPE_CHECKING:
     from moefuse.encoders.base import Preprocessor
@@ -49,6 +50,8 @@ class Collator:
     drop_modalities: tuple[str, ...] = ()
     """Modalities removed from every sample before collation (ablations such as image-only); dropping one clears
     all its fields (text: the text and, for QA samples, the question)."""
+    corrupt: tuple[Corruption, ...] = ()
+    """Corruptions applied to every sample after the drops (robustness evaluation: `moefuse evaluate --corrupt`)."""
     seed: int = 0
     _rng: random.Random = field(init=False, repr=False)
     _epoch: int = field(init=False, repr=False, default=0)
@@ -59,6 +62,7 @@ class Collator:
         unknown = [m for m in (*self.preprocessors, *self.drop_modalities) if m not in self.sample_fields]
         if unknown:
             raise ConfigError(f"unknown modality {unknown[0]!r}; this model knows {', '.join(self.sample_fields)}")
+        check_corruptions(self.corrupt, self.preprocessors, self.drop_modalities)
         self._rng = random.Random(self.seed)
         self._index = {t: {v: i for i, v in enumerate(vocab)} for t, vocab in zip(self.task_names, self.vocabularies)}
 
@@ -90,6 +94,8 @@ class Collator:
             samples = [{**s, **gone} for s in samples]
         self._check_encoders(samples)
         rng = self._crop_rng()
+        if self.corrupt:
+            samples = corrupt_samples(samples, self.corrupt, self.preprocessors, self.sample_fields, rng)
         return {
             "ids": [s["id"] for s in samples],
             "tasks": [s["task"] for s in samples],

@@ -25,6 +25,13 @@ from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from moefuse.configutil import ConfigError
 from moefuse.datasets.media import check_file, load_audio
+from moefuse.encoders.audio_augment import (
+    AudioAugmentConfig,
+    add_noise,
+    apply_spec_masks,
+    draw_spec_masks,
+    perturb_waveform,
+)
 from moefuse.encoders.base import EncoderConfig, EncoderOutput, ModalityEncoder, apply_finetune, load_init_file
 
 # tiny/small: random init; 5 conv layers with total stride 320 (50 frames/s, like wav2vec2-base) but 32 channels.
@@ -64,6 +71,9 @@ class AudioEncoderConfig(EncoderConfig):
     per-modality pretraining (benchmarks/avdigits/probe_encoders.py --save); None = the preset's weights."""
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     """Names of the wav2vec2 attention projections that get adapters."""
+    augment: AudioAugmentConfig = field(default_factory=AudioAugmentConfig)
+    """Training-time augmentation (speed, gain, noise, SpecAugment masks), drawn in the loader from the run's seed;
+    off in evaluation. The defaults change nothing."""
 
     def __post_init__(self) -> None:
         self.check(self.preset in AUDIO_PRESETS, "preset",
@@ -78,6 +88,11 @@ class AudioEncoderConfig(EncoderConfig):
         self.check(8 <= self.mel_bins <= 256, "mel_bins", f"must be in [8, 256], got {self.mel_bins}")
         self.check(0.1 <= self.max_seconds <= 60, "max_seconds", f"must be in [0.1, 60], got "
                    f"{self.max_seconds}")
+        self.check(self.augment.freq_masks == 0 or self.frontend == "logmel", "augment.freq_masks",
+                   "frequency masks blank mel bands: they need frontend: logmel (or set freq_masks: 0)")
+        self.check(self.augment.freq_masks == 0 or self.augment.freq_mask_bins <= self.mel_bins,
+                   "augment.freq_mask_bins", f"must be <= mel_bins ({self.mel_bins}), got "
+                   f"{self.augment.freq_mask_bins}")
         super().__post_init__()
 
     @property
@@ -115,13 +130,24 @@ def logmel_geometry(cfg: AudioEncoderConfig) -> dict:
 @dataclass
 class AudioPreprocessor:
     """Waveforms -> input_values [B, S] and sample_mask [B, S], S = max_samples: longer clips are cropped (at a
-    random offset in training, from the start otherwise), shorter ones zero-padded; zeros where absent."""
+    random offset in training, from the start otherwise), shorter ones zero-padded; zeros where absent. With
+    `augment` (training only), each clip is perturbed first and, when it has masks, spec_time_keep [B, F] and
+    spec_freq_keep [B, C] are added for the encoder's frames (F frames of C channels at S samples)."""
 
     max_samples: int
     random_crop: bool
+    augment: AudioAugmentConfig | None = None
+    sample_rate: int = 16000
+    frames: int = 0
+    channels: int = 0
 
     def present(self, sample: dict) -> bool:
         return sample.get("audio") is not None
+
+    def add_noise(self, sample: dict, snr_db: float, rng: random.Random) -> dict:
+        """The sample with white noise at `snr_db` dB on its audio (`moefuse evaluate --corrupt audio:noise:DB`)."""
+        wav = np.asarray(sample["audio"], dtype=np.float32).reshape(-1)
+        return {**sample, "audio": add_noise(wav, snr_db, np.random.default_rng(rng.getrandbits(64)))}
 
     def __call__(self, samples: Sequence[dict], rng: random.Random) -> dict[str, torch.Tensor]:
         n = self.max_samples
@@ -132,11 +158,17 @@ class AudioPreprocessor:
             if wav is None or len(wav) == 0:
                 continue
             wav = np.asarray(wav, dtype=np.float32).reshape(-1)
+            if self.augment is not None and self.augment.waveform_active:
+                wav = perturb_waveform(wav, self.augment, self.sample_rate, rng)
             start = rng.randint(0, len(wav) - n) if (self.random_crop and len(wav) > n) else 0
             clip = torch.from_numpy(wav[start : start + n].copy())
             audio[i, : len(clip)] = clip
             mask[i, : len(clip)] = True
-        return {"input_values": audio, "sample_mask": mask}
+        out = {"input_values": audio, "sample_mask": mask}
+        if self.augment is not None and self.augment.masks_active:
+            real = [int(self.frames * int(m.sum()) / n) for m in mask]  # frames holding audio, per clip
+            out.update(draw_spec_masks(self.augment, real, self.frames, self.channels, rng))
+        return out
 
 
 class AudioEncoder(ModalityEncoder):
@@ -151,7 +183,8 @@ class AudioEncoder(ModalityEncoder):
         # attention mask; HF's processor passes the mask only for layer-norm ones. Do the same.
         self.pass_mask = wav2vec2.config.feat_extract_norm == "layer"
 
-    def forward(self, input_values: torch.Tensor, sample_mask: torch.Tensor) -> EncoderOutput:
+    def forward(self, input_values: torch.Tensor, sample_mask: torch.Tensor, spec_time_keep: torch.Tensor | None = None,
+                spec_freq_keep: torch.Tensor | None = None) -> EncoderOutput:
         if input_values.dim() != 2 or sample_mask.shape != input_values.shape:
             raise ValueError(f"audio encoder expects input_values [B, S] and sample_mask [B, S], got "
                              f"{tuple(input_values.shape)} and {tuple(sample_mask.shape)}")
@@ -160,14 +193,26 @@ class AudioEncoder(ModalityEncoder):
         mean = (input_values * m).sum(-1, keepdim=True) / n
         var = ((input_values - mean).square() * m).sum(-1, keepdim=True) / n
         x = (input_values - mean) / torch.sqrt(var + 1e-7) * m  # [B, S], padding stays 0
-        out = self.wav2vec2(x, attention_mask=sample_mask.long() if self.pass_mask else None)
+        hook = None
+        if spec_time_keep is not None and spec_freq_keep is not None:  # training batches with SpecAugment masks
+            hook = self.wav2vec2.feature_extractor.register_forward_hook(
+                lambda module, args, frames: apply_spec_masks(frames, spec_time_keep, spec_freq_keep))
+        try:
+            out = self.wav2vec2(x, attention_mask=sample_mask.long() if self.pass_mask else None)
+        finally:
+            if hook is not None:
+                hook.remove()
         frames = out.last_hidden_state  # [B, F, D_enc]
         lengths = self.wav2vec2._get_feat_extract_output_lengths(sample_mask.sum(-1))  # [B]
         frame_mask = torch.arange(frames.shape[1], device=frames.device)[None, :] < lengths[:, None]  # [B, F]
         return EncoderOutput(tokens=frames, mask=frame_mask)
 
     def preprocessor(self, train: bool) -> AudioPreprocessor:
-        return AudioPreprocessor(self.cfg.max_samples, random_crop=train)
+        """Random crops and the configured augmentation in training; neither in evaluation."""
+        frames = int(self.wav2vec2._get_feat_extract_output_lengths(torch.tensor(self.cfg.max_samples)))
+        return AudioPreprocessor(self.cfg.max_samples, random_crop=train, augment=self.cfg.augment if train else None,
+                                 sample_rate=self.sample_rate, frames=frames,
+                                 channels=self.wav2vec2.config.conv_dim[-1])
 
     def save_architecture(self, folder: Path) -> None:
         """wav2vec2's config.json."""

@@ -17,11 +17,13 @@ To add a modality: an EncoderConfig subclass, a ModalityEncoder subclass with it
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -117,6 +119,28 @@ class ModalityEncoder(nn.Module):
     def decode_options(self) -> dict:
         """Keyword arguments for the shard loader's decoding of this modality."""
         return {}
+
+
+@contextmanager
+def seeded_global_rngs(rng: random.Random | None) -> Iterator[None]:
+    """Within the block, python's, numpy's and torch's global RNGs (what timm and torchvision transforms draw from)
+    are seeded from `rng` (the loader's epoch RNG), and restored after it: augmentation is a function of the run's
+    seed, epoch and worker alone, and draws nothing from the RNGs the model's dropout and the rest use.
+    None: do nothing."""
+    if rng is None:
+        yield
+        return
+    state, np_state = random.getstate(), np.random.get_state()
+    seed = rng.getrandbits(32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
+            np.random.set_state(np_state)
 
 
 def apply_finetune(model: nn.Module, cfg: EncoderConfig) -> nn.Module:

@@ -18,15 +18,25 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm
 import torch
+from PIL import Image
 from timm.data import create_transform, resolve_model_data_config
+from timm.data.auto_augment import rand_augment_transform
 from timm.layers import HybridEmbed
 from torch import nn
 
-from moefuse.configutil import ConfigError, atomic_write_text
+from moefuse.configutil import Config, ConfigError, atomic_write_text
 from moefuse.datasets.media import check_file, normalise_image, open_image
-from moefuse.encoders.base import EncoderConfig, EncoderOutput, ModalityEncoder, apply_finetune, load_init_file
+from moefuse.encoders.base import (
+    EncoderConfig,
+    EncoderOutput,
+    ModalityEncoder,
+    apply_finetune,
+    load_init_file,
+    seeded_global_rngs,
+)
 
 # Presets are `timm.create_model` arguments. tiny/small are random init sized for 2 CPU cores; vit_* are the
 # standard timm architectures, pretrained when `checkpoint_file` points at their weights.
@@ -38,6 +48,52 @@ IMAGE_PRESETS: dict[str, dict] = {
     "vit_small": dict(model_name="vit_small_patch16_224"),
     "vit_base": dict(model_name="vit_base_patch16_224"),
 }
+
+
+@dataclass
+class ImageAugmentConfig(Config):
+    """`encoders.image.augment`: timm's training transform (`create_transform(is_training=True)`), used by the
+    training loader only and seeded from the run's seed. The defaults change nothing (the eval transform is used)."""
+
+    config_key = "encoders.image.augment"
+
+    scale: tuple[float, float] = (1.0, 1.0)
+    """Random resized crop (Szegedy et al. 2015): the share of the image area each crop keeps is drawn from this
+    range before it is resized back to the input size; (1, 1) with ratio (1, 1) = no crop."""
+    ratio: tuple[float, float] = (1.0, 1.0)
+    """Range of the crop's aspect ratio (width / height)."""
+    rand_augment: str | None = None
+    """A timm RandAugment policy (Cubuk et al. 2020), e.g. rand-m6-n2-mstd0.5: n random operations (rotate, shear,
+    translate, contrast, ...) of magnitude m out of 10 per image; None = off."""
+    hflip: float = 0.0
+    """Probability of a horizontal flip (0 by default: a flipped digit is another glyph)."""
+    erase_prob: float = 0.0
+    """Probability of random erasing (Zhong et al. 2020): a random rectangle of the normalised image is blanked."""
+
+    def __post_init__(self) -> None:
+        for name, lo_min, hi_max in (("scale", 0.05, 1.0), ("ratio", 0.25, 4.0)):
+            lo, hi = getattr(self, name)
+            self.check(lo_min <= lo <= hi <= hi_max, name, f"must be [low, high] with {lo_min} <= low <= high <= "
+                       f"{hi_max}, got {list(getattr(self, name))}")
+        if self.rand_augment is not None:
+            try:
+                rand_augment_transform(self.rand_augment, {})
+            except Exception as e:  # timm raises AssertionError or ValueError on a bad policy string
+                self.check(False, "rand_augment", f"{self.rand_augment!r} is not a timm RandAugment policy ({e}); "
+                           f"write it as rand-m<magnitude>-n<ops>, e.g. rand-m6-n2-mstd0.5")
+        for name in ("hflip", "erase_prob"):
+            self.check(0.0 <= getattr(self, name) <= 1.0, name, f"must be in [0, 1], got {getattr(self, name)}")
+
+    @property
+    def active(self) -> bool:
+        return (self.scale, self.ratio) != ((1.0, 1.0), (1.0, 1.0)) or self.rand_augment is not None \
+            or self.hflip > 0 or self.erase_prob > 0
+
+    def transform(self, data_config: dict) -> Callable:
+        """timm's training transform for a model with this `data_config` (input size, mean, std, interpolation)."""
+        return create_transform(**data_config, is_training=True,
+                                scale=self.scale, ratio=self.ratio, hflip=self.hflip, vflip=0.0, color_jitter=None,
+                                auto_augment=self.rand_augment, re_prob=self.erase_prob)
 
 
 @dataclass
@@ -61,6 +117,9 @@ class ImageEncoderConfig(EncoderConfig):
     pretraining (benchmarks/avdigits/probe_encoders.py --save); None = random init or checkpoint_file."""
     lora_targets: list[str] = field(default_factory=lambda: ["qkv"])
     """Names of the ViT linear layers that get adapters."""
+    augment: ImageAugmentConfig = field(default_factory=ImageAugmentConfig)
+    """Training-time augmentation (random resized crop, RandAugment, flips, erasing) through timm's transform
+    factory; off in evaluation. The defaults change nothing."""
 
     def __post_init__(self) -> None:
         self.check(self.preset in IMAGE_PRESETS, "preset",
@@ -81,16 +140,30 @@ class ImageEncoderConfig(EncoderConfig):
 
 @dataclass
 class ImagePreprocessor:
-    """PIL images -> pixel_values [B, 3, H, W] through the encoder's timm eval transform; zeros where absent."""
+    """PIL images -> pixel_values [B, 3, H, W] through a timm transform (the eval one, or in training the configured
+    augmentation, whose random draws come from the batch's `rng`); zeros where absent."""
 
     transform: Callable
     input_size: tuple[int, int, int]  # (3, H, W)
+    random: bool = False
 
     def present(self, sample: dict) -> bool:
         return sample.get("image") is not None
 
+    def add_noise(self, sample: dict, snr_db: float, rng: random.Random) -> dict:
+        """The sample with white noise at `snr_db` dB below the image's pixel variance, clipped to the pixel range
+        (`moefuse evaluate --corrupt image:noise:DB`)."""
+        pixels = np.asarray(sample["image"], dtype=np.float32) / 255.0  # [H, W, 3]
+        power = float(pixels.var()) or 1e-4  # a blank image still gets noise
+        noise = np.random.default_rng(rng.getrandbits(64)).standard_normal(pixels.shape) * math.sqrt(
+            power / 10 ** (snr_db / 10))
+        noisy = np.clip((pixels + noise) * 255.0, 0, 255).round().astype(np.uint8)
+        return {**sample, "image": Image.fromarray(noisy, mode="RGB")}
+
     def __call__(self, samples: Sequence[dict], rng: random.Random) -> dict[str, torch.Tensor]:
-        images = [self.transform(s["image"]) if self.present(s) else torch.zeros(self.input_size) for s in samples]
+        with seeded_global_rngs(rng if self.random else None):  # timm draws from python's and torch's RNGs
+            images = [self.transform(s["image"]) if self.present(s) else torch.zeros(self.input_size)
+                      for s in samples]
         return {"pixel_values": torch.stack(images)}  # [B, 3, H, W]
 
 
@@ -114,7 +187,11 @@ class ImageEncoder(ModalityEncoder):
         return EncoderOutput(tokens=tokens, mask=mask)
 
     def preprocessor(self, train: bool) -> ImagePreprocessor:
-        return ImagePreprocessor(self.transform, tuple(self.data_config["input_size"]))
+        """The eval transform, or in training the configured augmentation (when it does anything)."""
+        size = tuple(self.data_config["input_size"])
+        if train and self.cfg.augment.active:
+            return ImagePreprocessor(self.cfg.augment.transform(self.data_config), size, random=True)
+        return ImagePreprocessor(self.transform, size)
 
     def save_architecture(self, folder: Path) -> None:
         """data_config.json: timm's preprocessing (input size, mean, std) the model was trained with."""

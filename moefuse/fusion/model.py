@@ -12,6 +12,7 @@ format is documented in `moefuse.datasets.collate`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar, get_args, get_type_hints
@@ -21,6 +22,7 @@ from torch import nn
 
 from moefuse.configutil import Config, ConfigError, check
 from moefuse.datasets.collate import Collator
+from moefuse.datasets.corruption import Corruption
 from moefuse.encoders import AudioEncoderConfig, EncoderConfig, ImageEncoderConfig, ModalityEncoder, TextEncoderConfig
 from moefuse.fusion.heads import HeadsConfig, TaskConfig, TaskOutput, VotingHeads
 from moefuse.fusion.moe import MoEOutput
@@ -70,6 +72,10 @@ class ModelConfig(Config):
     def __post_init__(self) -> None:
         names = [t.name for t in self.tasks]
         self.check(len(set(names)) == len(names), "tasks", f"task names must be unique, got {names}")
+        rates = self.fusion.modality_dropout
+        unknown = [m for m in rates if m not in self.encoders.slots()] if isinstance(rates, dict) else []
+        self.check(not unknown, "fusion.modality_dropout", f"{unknown[0] if unknown else ''!r} is not a modality; "
+                   f"name some of {', '.join(self.encoders.slots())}")
         known = ["pooled", "cls", "mean", "modalities", *self.encoders.configured()]
         bad = [v for v in self.heads.views if v not in known]
         self.check(not bad, "heads.views", f"{bad[0] if bad else ''!r} is not a view of this model; use "
@@ -137,10 +143,10 @@ class MultimodalMoEModel(nn.Module):
     # -- inputs ---------------------------------------------------------------------------------------------
 
     def _drop_modalities(self, present: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Modality dropout: drop each present modality with prob p, but never all of a sample's modalities."""
-        p = self.cfg.fusion.modality_dropout
+        """Modality dropout: drop each present modality with its rate, but never all of a sample's modalities."""
+        p = torch.tensor(self.cfg.fusion.dropout_rates(list(present)))  # [M]
         stacked = torch.stack([present[m] for m in present], dim=1)  # [B, M]
-        drop = (torch.rand(stacked.shape, device=stacked.device) < p) & stacked
+        drop = (torch.rand(stacked.shape, device=stacked.device) < p.to(stacked.device)) & stacked
         keep = stacked & ~drop
         none_left = ~keep.any(1)
         keep[none_left] = stacked[none_left]  # a sample that would lose everything keeps what it had
@@ -153,7 +159,7 @@ class MultimodalMoEModel(nn.Module):
             if m not in self.encoders and bool(flags.any()):
                 raise ConfigError(f"the batch has {m} but the model has no {m} encoder (encoders.{m} is null)")
         present = {m: batch["present"][m].bool() for m in self.encoders}
-        if self.training and self.cfg.fusion.modality_dropout > 0:
+        if self.training and any(self.cfg.fusion.dropout_rates(list(present))):
             present = self._drop_modalities(present)
         device = self.fusion_token.device
         fusion_id = len(self.modalities)
@@ -257,14 +263,15 @@ def build_model(cfg: ModelConfig, arch_dir: str | Path | None = None) -> Multimo
 
 
 def build_collator(model: MultimodalMoEModel, train: bool = False, seed: int = 0,
-                   drop_modalities: tuple[str, ...] | list[str] = ()) -> Collator:
-    """The collator that turns decoded samples into this model's batches (optionally without some modalities):
-    each encoder's preprocessor, and every known modality's sample fields."""
+                   drop_modalities: tuple[str, ...] | list[str] = (), corrupt: Sequence[Corruption] = ()) -> Collator:
+    """The collator that turns decoded samples into this model's batches (optionally without some modalities, or
+    with some corrupted): each encoder's preprocessor, and every known modality's sample fields."""
     return Collator(
         task_names=list(model.task_names),
         vocabularies=[list(t.labels) for t in model.cfg.tasks],
         preprocessors={m: enc.preprocessor(train) for m, enc in model.encoders.items()},
         sample_fields=model.sample_fields,
         drop_modalities=tuple(drop_modalities),
+        corrupt=tuple(corrupt),
         seed=seed,
     )

@@ -45,8 +45,10 @@ class FusionConfig(ExpertsConfig):
     masked mean of each token group's tokens (the M modalities and the fusion token; zeros when absent),
     concatenated and projected to d_model, so that no modality is outweighed by another's token count (on AV-digits
     it did worse than mean: avdigits/NOTES.md)."""
-    modality_dropout: float = 0.0
-    """In training, drop each present modality of a sample with this probability (never all of them)."""
+    modality_dropout: float | dict[str, float] = 0.0
+    """In training, drop each present modality of a sample with this probability (never all of them): one rate for
+    every modality, or a rate per modality ({image: 0.2, audio: 0.2}; one not named is never dropped), e.g. to
+    keep the question of a QA sample while its media are dropped."""
 
     def __post_init__(self) -> None:
         self.check(self.d_model >= 8, "d_model", f"must be >= 8, got {self.d_model}")
@@ -54,9 +56,15 @@ class FusionConfig(ExpertsConfig):
         self.check(self.num_heads >= 1 and self.d_model % self.num_heads == 0, "num_heads",
                    f"must divide d_model={self.d_model}, got {self.num_heads}")
         self.check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
-        self.check(0.0 <= self.modality_dropout < 1.0, "modality_dropout",
-                   f"must be in [0, 1), got {self.modality_dropout}")
+        rates = self.modality_dropout.values() if isinstance(self.modality_dropout, dict) else [self.modality_dropout]
+        self.check(all(0.0 <= p < 1.0 for p in rates), "modality_dropout",
+                   f"rates must be in [0, 1), got {self.modality_dropout}")
         super().__post_init__()  # the expert fields, whatever the kind (a config may switch kinds later)
+
+    def dropout_rates(self, modalities: list[str]) -> list[float]:
+        """The modality dropout rate of each of these modalities."""
+        p = self.modality_dropout
+        return [p.get(m, 0.0) for m in modalities] if isinstance(p, dict) else [p] * len(modalities)
 
     def moe_config(self, num_groups: int) -> MoEConfig:
         """The MoEConfig of this stack's MoE layers: its expert fields, the shared expert of width d_expert when

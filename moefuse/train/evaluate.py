@@ -9,9 +9,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from moefuse.configutil import atomic_write_text, dumps_json
+from moefuse.configutil import ConfigError, atomic_write_text, dumps_json
+from moefuse.datasets.corruption import Corruption
 from moefuse.errors import command, non_negative_int, os_error_message, positive_int
 from moefuse.train.report import evaluate, format_summary
+
+
+def corruption(text: str) -> Corruption:
+    """argparse type: MODALITY:noise[:SNR_DB] or MODALITY:conflict."""
+    try:
+        return Corruption.parse(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 @command("moefuse evaluate")
@@ -31,9 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drop", nargs="*", metavar="MODALITY", default=None,
                    help="modalities to remove from every sample, e.g. audio (default: those the model was trained "
                         "without)")
+    p.add_argument("--corrupt", nargs="+", metavar="MODALITY:KIND", default=[], type=corruption,
+                   help="corrupt a modality of every sample: MODALITY:noise[:SNR_DB] (white noise, default 0 dB) or "
+                        "MODALITY:conflict (another sample's content), e.g. audio:noise:5 image:conflict")
     args = p.parse_args(argv)
     result = evaluate(args.checkpoint, args.shards, args.split, args.batch_size, args.num_workers, args.int8,
-                      args.heatmap, drop_modalities=args.drop, plots=args.plots)
+                      args.heatmap, drop_modalities=args.drop, plots=args.plots, corrupt=args.corrupt)
     failures = list(result["errors"])
     written = False
     if args.json is not None:  # written before anything is printed: a failed print never loses the report

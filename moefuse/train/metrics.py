@@ -37,7 +37,7 @@ def records_from_output(batch: dict, output, vocabularies: dict[str, list[str]])
                 "probability_uncalibrated": float(out.uncalibrated[j, out.prediction[j]]),
                 "top5": [[vocab[int(i)], float(p)] for p, i in zip(top.values[j], top.indices[j])],
                 "head_predictions": [vocab[int(i)] if i >= 0 else None for i in out.head_predictions[j]],
-                "head_correct": [int(i) == labels[row] for i in out.head_predictions[j]],
+                "head_correct": [None if i < 0 else int(i) == labels[row] for i in out.head_predictions[j]],
                 "agreement": float(out.agreement[j]),
                 "modalities": modalities,
                 "meta": batch["meta"][row],
@@ -159,11 +159,18 @@ def _task_scores(recs: list[dict], num_classes: int) -> dict:
     """The statistics of one task's records that both the flat metrics and the details use."""
     n = len(recs)
     correct = [r["prediction_index"] == r["target_index"] for r in recs]
-    head_acc = [sum(r["head_correct"][h] for r in recs) / n for h in range(len(recs[0]["head_correct"]))]
+    votes = [[r["head_correct"][h] for r in recs if r["head_correct"][h] is not None]
+             for h in range(len(recs[0]["head_correct"]))]  # per voter: correct or not, where it voted
+    head_acc = [_mean(v) for v in votes]  # None for a voter that abstained on every sample
+    coverage = [len(v) / n for v in votes]
+    # The best single member: of the voters that answer every sample (a voter that abstains is no stand-alone
+    # model for the samples it skips); of those that answer some when none answers all.
+    full = [a for a, c in zip(head_acc, coverage) if c == 1.0] or [a for a in head_acc if a is not None]
     y_true = [r["target_index"] for r in recs]
     y_pred = [r["prediction_index"] for r in recs]
     f1, report = macro_f1(y_true, y_pred, num_classes)
     return {"samples": n, "correct": correct, "acc": sum(correct) / n, "head_acc": head_acc, "f1": f1,
+            "head_coverage": coverage, "best_head_acc": max(full),
             "report": report, "y_true": y_true, "y_pred": y_pred,
             "ece": expected_calibration_error([r["probability"] for r in recs], correct),
             "agreement": sum(r["agreement"] for r in recs) / n,
@@ -177,9 +184,9 @@ def _flat_metrics(task: str, kind: str, s: dict) -> dict[str, float]:
         flat[f"{task}/exact_match"] = s["acc"]
     if kind == "classification":
         flat[f"{task}/macro_f1"] = s["f1"]
-    flat.update({f"{task}/head{h}_acc": a for h, a in enumerate(s["head_acc"])})
-    flat[f"{task}/best_head_acc"] = max(s["head_acc"])
-    flat[f"{task}/ensemble_minus_best_head"] = s["acc"] - max(s["head_acc"])
+    flat.update({f"{task}/head{h}_acc": a for h, a in enumerate(s["head_acc"]) if a is not None})
+    flat[f"{task}/best_head_acc"] = s["best_head_acc"]
+    flat[f"{task}/ensemble_minus_best_head"] = s["acc"] - s["best_head_acc"]
     flat[f"{task}/ece"] = s["ece"]
     flat[f"{task}/agreement"] = s["agreement"]
     flat[f"{task}/unseen_targets"] = s["unseen"]
@@ -218,7 +225,8 @@ def _task_details(recs: list[dict], vocab: list[str], kind: str, s: dict) -> dic
         "macro_f1": s["f1"],
         "ensemble_accuracy": s["acc"],
         "head_accuracy": s["head_acc"],
-        "best_single_head_accuracy": max(s["head_acc"]),
+        "head_coverage": s["head_coverage"],
+        "best_single_head_accuracy": s["best_head_acc"],
         "ece": s["ece"],
         "ece_uncalibrated": expected_calibration_error([r["probability_uncalibrated"] for r in recs], correct),
         "selective": selective_prediction(recs, correct),

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from moefuse.configutil import ConfigError
 from moefuse.datasets import make_loader
+from moefuse.datasets.corruption import Corruption
 from moefuse.errors import os_error_message
 from moefuse.fusion.model import build_collator
 from moefuse.train.checkpoint import load_inference_model, read_export_info
@@ -28,14 +30,16 @@ from moefuse.train.plots import save_routing_heatmap
 
 def evaluate(checkpoint: str | Path, shards: list[str], split: str = "val", batch_size: int = 64,
              num_workers: int = 0, int8: bool = False, heatmap: Path | None = None, progress: bool = True,
-             drop_modalities: list[str] | None = None, plots: Path | None = None) -> dict:
+             drop_modalities: list[str] | None = None, plots: Path | None = None,
+             corrupt: Sequence[Corruption] = ()) -> dict:
     """Metrics of an exported model. `drop_modalities` defaults to what the model was trained without
-    (export.json), so an image-only model is evaluated on the images of audio-visual shards. `plots`: a folder for
-    each task's reliability diagram and risk-coverage curve (`confidence-<task>.png`)."""
+    (export.json), so an image-only model is evaluated on the images of audio-visual shards. `corrupt`: modalities
+    noised or taken from another sample (moefuse.datasets.corruption). `plots`: a folder for each task's
+    reliability diagram and risk-coverage curve (`confidence-<task>.png`)."""
     model = load_inference_model(checkpoint, int8=int8)
     if drop_modalities is None:
         drop_modalities = read_export_info(Path(checkpoint)).get("drop_modalities", [])
-    collator = build_collator(model, train=False, drop_modalities=drop_modalities)
+    collator = build_collator(model, train=False, drop_modalities=drop_modalities, corrupt=corrupt)
     loader = make_loader(shards, collator, batch_size, split=split, num_workers=num_workers,
                          tasks=model.task_names, **model.decode_options())
     records, stats = evaluate_loader(model, loader, torch.device("cpu"), progress=progress)
@@ -61,6 +65,7 @@ def evaluate(checkpoint: str | Path, shards: list[str], split: str = "val", batc
     result["checkpoint"] = str(checkpoint)
     result["shards"] = list(shards)
     result["drop_modalities"] = list(drop_modalities)
+    result["corrupt"] = [str(c) for c in corrupt]
     result["errors"] = []
     if plots is not None:
         _save_confidence_plots(result, Path(plots))
@@ -92,6 +97,10 @@ def fmt(value: float | None, spec: str = ".4f") -> str:
 
 def format_summary(result: dict) -> str:
     lines = []
+    altered = [f"without {m}" for m in result.get("drop_modalities", [])] + [
+        f"corrupted {c}" for c in result.get("corrupt", [])]
+    if altered:
+        lines.append(f"evaluated {', '.join(altered)}")
     for task, d in result["tasks"].items():
         lines.append(f"{task} ({d['type']}, {d['samples']} samples): accuracy {fmt(d['accuracy'])}"
                      + (f", macro-F1 {fmt(d['macro_f1'])}" if d["type"] == "classification" else "")
@@ -102,6 +111,10 @@ def format_summary(result: dict) -> str:
                          f"{fmt(d['temperature'], '.3f')}; AURC {fmt(sel['aurc'])}; wrong answers detected with "
                          f"AUROC {fmt(sel['auroc_confidence'])} by low confidence, {fmt(sel['auroc_disagreement'])} "
                          f"by disagreement")
+        if "voters" in d and "head_coverage" in d:
+            lines.append("  voters: " + ", ".join(
+                f"{v} {fmt(a)}" + ("" if c == 1.0 else f" ({fmt(c, '.0%')} voted)")
+                for v, a, c in zip(d["voters"], d["head_accuracy"], d["head_coverage"])))
         avc = d["agreement_vs_correctness"]
         lines.append(f"  heads unanimous on {fmt(avc['unanimous_fraction'], '.1%')}: accuracy "
                      f"{fmt(avc['accuracy_when_unanimous'])} when unanimous, {fmt(avc['accuracy_when_split'])} "
