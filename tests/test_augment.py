@@ -8,8 +8,8 @@ import random
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_sample
+
 from moefuse.config import load_config
 from moefuse.configutil import ConfigError
 from moefuse.encoders import AudioEncoderConfig, ImageEncoderConfig, build_audio_encoder, build_image_encoder

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_sample, run_cli
 from PIL import Image
 
-from conftest import make_sample, run_cli
 from moefuse.configutil import ConfigError
 from moefuse.datasets.corruption import Corruption, corrupt_samples
 from moefuse.encoders import AudioEncoderConfig, ImageEncoderConfig, build_audio_encoder, build_image_encoder

@@ -208,8 +208,8 @@ def target_checks(results: dict[str, dict]) -> list[tuple[str, bool]]:
                            if c > 0)
         checks.append((f"{name}: ensemble >= its best single voter + 1.0: {pct(t['accuracy'])} vs {pct(best)} "
                        f"(voters: {voters})", t["accuracy"] >= best + 0.01))
-        checks.append((f"{name}: ECE after temperature scaling <= 0.03: {t['ece']:.3f} (before {t['ece_uncalibrated']:.3f}, "
-                       f"T {t['temperature']:.2f})", t["ece"] <= 0.03))
+        checks.append((f"{name}: ECE after temperature scaling <= 0.03: {t['ece']:.3f} (before "
+                       f"{t['ece_uncalibrated']:.3f}, T {t['temperature']:.2f})", t["ece"] <= 0.03))
         auroc = t["selective"]["auroc_confidence"]
         checks.append((f"{name}: AUROC of confidence for wrong answers >= 0.85: {auroc:.3f}",
                        auroc is not None and auroc >= 0.85))
