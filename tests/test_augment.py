@@ -128,3 +128,14 @@ def test_augmentation_from_yaml_reaches_the_preprocessors() -> None:
     assert audio.preprocessor(train=True).augment.time_masks == 1
     assert audio.preprocessor(train=False).augment is None
     assert not ImageEncoderConfig().augment.active and not AudioEncoderConfig().augment.masks_active
+
+
+@pytest.mark.parametrize("policy", ["rand-m10-n3-mstd101", "rand-m10-n3-mstd101-inc1"])
+def test_rand_augment_survives_every_magnitude(policy: str) -> None:
+    """mstd > 100 draws magnitudes uniformly in [0, 10]: every operation at every strength (timm's own posterize
+    keeps 0 bits at low magnitudes, which Pillow refuses)."""
+    pre = build_image_encoder(ImageEncoderConfig(augment=ImageAugmentConfig(rand_augment=policy))).preprocessor(True)
+    images = samples(8)
+    rng = random.Random(0)
+    for _ in range(25):
+        assert pre(images, rng)["pixel_values"].shape == (8, 3, 32, 32)

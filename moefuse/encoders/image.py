@@ -23,9 +23,10 @@ import timm
 import torch
 from PIL import Image
 from timm.data import create_transform, resolve_model_data_config
-from timm.data.auto_augment import rand_augment_transform
+from timm.data.auto_augment import _RAND_INCREASING_TRANSFORMS, _RAND_TRANSFORMS, rand_augment_transform
 from timm.layers import HybridEmbed
 from torch import nn
+from torchvision import transforms
 
 from moefuse.configutil import Config, ConfigError, atomic_write_text
 from moefuse.datasets.media import check_file, normalise_image, open_image
@@ -77,7 +78,7 @@ class ImageAugmentConfig(Config):
                        f"{hi_max}, got {list(getattr(self, name))}")
         if self.rand_augment is not None:
             try:
-                rand_augment_transform(self.rand_augment, {})
+                rand_augment(self.rand_augment, {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5)})
             except Exception as e:  # timm raises AssertionError or ValueError on a bad policy string
                 self.check(False, "rand_augment", f"{self.rand_augment!r} is not a timm RandAugment policy ({e}); "
                            f"write it as rand-m<magnitude>-n<ops>, e.g. rand-m6-n2-mstd0.5")
@@ -90,10 +91,26 @@ class ImageAugmentConfig(Config):
             or self.hflip > 0 or self.erase_prob > 0
 
     def transform(self, data_config: dict) -> Callable:
-        """timm's training transform for a model with this `data_config` (input size, mean, std, interpolation)."""
-        return create_transform(**data_config, is_training=True,
-                                scale=self.scale, ratio=self.ratio, hflip=self.hflip, vflip=0.0, color_jitter=None,
-                                auto_augment=self.rand_augment, re_prob=self.erase_prob)
+        """timm's training transform for a model with this `data_config` (input size, mean, std, interpolation):
+        crop and flips, then RandAugment, then to tensor, normalise and erasing."""
+        primary, _, final = create_transform(**data_config, is_training=True, separate=True, scale=self.scale,
+                                             ratio=self.ratio, hflip=self.hflip, vflip=0.0, color_jitter=None,
+                                             re_prob=self.erase_prob)
+        middle = [] if self.rand_augment is None else [rand_augment(self.rand_augment, data_config)]
+        return transforms.Compose([*primary.transforms, *middle, *final.transforms])
+
+
+def rand_augment(policy: str, data_config: dict) -> Callable:
+    """timm's RandAugment for `policy`, with the hyper-parameters timm's transform factory gives it, on timm's
+    operations with one change: posterize keeps 4 to 8 bits (timm's default posterize keeps 0 to 4, and Pillow
+    >= 10 refuses 0 bits, which low magnitudes give)."""
+    increasing = "inc1" in policy.split("-")
+    ops = [("PosterizeOriginal" if op.startswith("Posterize") else op)
+           for op in (_RAND_INCREASING_TRANSFORMS if increasing else _RAND_TRANSFORMS)]
+    size = data_config["input_size"][-1]
+    hparams = dict(translate_const=int(size * 0.45), img_mean=tuple(min(255, round(255 * x)) for x in
+                                                                    data_config["mean"]))
+    return rand_augment_transform(policy, hparams, transforms=ops)
 
 
 @dataclass
