@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("moefuse.train.run", "joint multi-task training from a YAML config (also under accelerate launch)"),
     "evaluate": ("moefuse.train.evaluate", "metrics of an exported model on shards"),
     "predict": ("moefuse.train.predict", "predictions for one sample or a manifest, as JSON Lines"),
+    "serve": ("moefuse.train.serve", "serve an exported model over HTTP (POST /predict, GET /health, GET /info)"),
     "export": ("moefuse.train.export", "(re)write a training run's model folder from its checkpoints"),
     "demo": ("moefuse.train.demo", "demo data -> shards -> train -> evaluate -> predict, end to end"),
 }

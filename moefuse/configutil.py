@@ -175,6 +175,20 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     return cls(**kwargs)  # its __post_init__ names the keys of its own values (Config.config_key)
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: its docstring} of a dataclass, read from the string literal under each field's declaration in the
+    class's own source (where every field is documented), e.g. for a command's --help."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
+    return {node.target.id: " ".join(str(doc.value.value).split())
+            for node, doc in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+            and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)}
+
+
 def to_dict(cfg: Any) -> Any:
     """Dataclass (tree) to plain dicts/lists, ready for YAML or JSON."""
     if dataclasses.is_dataclass(cfg):

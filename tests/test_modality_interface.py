@@ -183,7 +183,8 @@ def test_dropping_a_modality_clears_all_its_fields(rng: np.random.Generator) -> 
 SHARED = ["moefuse/fusion/model.py", "moefuse/fusion/stack.py", "moefuse/fusion/heads.py", "moefuse/fusion/moe.py",
           "moefuse/datasets/collate.py", "moefuse/train/metrics.py", "moefuse/train/evaluation.py",
           "moefuse/train/evaluate.py", "moefuse/train/predict.py", "moefuse/train/checkpoint.py",
-          "moefuse/train/report.py", "moefuse/train/inference.py"]
+          "moefuse/train/report.py", "moefuse/train/inference.py", "moefuse/train/server.py", "moefuse/train/serve.py",
+          "moefuse/train/batcher.py", "moefuse/datasets/corruption.py"]
 
 
 @pytest.mark.parametrize("path", SHARED)

@@ -4,6 +4,8 @@ voters; a model with such voters trains; bad view names are config errors."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -99,3 +101,32 @@ def test_a_view_the_model_lacks_is_a_config_error(views: list[str], bad: str) ->
     with pytest.raises(ConfigError, match=rf"^heads\.views: '{bad}' is not a view of this model"):
         ModelConfig(encoders=EncodersConfig(audio=None), heads=HeadsConfig(views=views),
                     tasks=[TaskConfig("digit", "classification", DIGITS)])
+
+
+def test_a_voters_accuracy_counts_only_the_samples_it_voted_on() -> None:
+    """An abstention is neither right nor wrong: head_accuracy is over the voted samples, head_coverage their share,
+    and the best single head is the best voter that answers every sample."""
+    from moefuse.train.metrics import compute_metrics
+
+    votes = [[True, True, None], [False, True, None], [True, False, True], [True, False, None]]  # 3 voters x 4
+    records = [{"task": "digit", "target_index": 0, "prediction_index": 0, "probability": 0.9, "agreement": 1.0,
+                "head_correct": v, "modalities": "image", "meta": {}} for v in votes]
+    flat = compute_metrics(records, {"digit": ["0", "1"]}, {"digit": "classification"})["metrics"]
+    assert flat["digit/head0_acc"] == 0.75 and flat["digit/head1_acc"] == 0.5 and flat["digit/head2_acc"] == 1.0
+    assert flat["digit/best_head_acc"] == 0.75  # voter 2 voted on one sample: no stand-alone member
+    records = [{**r, "head_correct": [c, None]} for r, (c, *_) in zip(records, votes)]
+    flat = compute_metrics(records, {"digit": ["0", "1"]}, {"digit": "classification"})["metrics"]
+    assert "digit/head1_acc" not in flat  # a voter that never voted has no accuracy
+
+
+def test_weighted_votes_and_temperature_round_trip_through_the_export(tmp_path: Path) -> None:
+    from moefuse.train.checkpoint import export_model, load_exported
+
+    model = build_model(cfg(views=["modalities"], combine="weighted"))
+    for heads in model.heads.values():
+        heads.vote_logits.data = torch.randn_like(heads.vote_logits)
+        heads.temperature.fill_(1.7)
+    loaded = load_exported(export_model(model, tmp_path / "model"))
+    for task, heads in model.heads.items():
+        assert torch.equal(loaded.heads[task].vote_logits, heads.vote_logits)
+        assert float(loaded.heads[task].temperature) == pytest.approx(1.7)

@@ -11,6 +11,8 @@ theo, MNIST 7000-7999):
     concat      late fusion: per-modality means + presence flags -> MLP
     dense       fusion blocks with a dense SwiGLU FFN of width top_k * d_expert (equal active compute to moe)
     moe         the sparse-MoE fusion stack (configs/avdigits.yaml as is); its export stays in WORK/moe/model
+Each variant is then evaluated on val; moe also with each modality removed, noised (0 dB SNR) and taken from another
+sample, and image_only / audio_only under what touches their modality (the robustness table, CONDITIONS).
 A run of all five variants writes benchmarks/avdigits/RESULTS.md and routing_heatmap.png; a partial one (--variants
 or --quick) writes them into WORK instead. Nothing here reads the reserved split (speaker yweweler, MNIST >= 8000):
 prepare.py writes it only when asked.

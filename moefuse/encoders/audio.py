@@ -52,6 +52,7 @@ AUDIO_PRESETS: dict[str, dict] = {
 class AudioEncoderConfig(EncoderConfig):
     modality = "audio"
     sample_fields = ("audio",)
+    file_fields = ("audio",)
 
     preset: str = "tiny"
     """One of AUDIO_PRESETS: tiny | small (random init) or local (`path`, a saved Wav2Vec2 checkpoint)."""

@@ -2,7 +2,8 @@
 model, the export and `predict` only loop over the encoders a model has.
 
     EncoderConfig          a modality's config: the fine-tuning fields every encoder shares, `build(arch_dir)`,
-                           and `sample_fields`, the fields of a decoded sample that belong to the modality
+                           `sample_fields`, the fields of a decoded sample that belong to the modality, and
+                           `file_fields`, those given as files
     ModalityEncoder        `encoder(**inputs) -> EncoderOutput(tokens [B, T, D_enc], mask [B, T])`, plus
         .preprocessor(train)     a picklable `Preprocessor` that turns B decoded samples into those inputs
         .save_architecture(dir)  its part of an exported model folder (weights are in model.safetensors)
@@ -49,6 +50,9 @@ class EncoderConfig(Config):
     """The modality's name: its key in `encoders:`, in batches and in the export folder."""
     sample_fields: ClassVar[tuple[str, ...]] = ()
     """Fields of a decoded sample that belong to this modality (dropping the modality clears them)."""
+    file_fields: ClassVar[tuple[str, ...]] = ()
+    """Those of sample_fields whose raw input is a file (a path for `predict`, an upload for `serve`); the others
+    are text."""
 
     finetune: Finetune = "full"
     """full: train all weights; frozen: no gradients; lora: train peft LoRA adapters only."""

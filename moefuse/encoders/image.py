@@ -117,6 +117,7 @@ def rand_augment(policy: str, data_config: dict) -> Callable:
 class ImageEncoderConfig(EncoderConfig):
     modality = "image"
     sample_fields = ("image",)
+    file_fields = ("image",)
 
     preset: str = "tiny"
     """One of IMAGE_PRESETS (tiny | small | vit_tiny | vit_small | vit_base)."""

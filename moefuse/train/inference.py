@@ -40,9 +40,9 @@ def load_media_sample(model: MultimodalMoEModel, sid: str, task: str, *, media: 
     collate contract), each read by the encoder of its modality with the training shards' `media` settings."""
     tasks = {t.name: t for t in model.cfg.tasks}
     if task not in tasks:
-        raise ConfigError(f"unknown task {task!r}; this model has: {', '.join(tasks)}")
+        raise _of_field(ConfigError(f"unknown task {task!r}; this model has: {', '.join(tasks)}"), "task")
     if tasks[task].type == "qa" and not inputs.get("question"):
-        raise ConfigError(f"task {task!r} is a QA task: give --question")
+        raise _of_field(ConfigError(f"task {task!r} is a QA task: give --question"), "question")
     given = {f: v for f, v in inputs.items() if has_value(v)}
     if not given:
         raise ConfigError(f"give at least one input: {', '.join('--' + f for f in inputs)}")
@@ -50,9 +50,18 @@ def load_media_sample(model: MultimodalMoEModel, sid: str, task: str, *, media: 
     sample = {"id": sid, "task": task, **dict.fromkeys(inputs), "target": target, "meta": meta or {}}
     for f, value in given.items():
         if f not in owner or owner[f] not in model.encoders:
-            raise ConfigError(f"this model has no {owner.get(f, f)} encoder; drop --{f}")
-        sample[f] = model.encoders[owner[f]].read_input(f, value, media or DEFAULT_MEDIA)
+            raise _of_field(ConfigError(f"this model has no {owner.get(f, f)} encoder; drop --{f}"), f)
+        try:
+            sample[f] = model.encoders[owner[f]].read_input(f, value, media or DEFAULT_MEDIA)
+        except MediaError as e:
+            raise _of_field(e, f) from None
     return sample
+
+
+def _of_field(error: Exception, field: str) -> Exception:
+    """The error, marked with the input field it is about (`error.field`, which the server reports)."""
+    error.field = field  # type: ignore[attr-defined]
+    return error
 
 
 def routing_per_sample(output: ModelOutput, rows: list[str]) -> list[dict]:

@@ -1,0 +1,53 @@
+"""`moefuse serve --checkpoint DIR [--host 127.0.0.1] [--port 8000]`: an exported model behind an HTTP API.
+
+    curl -s localhost:8000/health
+    curl -s localhost:8000/info
+    curl -s -F task=avqa -F "question=what digit is spoken?" -F audio=@clip.wav localhost:8000/predict
+
+The routes, the request formats and the errors: `moefuse.train.server`, the library this entry point runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moefuse.configutil import field_docs
+from moefuse.errors import command, positive_int
+from moefuse.train.checkpoint import load_inference_model
+from moefuse.train.inference import export_media
+from moefuse.train.server import ModelServer, ServeLimits, create_app
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+@command("moefuse serve")
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="moefuse serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="exported model folder (a run's model/)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of every linear layer and expert")
+    defaults, docs = ServeLimits(), field_docs(ServeLimits)
+    for name, kind in (("max_upload_mb", _number), ("max_audio_seconds", _number), ("max_image_pixels", positive_int),
+                       ("max_text_chars", positive_int), ("timeout_s", _number), ("max_batch_size", positive_int),
+                       ("max_wait_ms", _number), ("max_queue", positive_int), ("decode_threads", positive_int)):
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=getattr(defaults, name),
+                       help=f"{docs.get(name, name)} (default {getattr(defaults, name)})")
+    args = p.parse_args(argv)
+    limits = ServeLimits(**{k: getattr(args, k) for k in ServeLimits.__dataclass_fields__ if hasattr(args, k)})
+    model = load_inference_model(args.checkpoint, int8=args.int8)
+    server = ModelServer(model, export_media(args.checkpoint), limits, name=str(args.checkpoint))
+    import uvicorn  # imported here: `moefuse serve --help` stays fast
+
+    print(f"moefuse serve: {args.checkpoint} on http://{args.host}:{args.port} (tasks {', '.join(model.task_names)})",
+          file=sys.stderr, flush=True)
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning",
+                limit_concurrency=2 * limits.max_queue, timeout_keep_alive=5)
+    return 0
+
