@@ -15,8 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import REPO, run_cli
+
 from moefuse.train.batcher import DynamicBatcher, QueueFull
 
 # -- the batcher ---------------------------------------------------------------------------------------------------

@@ -7,9 +7,10 @@
                     per-voter votes, agreement, modalities, routing summary)
 
 A sample is given as multipart form fields `task`, `text`, `question` and files `image`, `audio` (a url-encoded
-form for text alone), or as a JSON body with the same keys, the media base64-encoded. Media are read exactly as `predict` reads files (each encoder's
-`read_input`, with the training shards' media settings), in a pool of threads, so a slow decode never blocks other
-requests; the model runs in one place, fed by a DynamicBatcher that batches concurrent requests.
+form for text alone), or as a JSON body with the same keys, the media base64-encoded. Media are read exactly as
+`predict` reads files (each encoder's `read_input`, with the training shards' media settings), in a pool of
+threads, so a slow decode never blocks other requests; the model runs in one place, fed by a DynamicBatcher that
+batches concurrent requests.
 
 Every bad request is a 4xx with `{"error": message, "field": the field or null}`: 413 for a body, file, clip or
 text over a limit, 415 for another content type, 422 for an unknown task or field, no input, or media that cannot
