@@ -140,6 +140,24 @@ class MultimodalMoEModel(nn.Module):
                                     for t in cfg.tasks})
         self.task_names = [t.name for t in cfg.tasks]
 
+    # -- a folder others can load ---------------------------------------------------------------------------
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write this model as an export folder: safetensors weights, config.yaml, each encoder's architecture
+        files and a model card (README.md), atomically; what `from_pretrained` and `moefuse predict / evaluate /
+        serve` load. Nothing is pickled."""
+        from moefuse.train.checkpoint import export_model  # the one export format, shared with training runs
+
+        return export_model(self, folder)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> MultimodalMoEModel:
+        """The model of an export folder (`save_pretrained`, or a training run's model/), in eval mode; a damaged
+        folder is a ConfigError naming the file."""
+        from moefuse.train.checkpoint import load_exported
+
+        return load_exported(folder, device)
+
     # -- inputs ---------------------------------------------------------------------------------------------
 
     def _drop_modalities(self, present: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -36,6 +36,7 @@ from moefuse.configutil import ConfigError, atomic_write_text, dumps_json, from_
 from moefuse.errors import UserError, naming
 from moefuse.fusion.model import ModelConfig, MultimodalMoEModel, build_model
 from moefuse.train.calibrate import calibrate_run
+from moefuse.train.model_card import model_card
 
 if TYPE_CHECKING:
     from moefuse.config import ExperimentConfig
@@ -197,6 +198,7 @@ def _write_export(model: MultimodalMoEModel, tmp: Path, extra: dict | None) -> N
         encoder.save_architecture(tmp / modality)
     atomic_write_text(tmp / "export.json", dumps_json({"format": EXPORT_FORMAT, **(extra or {})}, "export.json",
                                                       indent=2))
+    atomic_write_text(tmp / "README.md", model_card(model, extra))
 
 
 def read_model_config(path: Path, config_type: type[ModelConfig] = ModelConfig) -> ModelConfig:

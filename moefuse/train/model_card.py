@@ -1,0 +1,85 @@
+"""The model card (README.md) of an export folder: what someone handed the folder needs to know before using it.
+
+Tasks and vocabularies, modalities and encoders, the fusion stack and the voters, the calibration fit after
+training, the validation metrics the run recorded, the training data, how to load and run it, and its limits
+(Mitchell et al. 2019, "Model Cards for Model Reporting", trimmed to what a training run knows).
+"""
+
+from __future__ import annotations
+
+from moefuse.fusion.model import MultimodalMoEModel
+
+
+def _vocabulary(labels: list[str], shown: int = 20) -> str:
+    head = ", ".join(f"`{v}`" for v in labels[:shown])
+    return head + (f", ... ({len(labels)} in all)" if len(labels) > shown else "")
+
+
+def _metrics(extra: dict) -> list[str]:
+    result, final = extra.get("result") or {}, extra.get("final_val_metrics") or {}
+    if not result:
+        return ["No training record: this folder was exported outside a training run, so no metrics are known."]
+    best, metric = result.get("best_metric"), result.get("metric")
+    value = f"= {best:.4f}" if isinstance(best, float) else "not measured"
+    lines = [f"`{metric}` {value} at step {result.get('best_step')} of {result.get('steps')}; the export holds step "
+             f"{extra.get('step')}."]
+    per_task = {k.split("/")[1]: v for k, v in final.items() if k.count("/") == 2 and k.endswith("/acc")}
+    if per_task:
+        when = "the exported step" if result.get("best_step") == result.get("steps") else "the last step"
+        lines.append(f"Accuracy per task on the validation split at the last validation ({when}, before "
+                     f"calibration): " + ", ".join(f"{t} {v:.3f}" for t, v in sorted(per_task.items())) + ".")
+    return lines
+
+
+def _calibration(extra: dict) -> list[str]:
+    calibration = extra.get("calibration")
+    if not calibration:
+        return ["Not calibrated: temperature 1 and the vote weights as trained."]
+    lines = []
+    for task, c in calibration.items():
+        weights = c.get("vote_weights")
+        lines.append(f"- {task}: temperature {c['temperature']:.3f} (validation NLL {c['nll_before']:.4f} -> "
+                     f"{c['nll_after']:.4f}, {c['samples']} samples)"
+                     + (f"; vote weights {', '.join(f'{w:.2f}' for w in weights)}" if weights else ""))
+    return lines
+
+
+def model_card(model: MultimodalMoEModel, extra: dict | None = None) -> str:
+    """Markdown for the export's README.md; `extra` is what export.json holds (the run's record), if any."""
+    extra = extra or {}
+    cfg = model.cfg
+    lines = ["# moefuse model", "",
+             f"A multimodal mixture-of-experts model for {', '.join(model.task_names)}, written by moefuse. "
+             "Load it with `MultimodalMoEModel.from_pretrained(folder)` (or `moefuse.train.checkpoint."
+             "load_exported`); run it with `moefuse predict --checkpoint FOLDER`, `moefuse evaluate` or "
+             "`moefuse serve`. The weights are safetensors; nothing in this folder is pickled.", "",
+             "## Tasks", "", "| task | type | answers |", "|---|---|---|"]
+    lines += [f"| {t.name} | {t.type} | {_vocabulary(list(t.labels))} |" for t in cfg.tasks]
+    lines += ["", "## Inputs", ""]
+    for m, enc in cfg.encoders.configured().items():
+        fields = ", ".join(f"`{f}`" + (" (file)" if f in enc.file_fields else "") for f in enc.sample_fields)
+        lines.append(f"- {m}: preset `{getattr(enc, 'preset', '?')}`, fine-tuning `{enc.finetune}`; fields {fields}")
+    dropped = extra.get("drop_modalities") or []
+    if dropped:
+        lines.append(f"- trained without: {', '.join(dropped)}")
+    f = cfg.fusion
+    lines += ["", "## Architecture", "",
+              f"Fusion `{f.kind}`: {f.num_layers} layers of width {f.d_model}"
+              + (f", {f.num_experts} experts, top-{f.top_k}" if f.kind == "moe" else "") + f", pooling `{f.pooling}`. "
+              f"Voters per task: {', '.join(model.voter_views)}; combined by `{cfg.heads.combine}`. "
+              "The full config is `config.yaml`.", "", "## Calibration", ""]
+    lines += _calibration(extra)
+    lines += ["", "## Validation metrics", ""] + _metrics(extra)
+    shards = extra.get("train_shards")
+    lines += ["", "## Training data", "",
+              f"Shards: {', '.join(f'`{s}`' for s in shards)}." if shards else "Not recorded.", "",
+              "## Intended use and limits", "",
+              "- For research on the tasks above, on inputs like the training data (the media settings the shards "
+              "were built with are in `export.json`, and `predict` and `serve` prepare raw files the same way).",
+              "- The figures above are on the validation split, which also chose the exported step and fit the "
+              "temperature and vote weights: expect lower accuracy and worse calibration on data from elsewhere "
+              "(other speakers, image styles, wordings).",
+              "- Probabilities are calibrated on that split only; use `--min-confidence` to abstain on low "
+              "confidence rather than trusting every answer.",
+              "- Not for decisions about people, or anything where a wrong answer does harm.", ""]
+    return "\n".join(lines)
