@@ -1,0 +1,167 @@
+"""`moefuse serve` under load, beside `moefuse predict`'s offline batch throughput, measured in one run.
+
+What is measured (CPU; the server in its own process on loopback, started here with `moefuse serve`):
+
+* Inputs: the rows of --split of a manifest (default: the AV-digits validation split, `runs/avdigits/data`), their
+  media files read into memory once; every request uploads one row's fields and files (multipart), round-robin.
+* ``offline``: `predict`'s path without the process start: `load_media_sample` on every row's files (decoding,
+  as `predict --manifest` does) and `predict_samples(model, samples, batch_size=32)`, in this process; samples/s.
+* ``server, concurrency C`` for C in --concurrency (1 8 32): C client threads, each with its own HTTP connection,
+  post rows until the round's --requests are answered or --seconds have passed (every loop is bounded in count
+  and time); requests/s, p50 and p95 latency, and the share of answers equal to offline's.
+
+How: the server first answers every row once and offline runs once, untimed. Then --rounds rounds; each times
+offline, then each concurrency, in an order that rotates between rounds. The client threads share the 2 cores
+with the server, so server figures include the clients' own cost. The table leads with the medians over rounds
+of the ratio server requests/s ÷ offline samples/s (± half their interquartile range), measured side by side.
+
+    python benchmarks/serve_load.py --checkpoint runs/avdigits/moe/model --manifest runs/avdigits/data/manifest.jsonl
+    python benchmarks/serve_load.py ... --quick     # 2 rounds of 64 requests: a smoke run, not figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from _bench import command_line, summary
+
+from moefuse.train.checkpoint import load_inference_model
+from moefuse.train.inference import export_media, load_media_sample, predict_samples
+
+REPO = Path(__file__).resolve().parents[1]
+def rows_of(manifest: Path, split: str, limit: int, file_fields: set[str]) -> list[dict]:
+    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("split") == split][:limit]
+    if not rows:
+        sys.exit(f"error: {manifest} has no rows of split {split!r}")
+    for r in rows:
+        r["files"] = {f: (manifest.parent / r[f]).read_bytes() for f in file_fields if r.get(f)}
+    return rows
+
+
+def offline(model, media: dict, manifest: Path, rows: list[dict]) -> tuple[float, list[str]]:
+    """predict's path: decode each row's files, predict in batches of 32 -> (samples/s, predictions)."""
+    start = time.perf_counter()
+    samples = [load_media_sample(model, r["id"], r["task"], media=media, text=r.get("text"),
+                                 question=r.get("question"), **{f: manifest.parent / r[f] for f in r["files"]})
+               for r in rows]
+    results = predict_samples(model, samples, batch_size=32)
+    return len(rows) / (time.perf_counter() - start), [r["prediction"] for r in results]
+
+
+def post(client: httpx.Client, url: str, row: dict) -> tuple[float, str | None]:
+    data = {k: row[k] for k in ("task", "text", "question") if row.get(k)}
+    files = {f: (f"{row['id']}.{Path(row[f]).suffix.lstrip('.')}", b) for f, b in row["files"].items()}
+    start = time.perf_counter()
+    answer = client.post(f"{url}/predict", data=data, files=files, timeout=120)
+    elapsed = time.perf_counter() - start
+    return elapsed, answer.json().get("prediction") if answer.status_code == 200 else None
+
+
+def load(url: str, rows: list[dict], concurrency: int, requests: int, seconds: float) -> dict:
+    """C threads post rows round-robin until `requests` are answered or `seconds` pass."""
+    lock, counter, latencies, answers = threading.Lock(), [0], [], {}
+    deadline = time.perf_counter() + seconds
+
+    def worker() -> None:
+        with httpx.Client() as client:
+            while time.perf_counter() < deadline:
+                with lock:
+                    if counter[0] >= requests:
+                        return
+                    i = counter[0]
+                    counter[0] += 1
+                elapsed, prediction = post(client, url, rows[i % len(rows)])
+                with lock:
+                    latencies.append(elapsed)
+                    answers[i % len(rows)] = prediction
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    lat = sorted(latencies)
+    return {"rps": len(lat) / wall, "p50": lat[len(lat) // 2], "p95": lat[min(len(lat) - 1, int(0.95 * len(lat)))],
+            "answers": answers, "done": len(lat)}
+
+
+def start_server(checkpoint: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moefuse.cli", "serve", "--checkpoint", str(checkpoint), "--port",
+                             str(port), "--max-batch-size", str(max_batch), "--max-queue", "1024"], cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            if proc.poll() is not None:
+                sys.exit("error: moefuse serve exited before it answered /health")
+            time.sleep(0.2)
+    proc.kill()
+    sys.exit("error: moefuse serve did not answer /health within 120 s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, default=REPO / "runs" / "avdigits" / "moe" / "model")
+    p.add_argument("--manifest", type=Path, default=REPO / "runs" / "avdigits" / "data" / "manifest.jsonl")
+    p.add_argument("--split", default="val")
+    p.add_argument("--rows", type=int, default=256, help="manifest rows used (default 256)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--requests", type=int, default=256, help="requests per concurrency and round")
+    p.add_argument("--seconds", type=float, default=60.0, help="time bound per concurrency and round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rows, args.requests, args.rounds = 64, 64, 2
+    model, media = load_inference_model(args.checkpoint), export_media(args.checkpoint)
+    file_fields = {f for encoder in model.encoders.values() for f in encoder.cfg.file_fields}
+    rows = rows_of(args.manifest, args.split, args.rows, file_fields)
+    proc, url = start_server(args.checkpoint, max_batch=32)
+    try:
+        _, expected = offline(model, media, args.manifest, rows)  # warm-up, and the answers to compare with
+        for c in args.concurrency:
+            load(url, rows, c, len(rows), args.seconds)
+        measured = {c: [] for c in args.concurrency}
+        base = []
+        for r in range(args.rounds):
+            order = args.concurrency[r % len(args.concurrency):] + args.concurrency[:r % len(args.concurrency)]
+            base.append(offline(model, media, args.manifest, rows)[0])
+            for c in order:
+                measured[c].append(load(url, rows, c, args.requests, args.seconds))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    report(base, measured, expected, args)
+
+
+def report(base: list[float], measured: dict[int, list[dict]], expected: list[str], args) -> None:
+    print(f"offline (predict, batch 32): {summary(base)[0]:.1f} samples/s (median of {len(base)} rounds)")
+    print("| concurrency | requests/s ÷ offline samples/s | requests/s | p50 ms | p95 ms | answers as offline |")
+    print("|---|---|---|---|---|---|")
+    for c, runs in measured.items():
+        ratio, spread = summary([m["rps"] / b for m, b in zip(runs, base)])
+        same = [m["answers"][i] == expected[i] for m in runs for i in m["answers"]]
+        print(f"| {c} | {ratio:.2f} ± {spread:.2f} | {summary([m['rps'] for m in runs])[0]:.1f} | "
+              f"{1000 * summary([m['p50'] for m in runs])[0]:.0f} | {1000 * summary([m['p95'] for m in runs])[0]:.0f} "
+              f"| {sum(same) / max(1, len(same)):.3f} |")
+    print(f"\ncommand: {command_line()}")
+
+
+if __name__ == "__main__":
+    main()
