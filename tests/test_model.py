@@ -106,7 +106,7 @@ def test_modality_dropout_never_drops_everything() -> None:
     present["text"][1] = False
     present["audio"][1] = True
     for _ in range(20):
-        kept = model._drop_modalities(present)
+        kept = model._drop_modalities(present, torch.zeros(4, dtype=torch.long))
         stacked = torch.stack(list(kept.values()), 1)
         assert stacked.any(1).all()
         assert not (stacked & ~torch.stack(list(present.values()), 1)).any()  # never adds a modality
@@ -116,10 +116,17 @@ def test_modality_dropout_per_modality_drops_only_the_named_ones() -> None:
     torch.manual_seed(0)
     model = build_model(tiny_cfg(modality_dropout={"image": 0.5, "audio": 0.5})).train()
     present = {m: torch.ones(400, dtype=torch.bool) for m in ("text", "image", "audio")}
-    kept = model._drop_modalities(present)
+    kept = model._drop_modalities(present, torch.zeros(400, dtype=torch.long))
     assert kept["text"].all()  # not named: never dropped
     for m in ("image", "audio"):
         assert 0.4 < 1 - kept[m].float().mean() < 0.6
+    only_digit = build_model(tiny_cfg(modality_dropout=0.5, modality_dropout_tasks=["digit"])).train()
+    task_index = torch.arange(400) % 2  # digit, avqa, digit, ...
+    kept = only_digit._drop_modalities(present, task_index)
+    stacked = torch.stack(list(kept.values()), 1)  # [B, M]
+    assert stacked[1::2].all() and not stacked[0::2].all()  # avqa samples keep everything
+    with pytest.raises(ConfigError, match=r"fusion\.modality_dropout_tasks.*'sum' is not a task"):
+        tiny_cfg(modality_dropout_tasks=["sum"])
     with pytest.raises(ConfigError, match=r"fusion\.modality_dropout.*'smell' is not a modality"):
         tiny_cfg(modality_dropout={"smell": 0.1})
     with pytest.raises(ConfigError, match=r"fusion\.modality_dropout.*\[0, 1\)"):

@@ -76,6 +76,10 @@ class ModelConfig(Config):
         unknown = [m for m in rates if m not in self.encoders.slots()] if isinstance(rates, dict) else []
         self.check(not unknown, "fusion.modality_dropout", f"{unknown[0] if unknown else ''!r} is not a modality; "
                    f"name some of {', '.join(self.encoders.slots())}")
+        chosen = self.fusion.modality_dropout_tasks
+        unknown = [t for t in chosen or [] if t not in names]
+        self.check(not (names and unknown), "fusion.modality_dropout_tasks", f"{unknown[0] if unknown else ''!r} is "
+                   f"not a task of this model; name some of {', '.join(names)}")
         known = ["pooled", "cls", "mean", "modalities", *self.encoders.configured()]
         bad = [v for v in self.heads.views if v not in known]
         self.check(not bad, "heads.views", f"{bad[0] if bad else ''!r} is not a view of this model; use "
@@ -160,11 +164,16 @@ class MultimodalMoEModel(nn.Module):
 
     # -- inputs ---------------------------------------------------------------------------------------------
 
-    def _drop_modalities(self, present: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Modality dropout: drop each present modality with its rate, but never all of a sample's modalities."""
+    def _drop_modalities(self, present: dict[str, torch.Tensor], task_index: torch.Tensor
+                         ) -> dict[str, torch.Tensor]:
+        """Modality dropout: drop each present modality with its rate, on the samples of the chosen tasks
+        (fusion.modality_dropout_tasks), but never all of a sample's modalities."""
         p = torch.tensor(self.cfg.fusion.dropout_rates(list(present)))  # [M]
         stacked = torch.stack([present[m] for m in present], dim=1)  # [B, M]
+        chosen = self.cfg.fusion.modality_dropout_tasks
+        eligible = torch.tensor([chosen is None or t in chosen for t in self.task_names])[task_index.cpu()]  # [B]
         drop = (torch.rand(stacked.shape, device=stacked.device) < p.to(stacked.device)) & stacked
+        drop &= eligible.to(stacked.device)[:, None]
         keep = stacked & ~drop
         none_left = ~keep.any(1)
         keep[none_left] = stacked[none_left]  # a sample that would lose everything keeps what it had
@@ -178,7 +187,7 @@ class MultimodalMoEModel(nn.Module):
                 raise ConfigError(f"the batch has {m} but the model has no {m} encoder (encoders.{m} is null)")
         present = {m: batch["present"][m].bool() for m in self.encoders}
         if self.training and any(self.cfg.fusion.dropout_rates(list(present))):
-            present = self._drop_modalities(present)
+            present = self._drop_modalities(present, batch["task_index"])
         device = self.fusion_token.device
         fusion_id = len(self.modalities)
         parts = [self.fusion_token.expand(b, -1, -1) + self.modality_embed.weight[fusion_id]]  # [B, 1, D]

@@ -49,6 +49,10 @@ class FusionConfig(ExpertsConfig):
     """In training, drop each present modality of a sample with this probability (never all of them): one rate for
     every modality, or a rate per modality ({image: 0.2, audio: 0.2}; one not named is never dropped), e.g. to
     keep the question of a QA sample while its media are dropped."""
+    modality_dropout_tasks: list[str] | None = None
+    """The tasks whose samples get modality dropout; None = every task. Dropping a modality keeps the label right
+    only where each remaining modality still carries the answer (the same digit seen and heard), not for a question
+    about both (their sum)."""
 
     def __post_init__(self) -> None:
         self.check(self.d_model >= 8, "d_model", f"must be >= 8, got {self.d_model}")
