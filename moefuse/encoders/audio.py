@@ -175,6 +175,8 @@ class AudioPreprocessor:
 class AudioEncoder(ModalityEncoder):
     """Wav2Vec2Model -> frame tokens [B, F, D_enc] and the frame mask [B, F]."""
 
+    padding_input = "sample_mask"
+
     def __init__(self, cfg: AudioEncoderConfig, wav2vec2: Wav2Vec2Model):
         super().__init__()
         self.cfg, self.wav2vec2 = cfg, wav2vec2

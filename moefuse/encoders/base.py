@@ -103,6 +103,9 @@ class ModalityEncoder(nn.Module):
 
     cfg: EncoderConfig
     out_dim: int
+    padding_input: ClassVar[str | None] = None
+    """The input that marks each sample's real positions when a batch is right-padded (e.g. attention_mask), or
+    None when every input has a fixed size; the inference cache of encoder outputs cuts rows to it."""
 
     @property
     def modality(self) -> str:

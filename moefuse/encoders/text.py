@@ -118,6 +118,8 @@ class TextPreprocessor:
 class TextEncoder(ModalityEncoder):
     """BertModel -> tokens [B, L, D_enc] (last hidden state) and the attention mask."""
 
+    padding_input = "attention_mask"
+
     def __init__(self, cfg: TextEncoderConfig, bert: BertModel, tokenizer: PreTrainedTokenizerBase):
         super().__init__()
         self.cfg, self.bert, self.tokenizer = cfg, bert, tokenizer

@@ -24,6 +24,7 @@ from moefuse.configutil import Config, ConfigError, check
 from moefuse.datasets.collate import Collator
 from moefuse.datasets.corruption import Corruption
 from moefuse.encoders import AudioEncoderConfig, EncoderConfig, ImageEncoderConfig, ModalityEncoder, TextEncoderConfig
+from moefuse.fusion.encoder_cache import EncoderCache
 from moefuse.fusion.heads import HeadsConfig, TaskConfig, TaskOutput, VotingHeads
 from moefuse.fusion.moe import MoEOutput
 from moefuse.fusion.stack import FusionConfig, FusionOutput, FusionStack, masked_mean
@@ -143,6 +144,7 @@ class MultimodalMoEModel(nn.Module):
         self.heads = nn.ModuleDict({t.name: VotingHeads(d, len(t.labels), cfg.heads, len(self.voter_views))
                                     for t in cfg.tasks})
         self.task_names = [t.name for t in cfg.tasks]
+        self.encoder_caches: dict[str, EncoderCache] = {}  # cache_encoders(); inference only
 
     # -- a folder others can load ---------------------------------------------------------------------------
 
@@ -161,6 +163,14 @@ class MultimodalMoEModel(nn.Module):
         from moefuse.train.checkpoint import load_exported
 
         return load_exported(folder, device)
+
+    def cache_encoders(self, modalities: list[str], max_rows: int = 4096) -> None:
+        """In eval, reuse the outputs of these modalities' encoders for inputs seen before (the same question):
+        moefuse.fusion.encoder_cache. [] turns the cache off."""
+        unknown = [m for m in modalities if m not in self.encoders]
+        if unknown:
+            raise ConfigError(f"cannot cache {unknown[0]!r}: this model encodes {', '.join(self.encoders)}")
+        self.encoder_caches = {m: EncoderCache(max_rows) for m in modalities}
 
     # -- inputs ---------------------------------------------------------------------------------------------
 
@@ -197,7 +207,9 @@ class MultimodalMoEModel(nn.Module):
             rows = present[m].nonzero().squeeze(1)  # [B_m]: only the samples that have this modality
             if rows.numel() == 0:
                 continue
-            enc = encoder(**{k: v.index_select(0, rows) for k, v in batch["inputs"][m].items()})
+            inputs = {k: v.index_select(0, rows) for k, v in batch["inputs"][m].items()}
+            cache = self.encoder_caches.get(m) if not self.training else None
+            enc = encoder(**inputs) if cache is None else cache(encoder, inputs, encoder.padding_input)
             m_id = self.modalities.index(m)
             tok = self.project[m](enc.tokens) + self.modality_embed.weight[m_id]  # [B_m, T_m, D]
             full = tok.new_zeros(b, tok.shape[1], tok.shape[2]).index_copy(0, rows, tok)  # [B, T_m, D]

@@ -362,10 +362,15 @@ def load_run(out: Path) -> tuple[MultimodalMoEModel, dict, ExperimentConfig]:
     return model, state, cfg
 
 
-def load_inference_model(path: str | Path, device: str | torch.device = "cpu",
-                         int8: bool = False) -> MultimodalMoEModel:
-    """`load_exported`, then with `int8` the dynamic-int8 quantised model (CPU only), as evaluate and predict use."""
+def load_inference_model(path: str | Path, device: str | torch.device = "cpu", int8: bool = False,
+                         cache_encoders: list[str] | None = None) -> MultimodalMoEModel:
+    """`load_exported`, then with `int8` the dynamic-int8 quantised model (CPU only), as evaluate, predict and serve
+    use. `cache_encoders`: the modalities whose encoder outputs are reused for inputs seen before (None: those
+    whose encoder was frozen in training, a fixed feature extractor that mostly sees repeated prompts)."""
     model = load_exported(path, device)
+    if cache_encoders is None:
+        cache_encoders = [m for m, enc in model.encoders.items() if enc.cfg.finetune == "frozen"]
+    model.cache_encoders(cache_encoders)
     if int8:
         from moefuse.fusion.quant import quantize_int8
 
