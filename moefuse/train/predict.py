@@ -48,10 +48,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="mark answers whose calibrated probability is below P (in [0, 1]) as abstentions "
                         "(\"abstain\": true; the prediction is still the best guess)")
     p.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of every linear layer and expert")
+    p.add_argument("--cache-encoders", nargs="*", metavar="MODALITY", default=None,
+                   help="modalities whose encoder outputs are reused for inputs seen before, e.g. a repeated question "
+                        "(default: the encoders frozen in training; the flag alone turns the cache off)")
     args = p.parse_args(argv)
     if args.manifest is not None and any([args.text, args.question, args.image, args.audio]):
         raise ConfigError("give either --manifest or single-sample inputs, not both")
-    model = load_inference_model(args.checkpoint, int8=args.int8)
+    model = load_inference_model(args.checkpoint, int8=args.int8, cache_encoders=args.cache_encoders)
     media = export_media(args.checkpoint)
     bad: list[dict] = []
     if args.manifest is not None:

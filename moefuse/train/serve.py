@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of every linear layer and expert")
+    p.add_argument("--cache-encoders", nargs="*", metavar="MODALITY", default=None,
+                   help="modalities whose encoder outputs are reused for inputs seen before, e.g. a repeated question "
+                        "(default: the encoders frozen in training; the flag alone turns the cache off)")
     defaults, docs = ServeLimits(), field_docs(ServeLimits)
     for name, kind in (("max_upload_mb", _number), ("max_audio_seconds", _number), ("max_image_pixels", positive_int),
                        ("max_text_chars", positive_int), ("timeout_s", _number), ("max_batch_size", positive_int),
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                        help=f"{docs.get(name, name)} (default {getattr(defaults, name)})")
     args = p.parse_args(argv)
     limits = ServeLimits(**{k: getattr(args, k) for k in ServeLimits.__dataclass_fields__ if hasattr(args, k)})
-    model = load_inference_model(args.checkpoint, int8=args.int8)
+    model = load_inference_model(args.checkpoint, int8=args.int8, cache_encoders=args.cache_encoders)
     server = ModelServer(model, export_media(args.checkpoint), limits, name=str(args.checkpoint))
     import uvicorn  # imported here: `moefuse serve --help` stays fast
 
