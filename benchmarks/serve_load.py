@@ -100,8 +100,9 @@ def start_server(checkpoint: Path, max_batch: int) -> tuple[subprocess.Popen, st
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moefuse.cli", "serve", "--checkpoint", str(checkpoint), "--port",
-                             str(port), "--max-batch-size", str(max_batch), "--max-queue", "1024"], cwd=REPO)
+    command = ["serve", "--checkpoint", str(checkpoint), "--port", str(port), "--max-batch-size", str(max_batch),
+               "--max-queue", "1024", "--max-connections", "128"]
+    proc = subprocess.Popen([sys.executable, "-m", "moefuse.cli", *command], cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:

@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     defaults, docs = ServeLimits(), field_docs(ServeLimits)
     for name, kind in (("max_upload_mb", _number), ("max_audio_seconds", _number), ("max_image_pixels", positive_int),
                        ("max_text_chars", positive_int), ("timeout_s", _number), ("max_batch_size", positive_int),
-                       ("max_wait_ms", _number), ("max_queue", positive_int), ("decode_threads", positive_int)):
+                       ("max_wait_ms", _number), ("max_queue", positive_int), ("max_connections", positive_int),
+                       ("decode_threads", positive_int)):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=getattr(defaults, name),
                        help=f"{docs.get(name, name)} (default {getattr(defaults, name)})")
     args = p.parse_args(argv)
@@ -51,6 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"moefuse serve: {args.checkpoint} on http://{args.host}:{args.port} (tasks {', '.join(model.task_names)})",
           file=sys.stderr, flush=True)
     uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning",
-                limit_concurrency=2 * limits.max_queue, timeout_keep_alive=5)
+                limit_concurrency=limits.max_connections, timeout_keep_alive=5)
     return 0
 

@@ -66,13 +66,17 @@ class ServeLimits(Config):
     """How long the first request of a batch waits for others."""
     max_queue: int = 256
     """Most requests waiting for the model; more get a 503."""
+    max_connections: int = 64
+    """Most connections served at once (uvicorn answers more with a 503); with max_upload_mb it bounds the memory
+    that request bodies can hold (64 x 20 MiB by default)."""
     decode_threads: int = 2
     """Threads that read media (images, audio) beside the model."""
 
     def __post_init__(self) -> None:
         for name in ("max_upload_mb", "max_audio_seconds", "timeout_s"):
             self.check(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
-        for name in ("max_image_pixels", "max_text_chars", "max_batch_size", "max_queue", "decode_threads"):
+        for name in ("max_image_pixels", "max_text_chars", "max_batch_size", "max_queue", "max_connections",
+                     "decode_threads"):
             self.check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         self.check(self.max_wait_ms >= 0, "max_wait_ms", f"must be >= 0, got {self.max_wait_ms}")
 
