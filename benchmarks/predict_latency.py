@@ -1,36 +1,43 @@
-"""Inference latency, throughput and accuracy of the tiny model: dynamic int8 (`--int8`) as a ratio to fp32.
+"""Inference latency, throughput and accuracy: a candidate path (default: today's, the frozen encoders' outputs
+cached) as a speed-up over fp32 without the cache (session 7's predict), or dynamic int8 (`--candidate int8`).
 
 What is measured (CPU, torch's default thread count, ``torch.no_grad``, eval mode):
 
 * The model: by default the tiny config trained for --steps steps (150) on freshly made demo shards through
   ``moefuse.train.recipe.train`` (``train.eval_every=1000 train.save_every=1000 train.tensorboard=false``; the run
   validates and exports once, at the last step); or an existing export with ``--checkpoint DIR`` (then give its
-  data with ``--shards``, e.g. ``outputs/demo/shards``). fp32 is ``load_model(DIR)``, int8 ``load_model(DIR,
-  int8=True)`` (``quantize_int8``: every nn.Linear and every expert dynamic-int8, routers fp32).
+  data with ``--shards``, e.g. ``runs/avdigits/shards``). The baseline is ``load_model(DIR, cache_encoders=[])``;
+  the candidates are ``cached`` (``load_model(DIR)``: the outputs of the encoders frozen in training are reused for
+  inputs seen before, moefuse/fusion/encoder_cache.py), ``int8`` (``quantize_int8``: every nn.Linear and every
+  expert dynamic-int8, routers fp32; no cache) and ``int8+cached``.
 * Inputs: samples of the validation split, decoded from the shards exactly as the loader decodes them
   (``decode_sample``), held in memory; no file reading is timed.
 * ``latency, batch 1``: for --latency-samples evenly spaced validation samples (both tasks, every modality mix),
   two ways: ``model forward`` (the model alone on that sample pre-collated into a batch of 1 by the eval collator)
   and ``predict_samples`` (``predict_samples(model, [sample], batch_size=1)``: collator set-up, collation, forward,
   routing summary and records, i.e. ``moefuse predict`` minus reading files). p50 and p95 over all timed calls;
-  the samples have different modality subsets, so the spread is partly the data.
+  the samples have different modality subsets, so the spread is partly the data. The caches start every round
+  empty (a fresh ``predict`` over those samples: a question is encoded the first time it comes), or with
+  ``--warm-cache`` keep what the warm-up pass saw (a long-running server that has seen every wording).
 * ``throughput, batch 32``: samples/s of the model forward on the full batches of 32 of the validation split
   (pre-collated), and of ``predict_samples(model, those samples, batch_size=32)``.
-* ``accuracy``: ``evaluate(DIR, [shards], split="val", batch_size=32, int8=...)`` per task, and the
-  share of validation samples on which the two models give the same answer (from ``predict_samples``).
+* ``accuracy``: ``evaluate(DIR, [shards], split="val", batch_size=32, ...)`` per task for both, and the share of
+  validation samples on which the two give the same answer (from ``predict_samples``).
 
 How: both models first run every sample and batch once, untimed (first-call costs per shape). Then --rounds
-rounds; in each, every latency sample is timed on both models back to back (fp32 first on even samples, int8 first
-on odd ones), then each batch-32 measurement on both (order alternating between rounds). Per round: int8 p50 / fp32
-p50, int8 p95 / fp32 p95, int8 / fp32 throughput; the table leads with the medians of these per-round ratios (± half
-their interquartile range), and gives the absolute values pooled over all rounds as secondary columns. Shared
-machines are noisy, so ratios taken close together in time are far steadier than absolute numbers.
+rounds; in each, every latency sample is timed on both models back to back (the baseline first on even samples,
+the candidate first on odd ones), then each batch-32 measurement on both (order alternating between rounds). Per
+round: baseline p50 / candidate p50, the same at p95, and candidate / baseline throughput; the table leads with
+the medians of these per-round speed-ups (± half their interquartile range), and gives the absolute values pooled
+over all rounds as secondary columns. Shared machines are noisy, so ratios taken close together in time are far
+steadier than absolute numbers.
 
 Usage::
 
     python benchmarks/predict_latency.py                      # train 150 steps on demo data, then measure
     python benchmarks/predict_latency.py --quick              # smoke run: 400 samples, 5 steps, 3 rounds
-    python benchmarks/predict_latency.py --checkpoint outputs/demo/run/model --shards outputs/demo/shards
+    python benchmarks/predict_latency.py --checkpoint runs/avdigits/moe/model --shards runs/avdigits/shards
+    python benchmarks/predict_latency.py --checkpoint ... --shards ... --candidate int8    # int8 against fp32
 """
 
 from __future__ import annotations
@@ -60,7 +67,11 @@ from moefuse.train.report import evaluate
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny.yaml"
 BATCH = 32
-MODELS = ("fp32", "int8")
+CANDIDATES = {  # name -> load_model keyword arguments; the baseline is fp32 without the encoder cache (session 7)
+    "cached": {},  # today's default: fp32, the frozen encoders' outputs cached
+    "int8": {"int8": True, "cache_encoders": []},
+    "int8+cached": {"int8": True},
+}
 MEASURES = ("forward", "predict")
 
 
@@ -110,26 +121,31 @@ def val_samples(shards: Path, model: MultimodalMoEModel) -> list[dict]:
 
 
 class Runs:
-    """Per model and measure: latencies (s) per round, and batch-32 seconds per round."""
+    """Per model and measure: latencies (s) per round, and batch-32 seconds per round; `names` = (baseline,
+    candidate)."""
 
-    def __init__(self, rounds: int):
-        self.latency = {(m, k): [[] for _ in range(rounds)] for m in MODELS for k in MEASURES}
-        self.batch = {(m, k): [0.0] * rounds for m in MODELS for k in MEASURES}
+    def __init__(self, rounds: int, names: tuple[str, str]):
+        self.names = names
+        self.latency = {(m, k): [[] for _ in range(rounds)] for m in names for k in MEASURES}
+        self.batch = {(m, k): [0.0] * rounds for m in names for k in MEASURES}
 
     def pooled(self, model: str, measure: str) -> list[float]:
         return [t for r in self.latency[(model, measure)] for t in r]
 
     def ratios(self, measure: str, q: float) -> list[float]:
-        return [percentile(i8, q) / percentile(f32, q)
-                for f32, i8 in zip(self.latency[("fp32", measure)], self.latency[("int8", measure)])]
+        base, new = self.names
+        return [percentile(b, q) / percentile(c, q)
+                for b, c in zip(self.latency[(base, measure)], self.latency[(new, measure)])]
 
     def throughput_ratios(self, measure: str) -> list[float]:
-        return [f32 / i8 for f32, i8 in zip(self.batch[("fp32", measure)], self.batch[("int8", measure)])]
+        base, new = self.names
+        return [b / c for b, c in zip(self.batch[(base, measure)], self.batch[(new, measure)])]
 
 
 def measure(models: dict[str, MultimodalMoEModel], samples: list[dict], rounds: int,
-            latency_samples: int) -> tuple[Runs, int, int]:
-    collator = build_collator(models["fp32"], train=False)
+            latency_samples: int, warm: bool) -> tuple[Runs, int, int]:
+    names = tuple(models)
+    collator = build_collator(models[names[0]], train=False)
     k = min(latency_samples, len(samples))  # evenly spaced: both tasks (stored one after the other), every modality mix
     latency_set = [samples[i * len(samples) // k] for i in range(k)]
     singles = [collator([s]) for s in latency_set]
@@ -152,22 +168,25 @@ def measure(models: dict[str, MultimodalMoEModel], samples: list[dict], rounds: 
         return lambda: predict_samples(model, batch_samples, batch_size=BATCH)
 
     with torch.no_grad():
-        for name in MODELS:  # warm-up, untimed
+        for name in names:  # warm-up, untimed
             for i in range(len(latency_set)):
                 for kind in MEASURES:
                     single(name, i, kind)()
             for kind in MEASURES:
                 batched(name, kind)()
-        runs = Runs(rounds)
+        runs = Runs(rounds, names)
         for r in range(rounds):
             t0 = time.perf_counter()
+            if not warm:  # a fresh `predict`: the encoder caches start empty every round
+                for model in models.values():
+                    model.cache_encoders(list(model.encoder_caches))
             for i in range(len(latency_set)):
                 for kind in MEASURES:
-                    order = MODELS if i % 2 == 0 else MODELS[::-1]
+                    order = names if i % 2 == 0 else names[::-1]
                     for name in order:
                         runs.latency[(name, kind)][r].append(timed(single(name, i, kind)))
             for kind in MEASURES:
-                order = MODELS if r % 2 == 0 else MODELS[::-1]
+                order = names if r % 2 == 0 else names[::-1]
                 for name in order:
                     runs.batch[(name, kind)][r] = timed(batched(name, kind))
             print(f"round {r + 1}/{rounds}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
@@ -177,7 +196,8 @@ def measure(models: dict[str, MultimodalMoEModel], samples: list[dict], rounds: 
 def agreement(models: dict[str, MultimodalMoEModel], samples: list[dict]) -> tuple[float, dict[str, dict]]:
     """Share of samples with the same answer from both models; per model and task, accuracy from predict_samples."""
     preds = {name: predict_samples(model, samples, batch_size=BATCH) for name, model in models.items()}
-    same = sum(a["prediction"] == b["prediction"] for a, b in zip(preds["fp32"], preds["int8"]))
+    base, new = preds.values()
+    same = sum(a["prediction"] == b["prediction"] for a, b in zip(base, new))
     acc: dict[str, dict] = {}
     for name, rows in preds.items():
         for task in sorted({r["task"] for r in rows}):
@@ -192,32 +212,33 @@ def agreement(models: dict[str, MultimodalMoEModel], samples: list[dict]) -> tup
 
 def print_report(runs: Runs, rounds: int, n_single: int, n_batch: int, evals: dict[str, dict], same: float,
                  own_acc: dict[str, dict], checkpoint: Path | str) -> None:
-    print(f"\nint8 / fp32 (median over {rounds} rounds of per-round ratios, ± half the interquartile range); "
-          f"fp32 and int8 columns are absolute, pooled over all rounds, secondary:\n")
-    print("| measure | int8 / fp32 | fp32 | int8 |")
+    base, new = runs.names
+    print(f"\nspeed-up of {new} over {base} (median over {rounds} rounds of per-round ratios, ± half the "
+          f"interquartile range); the {base} and {new} columns are absolute, pooled over all rounds, secondary:\n")
+    print(f"| measure | {new} speed-up | {base} | {new} |")
     print("|---|---:|---:|---:|")
     names = {"forward": "model forward", "predict": "predict_samples"}
     for kind in MEASURES:
         for q in (50, 95):
             med, half_iqr = summary(runs.ratios(kind, q))
-            f32, i8 = (percentile(runs.pooled(m, kind), q) * 1e3 for m in MODELS)
+            f32, i8 = (percentile(runs.pooled(m, kind), q) * 1e3 for m in runs.names)
             print(f"| latency p{q}, batch 1, {names[kind]} (ms) | {med:.2f}x ±{half_iqr:.2f} | {f32:.1f} | "
                   f"{i8:.1f} |")
     for kind in MEASURES:
         med, half_iqr = summary(runs.throughput_ratios(kind))
-        f32, i8 = (n_batch * rounds / sum(runs.batch[(m, kind)]) for m in MODELS)
+        f32, i8 = (n_batch * rounds / sum(runs.batch[(m, kind)]) for m in runs.names)
         print(f"| throughput, batch {BATCH}, {names[kind]} (samples/s) | {med:.2f}x ±{half_iqr:.2f} | {f32:.0f} | "
               f"{i8:.0f} |")
-    for task, result in evals["fp32"]["tasks"].items():
-        a32, a8 = result["accuracy"], evals["int8"]["tasks"][task]["accuracy"]
-        print(f"| accuracy {task}, val ({result['samples']} samples) | {a8 - a32:+.4f} (int8 - fp32) | {a32:.4f} | "
-              f"{a8:.4f} |")
-    print(f"| same answer as fp32, val | {same:.1%} | - | - |")
+    for task, result in evals[base]["tasks"].items():
+        a32, a8 = result["accuracy"], evals[new]["tasks"][task]["accuracy"]
+        print(f"| accuracy {task}, val ({result['samples']} samples) | {a8 - a32:+.4f} ({new} - {base}) | {a32:.4f} "
+              f"| {a8:.4f} |")
+    print(f"| same answer as {base}, val | {same:.1%} | - | - |")
     print(f"\nlatency: {n_single} validation samples (evenly spaced) x {rounds} rounds per model and measure; "
           f"throughput: {n_batch} samples ({n_batch // BATCH} batch{'es' if n_batch > BATCH else ''} of {BATCH}) per "
           f"round; checkpoint {checkpoint}")
     consistent = all(abs(own_acc[m][t] - evals[m]["tasks"][t]["accuracy"]) < 1e-9
-                     for m in MODELS for t in evals[m]["tasks"] if t in own_acc[m])
+                     for m in runs.names for t in evals[m]["tasks"] if t in own_acc[m])
     print(f"accuracy check: predict_samples on the decoded val samples gives the same accuracies as evaluate(): "
           f"{'yes' if consistent else 'NO: ' + repr(own_acc)}")
     print(f"\nCommand: {command_line()}")
@@ -235,6 +256,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="validation samples (evenly spaced) timed one at a time per round (default 48)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+    parser.add_argument("--candidate", choices=list(CANDIDATES), default="cached",
+                        help="the path compared with fp32 without the encoder cache (default: cached, today's default)")
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="keep the encoder caches between rounds (a long-running server) instead of starting each "
+                             "round from empty ones (a fresh predict over the latency samples)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 400 samples, 5 training steps, 3 rounds, 8 latency samples")
     if parser.parse_args(argv).quick:  # the smoke-run presets; flags given explicitly still win
@@ -257,14 +283,15 @@ def main(argv: list[str] | None = None) -> None:
             trained = f"tiny config trained {args.steps} steps"
         shown = checkpoint if args.checkpoint or args.work else "trained in a temp folder, removed"
         print(f"setup: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-        models = {"fp32": load_model(checkpoint), "int8": load_model(checkpoint, int8=True)}
+        chosen = {"fp32": {"cache_encoders": []}, args.candidate: CANDIDATES[args.candidate]}
+        models = {name: load_model(checkpoint, **kw) for name, kw in chosen.items()}
         samples = val_samples(shards, models["fp32"])
         # The batch size of predict_samples: dynamic int8 scales activations per batch, so int8 answers depend
         # on which samples share a batch, and the accuracy check below compares like with like.
-        evals = {name: evaluate(checkpoint, [str(shards)], split="val", batch_size=BATCH, int8=name == "int8",
-                                progress=False) for name in MODELS}
+        evals = {name: evaluate(checkpoint, [str(shards)], split="val", batch_size=BATCH, progress=False, **kw)
+                 for name, kw in chosen.items()}
         same, own_acc = agreement(models, samples)
-        runs, n_single, n_batch = measure(models, samples, args.rounds, args.latency_samples)
+        runs, n_single, n_batch = measure(models, samples, args.rounds, args.latency_samples, args.warm_cache)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPU cores, load average "
           f"{load:.1f} at start; model: {trained}; {len(samples)} validation samples, {args.rounds} rounds after "
           f"1 warm-up pass")

@@ -31,12 +31,12 @@ from moefuse.train.plots import save_routing_heatmap
 def evaluate(checkpoint: str | Path, shards: list[str], split: str = "val", batch_size: int = 64,
              num_workers: int = 0, int8: bool = False, heatmap: Path | None = None, progress: bool = True,
              drop_modalities: list[str] | None = None, plots: Path | None = None,
-             corrupt: Sequence[Corruption] = ()) -> dict:
+             corrupt: Sequence[Corruption] = (), cache_encoders: list[str] | None = None) -> dict:
     """Metrics of an exported model. `drop_modalities` defaults to what the model was trained without
     (export.json), so an image-only model is evaluated on the images of audio-visual shards. `corrupt`: modalities
     noised or taken from another sample (moefuse.datasets.corruption). `plots`: a folder for each task's
-    reliability diagram and risk-coverage curve (`confidence-<task>.png`)."""
-    model = load_inference_model(checkpoint, int8=int8)
+    reliability diagram and risk-coverage curve (`confidence-<task>.png`). `cache_encoders`: as load_inference_model."""
+    model = load_inference_model(checkpoint, int8=int8, cache_encoders=cache_encoders)
     if drop_modalities is None:
         drop_modalities = read_export_info(Path(checkpoint)).get("drop_modalities", [])
     collator = build_collator(model, train=False, drop_modalities=drop_modalities, corrupt=corrupt)
