@@ -70,13 +70,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(fault_run: Path):
+def start(model: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`moefuse serve` on a free loopback port, once it answers /health."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moefuse.cli", "serve", "--checkpoint", str(fault_run / "model"),
-                             "--port", str(port), "--max-upload-mb", "0.5", "--max-text-chars", "100",
-                             "--max-wait-ms", "30"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "moefuse.cli", "serve", "--checkpoint", str(model), "--port",
+                             str(port), *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -90,6 +88,12 @@ def server(fault_run: Path):
     else:
         proc.kill()
         pytest.fail("moefuse serve did not answer /health within 60 s")
+    return proc, url
+
+
+@pytest.fixture(scope="module")
+def server(fault_run: Path):
+    proc, url = start(fault_run / "model", "--max-upload-mb", "0.5", "--max-text-chars", "100", "--max-wait-ms", "30")
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -175,3 +179,14 @@ def test_concurrent_requests_are_batched_and_all_answered(server: str, files: di
 def test_serve_refuses_a_bad_checkpoint_by_name(tmp_path: Path) -> None:
     done = run_cli("serve", "--checkpoint", str(tmp_path / "nothing"), "--port", str(free_port()))
     assert done.returncode == 2 and "nothing" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_request_past_the_timeout_gets_a_504(fault_run: Path, files: dict) -> None:
+    proc, url = start(fault_run / "model", "--timeout-s", "0.001")
+    try:
+        answer = post(url, data={"task": "digit"}, files={"image": files["image"].open("rb")})
+        assert answer.status_code == 504 and "timeout_s" in answer.json()["error"]
+        assert httpx.get(f"{url}/health").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
