@@ -200,7 +200,8 @@ class ModelServer:
                 raise RequestError(422, f"unknown field {name!r}; this model takes {', '.join(['task', *self.inputs])}",
                                    name)
             if (name in self.files) != isinstance(value, tuple):
-                raise RequestError(422, f"field {name!r} must be {'a file' if name in self.files else 'text'}", name)
+                kind = "a file" if name in self.files else "a string"
+                raise RequestError(422, f"field {name!r} must be {kind}", name)
             if isinstance(value, str) and len(value) > self.limits.max_text_chars:
                 raise RequestError(413, f"field {name!r} holds {len(value)} characters, over the limit of "
                                         f"{self.limits.max_text_chars} (max_text_chars)", name)
