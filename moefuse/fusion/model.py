@@ -165,8 +165,8 @@ class MultimodalMoEModel(nn.Module):
         return load_exported(folder, device)
 
     def cache_encoders(self, modalities: list[str], max_rows: int = 4096) -> None:
-        """In eval, reuse the outputs of these modalities' encoders for inputs seen before (the same question):
-        moefuse.fusion.encoder_cache. [] turns the cache off."""
+        """In eval under torch.no_grad, reuse the outputs of these modalities' encoders for inputs seen before (the
+        same question): moefuse.fusion.encoder_cache. [] turns the cache off."""
         unknown = [m for m in modalities if m not in self.encoders]
         if unknown:
             raise ConfigError(f"cannot cache {unknown[0]!r}: this model encodes {', '.join(self.encoders)}")
@@ -208,7 +208,7 @@ class MultimodalMoEModel(nn.Module):
             if rows.numel() == 0:
                 continue
             inputs = {k: v.index_select(0, rows) for k, v in batch["inputs"][m].items()}
-            cache = self.encoder_caches.get(m) if not self.training else None
+            cache = self.encoder_caches.get(m) if not (self.training or torch.is_grad_enabled()) else None
             enc = encoder(**inputs) if cache is None else cache(encoder, inputs, encoder.padding_input)
             m_id = self.modalities.index(m)
             tok = self.project[m](enc.tokens) + self.modality_embed.weight[m_id]  # [B_m, T_m, D]
