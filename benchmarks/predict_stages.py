@@ -4,7 +4,8 @@ Stages: reading the sample's files (`load_media_sample`: decode, resize, resampl
 transform, pad), each encoder, the projection and fusion stack, the voting heads, and the rest of
 `predict_samples` (routing summary, records). Stage times come from forward pre/post hooks on the encoders, the
 fusion stack and the heads (so they are wall time inside those modules, CPU, torch's default threads), and from
-timing the other steps directly; every sample of --rows manifest rows is run --rounds times after one untimed pass.
+timing the other steps directly; --rows evenly spaced rows of the split (every task) are each run --rounds times
+after one untimed pass, on the default inference path (the frozen encoders' outputs cached) or with --no-cache.
 The table gives each stage's median share of the total per round (± half the interquartile range over rounds)
 and its median milliseconds per sample.
 
@@ -86,11 +87,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--split", default="val")
     p.add_argument("--rows", type=int, default=100)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no-cache", action="store_true", help="without the encoder cache (session 7's predict)")
     args = p.parse_args(argv)
-    model, media = load_inference_model(args.checkpoint), export_media(args.checkpoint)
+    model = load_inference_model(args.checkpoint, cache_encoders=[] if args.no_cache else None)
+    media = export_media(args.checkpoint)
     files = {f for enc in model.encoders.values() for f in enc.cfg.file_fields}
     rows = [json.loads(line) for line in args.manifest.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("split") == args.split][: args.rows]
+    rows = [r for r in rows if r.get("split") == args.split]
+    rows = [rows[i * len(rows) // min(args.rows, len(rows))] for i in range(min(args.rows, len(rows)))]  # evenly
     for r in rows:
         r["files"] = [f for f in files if r.get(f)]
     with torch.no_grad():
