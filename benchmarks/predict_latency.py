@@ -16,9 +16,10 @@ What is measured (CPU, torch's default thread count, ``torch.no_grad``, eval mod
   two ways: ``model forward`` (the model alone on that sample pre-collated into a batch of 1 by the eval collator)
   and ``predict_samples`` (``predict_samples(model, [sample], batch_size=1)``: collator set-up, collation, forward,
   routing summary and records, i.e. ``moefuse predict`` minus reading files). p50 and p95 over all timed calls;
-  the samples have different modality subsets, so the spread is partly the data. The caches start every round
-  empty (a fresh ``predict`` over those samples: a question is encoded the first time it comes), or with
-  ``--warm-cache`` keep what the warm-up pass saw (a long-running server that has seen every wording).
+  the samples have different modality subsets, so the spread is partly the data. The caches start each
+  measure's pass over those samples empty (a fresh ``predict`` over them: a question is encoded the first time it
+  comes), or with ``--warm-cache`` keep what the warm-up pass saw (a long-running server that has seen every
+  wording). Each batch-32 pass starts empty too.
 * ``throughput, batch 32``: samples/s of the model forward on the full batches of 32 of the validation split
   (pre-collated), and of ``predict_samples(model, those samples, batch_size=32)``.
 * ``accuracy``: ``evaluate(DIR, [shards], split="val", batch_size=32, ...)`` per task for both, and the share of
@@ -174,20 +175,24 @@ def measure(models: dict[str, MultimodalMoEModel], samples: list[dict], rounds: 
                     single(name, i, kind)()
             for kind in MEASURES:
                 batched(name, kind)()
+        def fresh() -> None:  # a fresh `predict`: the encoder caches start empty (unless --warm-cache)
+            if not warm:
+                for model in models.values():
+                    model.cache_encoders(list(model.encoder_caches))
+
         runs = Runs(rounds, names)
         for r in range(rounds):
             t0 = time.perf_counter()
-            if not warm:  # a fresh `predict`: the encoder caches start empty every round
-                for model in models.values():
-                    model.cache_encoders(list(model.encoder_caches))
-            for i in range(len(latency_set)):
-                for kind in MEASURES:
+            for kind in MEASURES:  # each measure's pass over the samples starts from empty caches
+                fresh()
+                for i in range(len(latency_set)):
                     order = names if i % 2 == 0 else names[::-1]
                     for name in order:
                         runs.latency[(name, kind)][r].append(timed(single(name, i, kind)))
             for kind in MEASURES:
                 order = names if r % 2 == 0 else names[::-1]
                 for name in order:
+                    fresh()
                     runs.batch[(name, kind)][r] = timed(batched(name, kind))
             print(f"round {r + 1}/{rounds}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return runs, len(latency_set), full
