@@ -6,6 +6,7 @@ Importing this module also makes `moefuse` importable from a checkout without `p
 from __future__ import annotations
 
 import importlib.util
+import json
 import shlex
 import statistics
 import sys
@@ -45,3 +46,18 @@ def demo_shards(work: Path, count: int, seed: int, maxcount: int = 100) -> Path:
     opts = BuildOptions(maxcount=maxcount, workers=1, overwrite=True, progress=False, seed=seed)
     build_shards(manifest, shards, opts)
     return shards
+
+
+def manifest_rows(manifest: Path, split: str, count: int, model) -> list[dict]:
+    """`count` rows of `split`, evenly spaced (a manifest lists its tasks one after the other, so every task is
+    in), each with `files`: {field: path} for the model's file fields (its encoders' `file_fields`) it names."""
+    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("split") == split]
+    if not rows:
+        sys.exit(f"error: {manifest} has no rows of split {split!r}")
+    k = min(count, len(rows))
+    rows = [rows[i * len(rows) // k] for i in range(k)]
+    fields = {f for encoder in model.encoders.values() for f in encoder.cfg.file_fields}
+    for r in rows:
+        r["files"] = {f: manifest.parent / r[f] for f in fields if r.get(f)}
+    return rows

@@ -15,13 +15,12 @@ and its median milliseconds per sample.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from _bench import command_line, summary
+from _bench import command_line, manifest_rows, summary
 
 from moefuse.fusion.model import build_collator
 from moefuse.train.checkpoint import load_inference_model
@@ -59,7 +58,7 @@ def one_round(model, media: dict, manifest: Path, rows: list[dict]) -> dict[str,
             t0 = time.perf_counter()
             sample = load_media_sample(model, r["id"], r["task"], media=media, text=r.get("text"),
                                        question=r.get("question"),
-                                       **{f: manifest.parent / r[f] for f in r["files"]})
+                                       **r["files"])
             t1 = time.perf_counter()
             batch = collator([sample])
             t2 = time.perf_counter()
@@ -91,12 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     model = load_inference_model(args.checkpoint, cache_encoders=[] if args.no_cache else None)
     media = export_media(args.checkpoint)
-    files = {f for enc in model.encoders.values() for f in enc.cfg.file_fields}
-    rows = [json.loads(line) for line in args.manifest.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("split") == args.split]
-    rows = [rows[i * len(rows) // min(args.rows, len(rows))] for i in range(min(args.rows, len(rows)))]  # evenly
-    for r in rows:
-        r["files"] = [f for f in files if r.get(f)]
+    rows = manifest_rows(args.manifest, args.split, args.rows, model)
     with torch.no_grad():
         one_round(model, media, args.manifest, rows)  # untimed: first-call costs
         rounds = [one_round(model, media, args.manifest, rows) for _ in range(args.rounds)]

@@ -2,8 +2,9 @@
 
 What is measured (CPU; the server in its own process on loopback, started here with `moefuse serve`):
 
-* Inputs: the rows of --split of a manifest (default: the AV-digits validation split, `runs/avdigits/data`), their
-  media files read into memory once; every request uploads one row's fields and files (multipart), round-robin.
+* Inputs: --rows evenly spaced rows of --split of a manifest (default: the AV-digits validation split,
+  `runs/avdigits/data`; every task), their media files read into memory once; every request uploads one row's
+  fields and files (multipart), round-robin.
 * ``offline``: `predict`'s path without the process start: `load_media_sample` on every row's files (decoding,
   as `predict --manifest` does) and `predict_samples(model, samples, batch_size=32)`, in this process; samples/s.
 * ``server, concurrency C`` for C in --concurrency (1 8 32): C client threads, each with its own HTTP connection,
@@ -22,7 +23,6 @@ of the ratio server requests/s ÷ offline samples/s (± half their interquartile
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import subprocess
 import sys
@@ -31,19 +31,19 @@ import time
 from pathlib import Path
 
 import httpx
-from _bench import command_line, summary
+from _bench import command_line, manifest_rows, summary
 
 from moefuse.train.checkpoint import load_inference_model
 from moefuse.train.inference import export_media, load_media_sample, predict_samples
 
 REPO = Path(__file__).resolve().parents[1]
-def rows_of(manifest: Path, split: str, limit: int, file_fields: set[str]) -> list[dict]:
-    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("split") == split][:limit]
-    if not rows:
-        sys.exit(f"error: {manifest} has no rows of split {split!r}")
+
+
+def rows_of(manifest: Path, split: str, count: int, model) -> list[dict]:
+    """The rows (evenly spaced: every task), each with its files' bytes in `uploads`."""
+    rows = manifest_rows(manifest, split, count, model)
     for r in rows:
-        r["files"] = {f: (manifest.parent / r[f]).read_bytes() for f in file_fields if r.get(f)}
+        r["uploads"] = {f: path.read_bytes() for f, path in r["files"].items()}
     return rows
 
 
@@ -51,7 +51,7 @@ def offline(model, media: dict, manifest: Path, rows: list[dict]) -> tuple[float
     """predict's path: decode each row's files, predict in batches of 32 -> (samples/s, predictions)."""
     start = time.perf_counter()
     samples = [load_media_sample(model, r["id"], r["task"], media=media, text=r.get("text"),
-                                 question=r.get("question"), **{f: manifest.parent / r[f] for f in r["files"]})
+                                 question=r.get("question"), **r["files"])
                for r in rows]
     results = predict_samples(model, samples, batch_size=32)
     return len(rows) / (time.perf_counter() - start), [r["prediction"] for r in results]
@@ -59,7 +59,7 @@ def offline(model, media: dict, manifest: Path, rows: list[dict]) -> tuple[float
 
 def post(client: httpx.Client, url: str, row: dict) -> tuple[float, str | None]:
     data = {k: row[k] for k in ("task", "text", "question") if row.get(k)}
-    files = {f: (f"{row['id']}.{Path(row[f]).suffix.lstrip('.')}", b) for f, b in row["files"].items()}
+    files = {f: (f"{row['id']}.{Path(row[f]).suffix.lstrip('.')}", b) for f, b in row["uploads"].items()}
     start = time.perf_counter()
     answer = client.post(f"{url}/predict", data=data, files=files, timeout=120)
     elapsed = time.perf_counter() - start
@@ -131,8 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.rows, args.requests, args.rounds = 64, 64, 2
     model, media = load_inference_model(args.checkpoint), export_media(args.checkpoint)
-    file_fields = {f for encoder in model.encoders.values() for f in encoder.cfg.file_fields}
-    rows = rows_of(args.manifest, args.split, args.rows, file_fields)
+    rows = rows_of(args.manifest, args.split, args.rows, model)
     proc, url = start_server(args.checkpoint, max_batch=32)
     try:
         _, expected = offline(model, media, args.manifest, rows)  # warm-up, and the answers to compare with
