@@ -17,6 +17,8 @@ from pathlib import Path
 
 from run import pct, robustness_table, target_checks
 
+from moefuse.train.metrics import best_single_voter
+
 
 def mean_task(tasks: list[dict]) -> dict:
     def avg(get) -> float | None:
@@ -26,10 +28,10 @@ def mean_task(tasks: list[dict]) -> dict:
     voters = len(tasks[0]["head_accuracy"])
     heads = [avg(lambda t, h=h: t["head_accuracy"][h]) for h in range(voters)]
     coverage = [avg(lambda t, h=h: t["head_coverage"][h]) for h in range(voters)]
-    full = [a for a, c in zip(heads, coverage) if a is not None and c == 1.0] or [a for a in heads if a is not None]
     qtypes = tasks[0].get("accuracy_by_qtype", {})
     return {"accuracy": avg(lambda t: t["accuracy"]), "head_accuracy": heads, "head_coverage": coverage,
-            "best_single_head_accuracy": max(full), "voters": tasks[0]["voters"], "ece": avg(lambda t: t["ece"]),
+            "best_single_head_accuracy": best_single_voter(heads, coverage), "voters": tasks[0]["voters"],
+            "ece": avg(lambda t: t["ece"]),
             "ece_uncalibrated": avg(lambda t: t["ece_uncalibrated"]), "temperature": avg(lambda t: t["temperature"]),
             "selective": {"auroc_confidence": avg(lambda t: t["selective"]["auroc_confidence"])},
             "accuracy_by_qtype": {q: {"accuracy": avg(lambda t, q=q: t["accuracy_by_qtype"][q]["accuracy"])}

@@ -155,6 +155,13 @@ def _mean(xs: list) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def best_single_voter(accuracy: list[float | None], coverage: list[float]) -> float:
+    """The accuracy of the best single member: of the voters that answer every sample (a voter that abstains is
+    no stand-alone model for the samples it skips); of those that answer some when none answers all."""
+    full = [a for a, c in zip(accuracy, coverage) if a is not None and c == 1.0]
+    return max(full or [a for a in accuracy if a is not None])
+
+
 def _task_scores(recs: list[dict], num_classes: int) -> dict:
     """The statistics of one task's records that both the flat metrics and the details use."""
     n = len(recs)
@@ -163,14 +170,11 @@ def _task_scores(recs: list[dict], num_classes: int) -> dict:
              for h in range(len(recs[0]["head_correct"]))]  # per voter: correct or not, where it voted
     head_acc = [_mean(v) for v in votes]  # None for a voter that abstained on every sample
     coverage = [len(v) / n for v in votes]
-    # The best single member: of the voters that answer every sample (a voter that abstains is no stand-alone
-    # model for the samples it skips); of those that answer some when none answers all.
-    full = [a for a, c in zip(head_acc, coverage) if c == 1.0] or [a for a in head_acc if a is not None]
     y_true = [r["target_index"] for r in recs]
     y_pred = [r["prediction_index"] for r in recs]
     f1, report = macro_f1(y_true, y_pred, num_classes)
     return {"samples": n, "correct": correct, "acc": sum(correct) / n, "head_acc": head_acc, "f1": f1,
-            "head_coverage": coverage, "best_head_acc": max(full),
+            "head_coverage": coverage, "best_head_acc": best_single_voter(head_acc, coverage),
             "report": report, "y_true": y_true, "y_pred": y_pred,
             "ece": expected_calibration_error([r["probability"] for r in recs], correct),
             "agreement": sum(r["agreement"] for r in recs) / n,
