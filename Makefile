@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench-moe bench-data bench-train bench-predict bench-avdigits clean
+.PHONY: install demo test lint bench-moe bench-data bench-train bench-predict bench-avdigits bench-ep gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,17 @@ bench-train: $(STAMP)
 
 bench-predict: $(STAMP)
 	$(PY) benchmarks/predict_latency.py
+
+bench-ep: $(STAMP)
+	$(PY) benchmarks/expert_parallel.py
+
+# The packages benchmarks/gpu_check.sh needs that the lent GPU machine lacks, as Python 3.12 x86-64 wheels in .whl/
+# (carried with the run; the script installs them there).
+GPU_WHEELS := webdataset==1.0.2 braceexpand==0.1.7 soundfile==0.14.0 soxr==1.1.0 cffi==2.1.1 pycparser==3.12
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
 
 # prepare -> build-shards -> train configs/avdigits.yaml and its ablations -> evaluate -> RESULTS.md
 bench-avdigits: $(STAMP)

@@ -1,6 +1,6 @@
 """Cost of sparse-MoE dispatch on CPU, as a ratio to a dense SwiGLU FFN of the same active compute.
 
-What is measured (fp32, CPU, torch's default thread count):
+What is measured (fp32 on CPU with torch's default thread count, unless --device / --dtype say otherwise):
 
 * ``dense``: the floor, ``DenseFFN(d_model=D, d_hidden=k*H)``. A token through it does the same multiply-adds as a
   token through k experts of width H, so a perfect dispatch would cost 1.0x of it.
@@ -42,6 +42,7 @@ Usage::
     python benchmarks/moe_dispatch.py --experts 8 32 --rounds 15 --tokens 8192
     python benchmarks/moe_dispatch.py --threads 1 --cpu-time    # a busy machine: work, not scheduling
     THP_MEM_ALLOC_ENABLE=1 python benchmarks/moe_dispatch.py    # every CPU tensor of >= 2 MiB in huge pages
+    python benchmarks/moe_dispatch.py --device cuda --dtype bf16     # a GPU (benchmarks/gpu_check.sh runs this)
 """
 
 from __future__ import annotations
@@ -126,12 +127,15 @@ def count_grouped_mm_calls(fn: Callable[[], object]) -> int:
 
 def build_variants(d_model: int, d_hidden: int, num_experts: int, top_k: int, x: torch.Tensor,
                    seed: int) -> list[Variant]:
-    """The dense floor, SparseMoE per backend and both transformers peers, sharing weights; checked for sanity."""
+    """The dense floor, SparseMoE per backend and both transformers peers, sharing weights, on x's device and
+    dtype; checked for sanity."""
     hf_eager = mixtral_block(d_model, d_hidden, num_experts, top_k, "eager", seed)
     hf_grouped = copy.deepcopy(hf_eager)  # deep-copies the config too, so the two switches are independent
     hf_grouped.experts.config._experts_implementation = "grouped_mm"
     torch.manual_seed(seed + 1)
     dense = DenseFFN(d_model, top_k * d_hidden)
+    place = {"device": x.device, "dtype": x.dtype}
+    hf_eager, hf_grouped, dense = (m.to(**place) for m in (hf_eager, hf_grouped, dense))
 
     def moe_run(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda t: m(t).out
@@ -141,17 +145,19 @@ def build_variants(d_model: int, d_hidden: int, num_experts: int, top_k: int, x:
 
     variants = [Variant("dense", dense, plain_run(dense))]
     for backend in ("auto", "native", "loop"):
-        moe = SparseMoE.from_mixtral(hf_eager, backend=backend)
+        moe = SparseMoE.from_mixtral(hf_eager, backend=backend).to(**place)
         variants.append(Variant(f"moe-{backend}", moe, moe_run(moe)))
     variants.append(Variant("hf-grouped_mm", hf_grouped, plain_run(hf_grouped)))
     variants.append(Variant("hf-eager", hf_eager, plain_run(hf_eager)))
 
-    # Sanity: same routing and weights -> same outputs; each peer takes the code path its name says.
+    # Sanity: same routing and weights -> same outputs (bf16: within its rounding, relative to the output's
+    # scale; a near-tied top-k choice may flip); each peer takes the code path its name says.
     with torch.no_grad():
         ref = hf_eager(x)
+        tol = 1e-4 if x.dtype == torch.float32 else 0.05 * ref.abs().max().item()
         for v in variants[1:]:
             diff = (v.run(x) - ref).abs().max().item()
-            if diff > 1e-4:
+            if diff > tol:
                 raise RuntimeError(f"{v.name} disagrees with hf-eager at E={num_experts}: max abs diff {diff:.2e}")
         n_grouped = count_grouped_mm_calls(lambda: hf_grouped(x))
         n_eager = count_grouped_mm_calls(lambda: hf_eager(x))
@@ -199,6 +205,7 @@ def wait_quiet(max_wait_s: float, max_foreign: float) -> None:
 
 
 CLOCK: Callable[[], float] = time.perf_counter  # --cpu-time switches to time.process_time
+SYNC: Callable[[], None] = lambda: None  # --device cuda: torch.cuda.synchronize, so that a sample ends on the GPU
 
 
 def time_call(v: Variant, x: torch.Tensor, g: torch.Tensor, mode: str) -> float:
@@ -207,15 +214,19 @@ def time_call(v: Variant, x: torch.Tensor, g: torch.Tensor, mode: str) -> float:
     for _ in range(v.calls[mode]):
         if mode == "fwd":
             with torch.no_grad():
+                SYNC()
                 t0 = CLOCK()
                 v.run(x)
+                SYNC()
                 total += CLOCK() - t0
             continue
         x.grad = None
         for p in v.module.parameters():
             p.grad = None
+        SYNC()
         t0 = CLOCK()
         v.run(x).backward(g)
+        SYNC()
         total += CLOCK() - t0
     return total / v.calls[mode]
 
@@ -334,24 +345,32 @@ def main(argv: list[str] | None = None) -> None:
                         help="time with process CPU time instead of wall time: immune to preemption by other "
                              "processes, meaningful with --threads 1 (with more threads it counts spin-waits)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="parameters and activations (the router runs in fp32 regardless; default fp32)")
     parser.add_argument("--quick", action="store_true", help="smoke run: N=512, D=64, H=128, E <= 16, 5 rounds")
     args = parser.parse_args(argv)
     if args.quick:
         args.tokens, args.d_model, args.d_hidden, args.rounds, args.warmup = 512, 64, 128, 5, 1
         args.experts = [e for e in args.experts if e <= 16] or [4]
 
-    global CLOCK
+    global CLOCK, SYNC
+    if args.device.startswith("cuda"):
+        SYNC = torch.cuda.synchronize
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.cpu_time:
         CLOCK = time.process_time
     clock = "process CPU time" if args.cpu_time else "wall time"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {clock}, fp32 CPU; N={args.tokens} tokens, "
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {clock}, {args.dtype} on {where}; "
+          f"N={args.tokens} tokens, "
           f"D={args.d_model}, H={args.d_hidden}, k={args.top_k}, E={args.experts}, "
           f"{args.rounds} rounds after {args.warmup} warm-up")
     torch.manual_seed(args.seed)
-    x = torch.randn(1, args.tokens, args.d_model, requires_grad=True)
-    g = torch.randn(1, args.tokens, args.d_model)
+    x = torch.randn(1, args.tokens, args.d_model, device=args.device, dtype=dtype, requires_grad=True)
+    g = torch.randn(1, args.tokens, args.d_model, device=args.device, dtype=dtype)
     results: dict[int, list[Variant]] = {}
     for e in args.experts:
         t0 = time.perf_counter()

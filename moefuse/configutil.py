@@ -81,7 +81,14 @@ def _convert_union(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
 
 
+YAML11_BOOLS = {False: ("no", "off", "false"), True: ("yes", "on", "true")}  # what YAML reads as a boolean
+
+
 def _convert_literal(value: Any, tp: Any, key: str) -> Any:
+    if isinstance(value, bool):  # a bare `no` (mixed_precision: no) is YAML's false: the option spelled so
+        spelled = [a for a in get_args(tp) if isinstance(a, str) and a.lower() in YAML11_BOOLS[value]]
+        if spelled:
+            return spelled[0]
     if value not in get_args(tp):
         choices = ", ".join(repr(a) for a in get_args(tp))
         raise ConfigError(f"{key}: {value!r} is not one of {choices}")

@@ -56,6 +56,14 @@ def test_overrides_are_typed() -> None:
     assert parse_override("a.b=hello world") == (["a", "b"], "hello world")
 
 
+def test_yaml_booleans_name_a_spelled_option() -> None:
+    """YAML reads a bare `no` as false: an option of that name is what was meant (mixed_precision: no)."""
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision='no'"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="fusion.kind: True is not one of"):
+        load_config(None, ["fusion.kind=yes"])
+
+
 @pytest.mark.parametrize("override, message", [
     ("fusion.num_expert=4", "unknown config key fusion.num_expert"),
     ("fusoin.kind=moe", "unknown config key fusoin"),

@@ -209,3 +209,52 @@ def test_metric_names_are_exactly_what_validation_computes() -> None:
                 "head_correct": [True, False, False], "modalities": "image", "meta": {}} for t in types]
     computed = compute_metrics(records, vocab, types)["metrics"]
     assert sorted(computed) == sorted(metric_names(types, num_heads=3))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# expert-parallel layouts: refused at start-up, before anything is written
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("fusion.expert_parallel_size=2", "needs 2 or a multiple of 2 processes, this run has one"),
+    ("fusion.expert_parallel_size=3", "3 must divide num_experts=8"),
+    ("fusion.expert_parallel_size=0", "must be >= 1"),
+])
+def test_expert_parallel_layout_errors(fault_data: dict, tmp_path: Path, override: str, expected: str,
+                                       capsys) -> None:
+    assert train_cli(fault_data["shards"], tmp_path / "run", override) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "fusion.expert_parallel_size" in err, err
+    no_traceback(err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_expert_parallel_size_must_divide_the_processes() -> None:
+    from moefuse.config import load_config
+    from moefuse.configutil import ConfigError
+    from moefuse.train.preflight import check_parallel_layout
+
+    cfg = load_config(TINY, ["fusion.expert_parallel_size=2"])
+    check_parallel_layout(cfg, 4)
+    with pytest.raises(ConfigError, match=r"must divide the number of processes \(3\): start 2 processes"):
+        check_parallel_layout(cfg, 3)
+
+
+def test_checkpoint_of_another_expert_layout_is_refused(tmp_path: Path) -> None:
+    from moefuse.configutil import ConfigError
+    from moefuse.train.expert_checkpoint import check_layout
+
+    ckpt = tmp_path / "step-0000004"
+    ckpt.mkdir()
+    check_layout(ckpt, 1)  # no shards: a run without expert parallelism
+    with pytest.raises(ConfigError, match="saved with fusion.expert_parallel_size=1, this run has 2"):
+        check_layout(ckpt, 2)
+    for j in (0, 1):
+        (ckpt / f"experts-ep{j:03d}-of-002.safetensors").write_bytes(b"")
+    check_layout(ckpt, 2)
+    for size in (1, 4):
+        with pytest.raises(ConfigError, match=f"saved with fusion.expert_parallel_size=2, this run has {size}"):
+            check_layout(ckpt, size)
+    (ckpt / "experts-ep001-of-002.safetensors").unlink()
+    with pytest.raises(ConfigError, match=r"lacks the expert shards of EP ranks \[1\]"):
+        check_layout(ckpt, 2)

@@ -170,3 +170,16 @@ def test_accelerate_two_processes_see_every_sample_once(demo: dict, tmp_path: Pa
     assert sorted(seen[0] + seen[1]) == sorted(train_ids)  # every sample exactly once
     assert (out / "model" / "model.safetensors").exists()
     assert "2 processes" in proc.stdout + proc.stderr
+
+
+def test_validation_does_not_change_training(demo: dict, tmp_path: Path) -> None:
+    """Validation draws no number the training would: the losses are those of a run never validated."""
+    def losses(out: Path) -> list[float]:
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["train/loss"] for r in rows if "train/loss" in r]
+
+    every = tmp_path / "every"
+    train(cfg_for(demo, every, "train.max_steps=3", "train.eval_every=1", "train.eval_max_batches=1"))
+    never = tmp_path / "never"
+    train(cfg_for(demo, never, "train.max_steps=3", "train.eval_every=100"))
+    assert len(losses(every)) == 3 and losses(every) == losses(never)

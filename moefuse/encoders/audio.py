@@ -35,11 +35,13 @@ from moefuse.encoders.audio_augment import (
 from moefuse.encoders.base import EncoderConfig, EncoderOutput, ModalityEncoder, apply_finetune, load_init_file
 
 # tiny/small: random init; 5 conv layers with total stride 320 (50 frames/s, like wav2vec2-base) but 32 channels.
+# tiny has no LayerDrop: under FSDP transformers runs every layer whatever LayerDrop draws (all ranks must gather
+# the same units), so a DDP and an FSDP run train the same model only without it.
 AUDIO_PRESETS: dict[str, dict] = {
     "tiny": dict(source="config", hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
                  conv_dim=(32, 32, 32, 32, 32), conv_stride=(5, 4, 4, 2, 2), conv_kernel=(10, 8, 4, 4, 2),
                  num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, apply_spec_augment=False,
-                 feat_extract_norm="layer", do_stable_layer_norm=True),
+                 feat_extract_norm="layer", do_stable_layer_norm=True, layerdrop=0.0),
     "small": dict(source="config", hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
                   intermediate_size=256, conv_dim=(64, 64, 64, 64, 64), conv_stride=(5, 4, 4, 2, 2),
                   conv_kernel=(10, 8, 4, 4, 2), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,

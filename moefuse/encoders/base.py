@@ -29,10 +29,12 @@ import torch
 from torch import nn
 
 from moefuse.configutil import Config, ConfigError, atomic_write_bytes
+from moefuse.outputs import pytree_output
 
 Finetune = Literal["full", "frozen", "lora"]
 
 
+@pytree_output
 @dataclass
 class EncoderOutput:
     """Tokens of one modality for a batch."""

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moefuse.configutil import Config
+from moefuse.fusion import expert_parallel
 from moefuse.fusion.kernels import Activation, Backend, activate, activation_in_width, grouped_mm
+from moefuse.outputs import pytree_output
 
 # ----------------------------------------------------------------------------------------------------------------
 # config
@@ -152,6 +154,7 @@ class DenseFFN(nn.Module):
 # typed intermediate and final results
 
 
+@pytree_output
 @dataclass
 class MoEOutput:
     """What one SparseMoE call returns. Losses are scalars; stats are detached counts over real tokens only."""
@@ -231,6 +234,8 @@ class SparseMoE(nn.Module):
         self.experts = Experts(cfg.num_experts, cfg.d_model, cfg.d_expert, cfg.activation)
         self.shared_expert = (DenseFFN(cfg.d_model, cfg.shared_expert_hidden, cfg.activation)
                               if cfg.shared_expert_hidden else None)
+        # Set by `expert_parallel.shard_experts`: `experts` then holds this rank's E / N experts only.
+        self.ep: expert_parallel.ExpertParallel | None = None
 
     @property
     def num_experts(self) -> int:
@@ -292,7 +297,10 @@ class SparseMoE(nn.Module):
     def combine(self, tokens: torch.Tensor, plan: Dispatch) -> torch.Tensor:
         """tokens [N, D] -> [N, D]: each expert on its slice, the K weighted outputs of a token summed, + shared."""
         x_sorted = tokens.index_select(0, plan.token)  # [S, D]
-        y = self.experts(x_sorted, plan.offs, self.cfg.backend)  # [S, D]
+        if self.ep is None:
+            y = self.experts(x_sorted, plan.offs, self.cfg.backend)  # [S, D]
+        else:  # the experts live on the ranks of the EP group: tokens travel there and back
+            y = expert_parallel.run_experts(self.experts, x_sorted, plan.tokens_per_expert, self.ep, self.cfg.backend)
         y = y * plan.weight.to(y.dtype).unsqueeze(-1)
         out = torch.zeros_like(tokens).index_add_(0, plan.token, y)  # [N, D]
         if self.shared_expert is not None:
@@ -303,36 +311,58 @@ class SparseMoE(nn.Module):
 
     def losses(self, routing: Routing, groups: torch.Tensor | None) -> MoELosses:
         """Balance and z-loss over the N routed tokens; the LIMoE entropies per group when `groups` [N] is given
-        and either coefficient is set (always in eval, for logging)."""
+        and either coefficient is set (always in eval, for logging). Under expert parallelism N is every rank's
+        tokens: the sums below are reduced over all ranks (`expert_parallel.reduce_sums`)."""
         cfg, probs = self.cfg, routing.probs
-        n = probs.shape[0]
-        balance = z = local = global_ = probs.sum() * 0.0
-        if n:
+        entropy = groups is not None and bool(cfg.local_entropy_coef or cfg.global_entropy_coef or not self.training)
+        sums = self._loss_sums(routing, groups if entropy else None)
+        if self.ep is not None:
+            sums = expert_parallel.reduce_sums(sums, self.ep)
+        e, g = cfg.num_experts, cfg.num_groups
+        n, counts, prob_sum, z_sum = sums[0], sums[1:1 + e], sums[1 + e:1 + 2 * e], sums[1 + 2 * e]
+        zero = probs.sum() * 0.0
+        balance = z = local = global_ = zero
+        if n.item() > 0:
             # f_i = top-k assignments to i / N (sums to K), P_i = mean router probability of i: the same
             # normalisation as transformers' load_balancing_loss_func, so the two agree exactly.
-            counts = torch.zeros(cfg.num_experts, device=probs.device).scatter_add_(
-                0, routing.index.reshape(-1), torch.ones(routing.index.numel(), device=probs.device)
-            )  # [E]
-            balance = cfg.num_experts * torch.sum((counts / n) * probs.mean(dim=0))
-            z = torch.logsumexp(routing.logits, dim=-1).square().mean()
-            if groups is not None and (cfg.local_entropy_coef or cfg.global_entropy_coef or not self.training):
-                local, global_ = self._entropy_losses(probs, groups)
+            balance = e * torch.sum((counts / n) * (prob_sum / n))
+            z = z_sum / n
+            if entropy:
+                group_n, group_ent = sums[2 + 2 * e:2 + 2 * e + g], sums[2 + 2 * e + g:2 + 2 * e + 2 * g]
+                group_p = sums[2 + 2 * e + 2 * g:].view(g, e)  # [G, E] summed router probabilities
+                local, global_ = self._entropy_losses(group_n, group_ent, group_p)
         aux = (cfg.balance_coef * balance + cfg.z_coef * z
                + cfg.local_entropy_coef * local + cfg.global_entropy_coef * global_)
         return MoELosses(balance=balance, z=z, local_entropy=local, global_entropy=global_, aux=aux)
 
+    def _loss_sums(self, routing: Routing, groups: torch.Tensor | None) -> torch.Tensor:
+        """The sums the router losses are ratios of, in one vector: [N, assignments per expert (E), router
+        probability per expert (E), sum of squared logsumexp], then with `groups` [N]: tokens per group (G),
+        routing entropy per group (G), router probability per group and expert (G * E)."""
+        probs, e = routing.probs, self.cfg.num_experts
+        counts = torch.zeros(e, device=probs.device).scatter_add_(
+            0, routing.index.reshape(-1), torch.ones(routing.index.numel(), device=probs.device))  # [E]
+        n = probs.new_full((1,), probs.shape[0])
+        parts = [n, counts, probs.sum(0), torch.logsumexp(routing.logits, dim=-1).square().sum().reshape(1)]
+        if groups is not None:
+            g = self.cfg.num_groups
+            token_entropy = -(probs * probs.clamp_min(1e-9).log()).sum(-1)  # [N]
+            parts += [torch.zeros(g, device=probs.device).index_add_(0, groups, torch.ones_like(token_entropy)),
+                      torch.zeros(g, device=probs.device).index_add_(0, groups, token_entropy),
+                      probs.new_zeros(g, e).index_add_(0, groups, probs).reshape(-1)]
+        return torch.cat(parts)
+
     @staticmethod
-    def _entropy_losses(probs: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """LIMoE: (mean per-token entropy, -entropy of the mean routing) of each group present, averaged."""
-        local = global_ = probs.sum() * 0.0
-        present = torch.unique(groups)
-        token_entropy = -(probs * probs.clamp_min(1e-9).log()).sum(-1)  # [N]
-        for g in present.tolist():
-            sel = groups == g
-            local = local + token_entropy[sel].mean()
-            mean_p = probs[sel].mean(0)  # [E]
-            global_ = global_ + (mean_p * mean_p.clamp_min(1e-9).log()).sum()  # = -entropy
-        return local / len(present), global_ / len(present)
+    def _entropy_losses(group_n: torch.Tensor, group_entropy: torch.Tensor, group_probs: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """LIMoE, from per-group sums (tokens [G], routing entropy [G], router probabilities [G, E]): (mean
+        per-token entropy, -entropy of the mean routing) of each group present, averaged over those groups."""
+        present = group_n > 0
+        n = group_n[present]
+        local = (group_entropy[present] / n).mean()
+        mean_p = group_probs[present] / n.unsqueeze(1)  # [G_present, E]
+        global_ = (mean_p * mean_p.clamp_min(1e-9).log()).sum(1).mean()  # = -entropy
+        return local, global_
 
     @torch.no_grad()
     def _group_expert_counts(self, plan: Dispatch, groups: torch.Tensor | None) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moefuse.fusion.moe import DenseFFN, ExpertsConfig, MoEConfig, MoEOutput, SparseMoE
+from moefuse.outputs import pytree_output
 
 
 @dataclass
@@ -53,6 +54,10 @@ class FusionConfig(ExpertsConfig):
     """The tasks whose samples get modality dropout; None = every task. Dropping a modality keeps the label right
     only where each remaining modality still carries the answer (the same digit seen and heard), not for a question
     about both (their sum)."""
+    expert_parallel_size: int = 1
+    """N ranks each MoE layer's experts are spread over in training (E / N experts per rank; N must divide E and
+    the number of processes): tokens travel to their experts' ranks and back (`fusion.expert_parallel`). A layout,
+    not an architecture: the export always holds all E experts, and loads in one process."""
 
     def __post_init__(self) -> None:
         self.check(self.d_model >= 8, "d_model", f"must be >= 8, got {self.d_model}")
@@ -63,6 +68,13 @@ class FusionConfig(ExpertsConfig):
         rates = self.modality_dropout.values() if isinstance(self.modality_dropout, dict) else [self.modality_dropout]
         self.check(all(0.0 <= p < 1.0 for p in rates), "modality_dropout",
                    f"rates must be in [0, 1), got {self.modality_dropout}")
+        self.check(self.expert_parallel_size >= 1, "expert_parallel_size",
+                   f"must be >= 1, got {self.expert_parallel_size}")
+        if self.expert_parallel_size > 1:
+            self.check(self.kind == "moe", "expert_parallel_size", f"needs kind: moe (experts to spread), got kind "
+                       f"{self.kind!r}; set fusion.expert_parallel_size=1")
+            self.check(self.num_experts % self.expert_parallel_size == 0, "expert_parallel_size",
+                       f"{self.expert_parallel_size} must divide num_experts={self.num_experts}")
         super().__post_init__()  # the expert fields, whatever the kind (a config may switch kinds later)
 
     def dropout_rates(self, modalities: list[str]) -> list[float]:
@@ -93,6 +105,7 @@ class FusionOutput:
     moe: list[MoEOutput] = field(default_factory=list)  # one per MoE layer
 
 
+@pytree_output
 @dataclass
 class BlockOutput:
     """One fusion block's result."""

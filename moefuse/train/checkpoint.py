@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,7 +36,9 @@ from safetensors.torch import load_file, save_file
 from moefuse.configutil import ConfigError, atomic_write_text, dumps_json, from_dict, sha256_file, to_dict
 from moefuse.errors import UserError, naming
 from moefuse.fusion.model import ModelConfig, MultimodalMoEModel, build_model
+from moefuse.train import fsdp
 from moefuse.train.calibrate import calibrate_run
+from moefuse.train.expert_checkpoint import checkpoint_state
 from moefuse.train.model_card import model_card
 
 if TYPE_CHECKING:
@@ -71,10 +74,11 @@ def _file_digests(folder: Path) -> dict[str, list]:
 
 
 def save_checkpoint(accelerator, ckpt_root: Path, step: int, trainer_state: dict, keep_last: int,
-                    is_best: bool) -> Path:
+                    is_best: bool, write_shards: Callable[[Path], None] | None = None) -> Path:
     """accelerate.save_state into ckpt_root/step-XXXXXXX atomically, with checksums.json; update the pointers and
-    prune old ones. A failed write (full disk, a file in the way) removes the temp folder and raises an OSError
-    naming the checkpoint; the earlier checkpoints stay as they were."""
+    prune old ones. `write_shards(folder)` runs on every process after save_state (each rank's own files: the
+    expert shards of `expert_checkpoint`). A failed write (full disk, a file in the way) removes the temp folder
+    and raises an OSError naming the checkpoint; the earlier checkpoints stay as they were."""
     final = ckpt_root / f"step-{step:07d}"
     tmp = ckpt_root / f".tmp-step-{step:07d}"
     try:
@@ -85,6 +89,8 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, trainer_state: dict
                 tmp.mkdir(parents=True)
             accelerator.wait_for_everyone()
             accelerator.save_state(str(tmp), safe_serialization=True)
+            if write_shards is not None:
+                write_shards(tmp)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 atomic_write_text(tmp / "trainer_state.json", dumps_json(trainer_state, "trainer_state.json", indent=2))
@@ -301,26 +307,30 @@ def run_result(state: dict, metric: str) -> dict:
             "last_loss": state.get("last_loss"), "metric": metric, **{k: state.get(k) for k in keys}}
 
 
-def _load_best(model: MultimodalMoEModel, ckpt_root: Path, state: dict) -> int:
-    """Load the best checkpoint's weights when they are not the model's own; returns the step exported."""
+def _load_best(model: MultimodalMoEModel, ckpt_root: Path, state: dict, own: bool = True) -> int:
+    """Load the best checkpoint's weights when they are not the model's own (`own`: the model holds the weights
+    of the run's last step; else they are loaded from its checkpoint too); returns the step exported."""
     best_step = state.get("best_step")
-    if best_step is None or best_step == state["step"]:
+    if own and (best_step is None or best_step == state["step"]):
         return state["step"]
-    best = ckpt_root / f"step-{best_step:07d}"
+    best = ckpt_root / f"step-{best_step if best_step is not None else state['step']:07d}"
     reason = checkpoint_damage(best) if best.is_dir() else "it is gone"
-    if reason is not None:
+    if reason is not None and own:
         warnings.warn(f"the best checkpoint {best} cannot be used ({reason}); exporting the weights of step "
                       f"{state['step']} instead", stacklevel=2)
         return state["step"]
-    model.load_state_dict(load_file(str(best / "model.safetensors")))
-    return best_step
+    if reason is not None:
+        best = ckpt_root / f"step-{state['step']:07d}"
+    load_checkpoint_weights(model, best)
+    return int(best.name.removeprefix("step-"))
 
 
-def export_run(model: MultimodalMoEModel, out: Path, state: dict, cfg: ExperimentConfig) -> dict:
+def export_run(model: MultimodalMoEModel, out: Path, state: dict, cfg: ExperimentConfig, own: bool = True) -> dict:
     """Export a run's best weights, calibrated on its validation split (`calibrate_run`), to out/model and write
-    out/results.json; returns the result. A failed write leaves the checkpoints as they are, so `moefuse export
-    OUT` can redo it."""
-    step = _load_best(model, out / "checkpoints", state)
+    out/results.json; returns the result. `own`: the model holds the last step's weights (else every weight comes
+    from the checkpoints: an expert-parallel run exports a full model built by `build_full_model`). A failed write
+    leaves the checkpoints as they are, so `moefuse export OUT` can redo it."""
+    step = _load_best(model, out / "checkpoints", state, own)
     try:  # sets each task's vote weights and temperature on the validation split, or None
         calibration = calibrate_run(model, cfg)
     except (UserError, OSError) as e:  # the validation data is gone or damaged: the weights are still worth a copy
@@ -342,6 +352,26 @@ def export_run(model: MultimodalMoEModel, out: Path, state: dict, cfg: Experimen
     return result
 
 
+def load_checkpoint_weights(model: MultimodalMoEModel, ckpt: Path) -> None:
+    """A checkpoint's weights into a one-process model: model.safetensors (the expert shards of an expert-parallel
+    run joined in), or the FSDP shards of a `train.fsdp` run."""
+    if fsdp.is_sharded_checkpoint(ckpt):
+        model.load_state_dict(fsdp.full_state(ckpt, model.state_dict()))
+    else:
+        model.load_state_dict(checkpoint_state(ckpt))
+
+
+def build_full_model(cfg: ExperimentConfig) -> MultimodalMoEModel:
+    """A run's model for one process, to load a checkpoint into: every expert (expert_parallel_size 1), and
+    encoders without their init files (those only seed training; the checkpoint holds the weights)."""
+    encoders = cfg.encoders
+    encoders = replace(encoders, **{f.name: replace(getattr(encoders, f.name), init_file=None)
+                                    for f in fields(encoders) if hasattr(getattr(encoders, f.name), "init_file")})
+    model_cfg = cfg.model_config()
+    return build_model(replace(model_cfg, encoders=encoders,
+                               fusion=replace(model_cfg.fusion, expert_parallel_size=1)))
+
+
 def load_run(out: Path) -> tuple[MultimodalMoEModel, dict, ExperimentConfig]:
     """A run folder -> (model with its newest intact checkpoint's weights, that trainer state, the run config)."""
     from moefuse.config import load_config
@@ -351,12 +381,9 @@ def load_run(out: Path) -> tuple[MultimodalMoEModel, dict, ExperimentConfig]:
     if ckpt is None:
         raise ConfigError(f"{out / 'checkpoints'} holds no intact checkpoint to export; train (or --resume) first")
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    encoders = cfg.encoders  # init files only seed training; the checkpoint holds the weights
-    encoders = replace(encoders, **{f.name: replace(getattr(encoders, f.name), init_file=None)
-                                    for f in fields(encoders) if hasattr(getattr(encoders, f.name), "init_file")})
-    model = build_model(replace(cfg.model_config(), encoders=encoders))
+    model = build_full_model(cfg)
     try:
-        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        load_checkpoint_weights(model, ckpt)
     except Exception as e:
         raise ConfigError(f"{ckpt / 'model.safetensors'} does not fit {out / 'config.yaml'}: {e}") from None
     return model, state, cfg

@@ -62,6 +62,9 @@ class TrainConfig(Config):
     """With nan_policy=skip, stop anyway after this many skipped batches."""
     tensorboard: bool = True
     """Also write metrics to TensorBoard under output_dir/tensorboard."""
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state over the processes with torch FSDP2 (`moefuse.train.fsdp`:
+    each encoder and fusion block a unit), on CPU (gloo) or GPUs; false = DDP, every process a full replica."""
     record_sample_ids: bool = False
     """Write the ids each process trained on, per epoch, to output_dir/sample_ids/ (to audit data splitting)."""
 

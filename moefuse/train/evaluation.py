@@ -3,6 +3,8 @@ lost and other-task samples), shared by validation during training and `moefuse 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from tqdm.auto import tqdm
 
@@ -36,21 +38,49 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return out
 
 
+def _in_step(loader, device: torch.device) -> Iterator[dict | None]:
+    """The loader's batches, then None while any other process still has one (a collective on the default group,
+    once per step): every process steps together, as sharded models need (their forward is a collective)."""
+    import torch.distributed as dist
+
+    iterator = iter(loader)
+    while True:
+        batch = next(iterator, None)
+        has = torch.tensor([0.0 if batch is None else 1.0], device=device)
+        dist.all_reduce(has, op=dist.ReduceOp.MAX)
+        if has.item() == 0:
+            return
+        yield batch
+
+
 @torch.no_grad()
 def evaluate_loader(model: MultimodalMoEModel, loader, device: torch.device, max_batches: int | None = None,
-                    progress: bool = False) -> tuple[list[dict], dict]:
+                    progress: bool = False, in_step: bool = False, filler: dict | None = None
+                    ) -> tuple[list[dict], dict]:
     """Run the model over a loader -> per-sample records, and stats: routing counts summed over batches and the
-    data counts (DATA_COUNTS), the loader's tail counts included when the whole loader was read."""
+    data counts (DATA_COUNTS), the loader's tail counts included when the whole loader was read.
+
+    `in_step` (a sharded model: expert-parallel or FSDP): all processes step together; one out of data runs its
+    last batch again, or `filler` (any batch of its own, e.g. a training one) when it had none, uncounted."""
     model.eval()
     records: list[dict] = []
     stats: dict = {"modality_expert_counts": None, "routing_rows": list(model.routing_rows), "dropped_tokens": 0,
                    "routed_tokens": 0, **dict.fromkeys(DATA_COUNTS, 0)}
     vocab = {t.name: list(t.labels) for t in model.cfg.tasks}
-    finished = True
-    for i, batch in enumerate(tqdm(loader, desc="evaluate", disable=not progress, leave=False)):
+    finished, last = True, None
+    batches = _in_step(loader, device) if in_step else loader
+    for i, batch in enumerate(tqdm(batches, desc="evaluate", disable=not progress, leave=False)):
         if max_batches is not None and i >= max_batches:
             finished = False
             break
+        if batch is None:  # this process is out of data, others are not: its forward still takes part
+            spare = last if last is not None else filler
+            if spare is None:
+                raise RuntimeError("evaluate_loader(in_step=True): this process has no batch to step with; "
+                                   "pass filler")
+            model(to_device(spare, device))
+            continue
+        last = batch
         count_into(stats, batch)
         batch = to_device(batch, device)
         out = model(batch)

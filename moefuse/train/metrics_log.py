@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from moefuse.configutil import dumps_json
 from moefuse.errors import naming
 
@@ -56,8 +58,14 @@ class LogWindow:
             self.batches += 1
         self.samples += samples
 
-    def mean_loss(self) -> float:
-        return self.loss / max(1, self.batches)
+    def mean_loss(self, accelerator=None) -> float:
+        """The mean loss of the window's batches; with `accelerator`, over every process's batches (a collective:
+        a process whose window holds only zero-weight batches still gets the others' mean)."""
+        loss, batches = self.loss, self.batches
+        if accelerator is not None and accelerator.num_processes > 1:
+            total = accelerator.reduce(torch.tensor([loss, float(batches)], device=accelerator.device), "sum")
+            loss, batches = total[0].item(), int(total[1].item())
+        return loss / max(1, batches)
 
     def samples_per_s(self, world_size: int) -> float:
         """Samples per second over every process (each is assumed to train as many as this one)."""

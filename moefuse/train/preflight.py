@@ -27,6 +27,26 @@ RESUMABLE_KEYS = ("train.output_dir", "train.max_steps", "train.eval_every", "tr
 keep checkpoints); any other difference from the run's saved config.yaml is refused before anything is written."""
 
 
+def check_parallel_layout(cfg: ExperimentConfig, world: int) -> None:
+    """fusion.expert_parallel_size against the processes this run was started with (the config has checked it
+    against num_experts): more than one process, and a number of them it divides; train.fsdp without expert
+    parallelism or fp16."""
+    n = cfg.fusion.expert_parallel_size
+    if n > 1 and world == 1:
+        raise ConfigError(f"fusion.expert_parallel_size={n} needs {n} or a multiple of {n} processes, this run has "
+                          f"one: start it with `accelerate launch --multi_gpu --num_processes {n} -m moefuse.train "
+                          f"...`, or set fusion.expert_parallel_size=1")
+    if world % n:
+        raise ConfigError(f"fusion.expert_parallel_size={n} must divide the number of processes ({world}): start "
+                          f"{n * max(1, world // n)} processes, or choose a size that divides {world}")
+    if cfg.train.fsdp and n > 1:
+        raise ConfigError(f"train.fsdp with fusion.expert_parallel_size={n}: the two do not combine yet; shard the "
+                          f"experts (expert_parallel_size) or everything (fsdp), not both")
+    if cfg.train.fsdp and cfg.train.mixed_precision == "fp16":
+        raise ConfigError("train.fsdp with train.mixed_precision=fp16: use bf16 (or no), which needs no loss "
+                          "scaling of sharded gradients")
+
+
 def check_output_dir(out: Path) -> None:
     """The run folder is a folder this process can write to (created if needed); else an OSError naming it."""
     with naming(out):
@@ -126,5 +146,5 @@ def check_training_targets(batch: dict) -> None:
                             f"vocabulary are counted instead)")
 
 
-__all__ = ["RESUMABLE_KEYS", "check_metric", "check_output_dir", "check_resume_config", "check_training_targets",
-           "resolve_tasks"]
+__all__ = ["RESUMABLE_KEYS", "check_metric", "check_output_dir", "check_parallel_layout", "check_resume_config",
+           "check_training_targets", "resolve_tasks"]

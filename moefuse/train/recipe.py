@@ -26,8 +26,17 @@ from moefuse.config import ExperimentConfig, save_config
 from moefuse.configutil import ConfigError
 from moefuse.datasets import DataError, build_eval_loader, build_train_loader
 from moefuse.errors import naming
+from moefuse.fusion import expert_parallel
 from moefuse.fusion.model import ModelOutput, MultimodalMoEModel, build_collator, build_model
-from moefuse.train.checkpoint import export_run, has_checkpoints, intact_checkpoints, run_result, save_checkpoint
+from moefuse.train import expert_checkpoint, fsdp
+from moefuse.train.checkpoint import (
+    build_full_model,
+    export_run,
+    has_checkpoints,
+    intact_checkpoints,
+    run_result,
+    save_checkpoint,
+)
 from moefuse.train.config import TrainConfig
 from moefuse.train.evaluation import DATA_COUNTS, evaluate_loader, merge_stats, routing_summary, to_device
 from moefuse.train.metrics import compute_metrics
@@ -37,6 +46,7 @@ from moefuse.train.plots import save_routing_heatmap
 from moefuse.train.preflight import (
     check_metric,
     check_output_dir,
+    check_parallel_layout,
     check_resume_config,
     check_training_targets,
     resolve_tasks,
@@ -92,6 +102,8 @@ class TrainRecipe:
         self.state = TrainerState()
         self.done_because: str | None = None  # on resume: why the restored run has nothing left to train
         self.stopped = False  # stop_after ended the run
+        self.ep: expert_parallel.ExpertParallel | None = None  # this rank's expert-parallel groups (N > 1)
+        self.last_batch: dict | None = None  # the latest training batch: validation's filler (`evaluate_loader`)
 
     @property
     def t(self) -> TrainConfig:
@@ -115,6 +127,7 @@ class TrainRecipe:
         from accelerate.utils import set_seed
 
         self.setup_accelerator()
+        check_parallel_layout(self.cfg, self.world)
         self.cfg = prepare_run(self.cfg, self.resume, self.main)
         if self.main:
             acc = self.accelerator
@@ -137,6 +150,9 @@ class TrainRecipe:
         self.accelerator = Accelerator(
             mixed_precision=self.t.mixed_precision,
             gradient_accumulation_steps=self.t.grad_accum,
+            # The schedule counts optimizer steps (`train_step` steps it): accelerate's own stepping would advance
+            # it once per process per step, finishing warmup and decay N times too early on N processes.
+            step_scheduler_with_optimizer=False,
             # A batch may lack a modality or a task entirely; their parameters then get no gradient this step.
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
@@ -144,17 +160,36 @@ class TrainRecipe:
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
 
     def setup_model(self) -> None:
-        """The model, its training and evaluation collators, AdamW and the schedule, prepared by accelerate."""
+        """The model (its experts sharded when expert-parallel, or all of it under train.fsdp), its training and
+        evaluation collators, AdamW and the schedule, prepared by accelerate (DDP) unless FSDP-sharded."""
         cfg, t = self.cfg, self.t
         model = build_model(cfg.model_config())
         self.train_collator = build_collator(model, train=True, seed=t.seed, drop_modalities=cfg.data.drop_modalities)
         self.eval_collator = build_collator(model, train=False, seed=t.seed, drop_modalities=cfg.data.drop_modalities)
+        if cfg.fusion.expert_parallel_size > 1:
+            self.shard_experts(model)
+        if t.fsdp:  # sharded by the recipe, not wrapped by accelerate (whose FSDP plugin needs accelerators)
+            fsdp.shard_model(model.to(self.accelerator.device))
         optimizer = build_optimizer(model, cfg)
         scheduler = build_scheduler(optimizer, cfg)
+        if t.fsdp:
+            self.model = self.raw_model = model
+            self.optimizer, self.scheduler = optimizer, scheduler
+            return
         # The loaders are NOT passed to accelerate.prepare: each process streams its own shard split (webdataset
         # split by rank/worker), which avoids accelerate's rank-0 dispatch of iterable datasets (accelerate#3547).
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.raw_model: MultimodalMoEModel = self.accelerator.unwrap_model(self.model)
+
+    def shard_experts(self, model: MultimodalMoEModel) -> None:
+        """Expert parallelism: keep this rank's experts, and keep DDP off them (`reduce_expert_grads` reduces
+        them over their replicas instead)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.ep = expert_parallel.init_expert_parallel(self.cfg.fusion.expert_parallel_size)
+        expert_parallel.shard_experts(model, self.ep)
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, expert_parallel.expert_param_names(model))
 
     def setup_data(self) -> None:
         """This process's training loader, and the validation loader (None without data.val_shards)."""
@@ -171,8 +206,13 @@ class TrainRecipe:
         """Load the newest intact checkpoint (damaged or unloadable ones are skipped with a warning) -> its
         state; the model, optimizer, scheduler and RNG states are restored in place."""
         for ckpt in intact_checkpoints(self.ckpt_root):
+            expert_checkpoint.check_layout(ckpt, self.cfg.fusion.expert_parallel_size)
             try:
                 self.accelerator.load_state(str(ckpt))
+                if self.ep is not None:
+                    expert_checkpoint.load_expert_shard(ckpt, self.raw_model, self.optimizer, self.ep)
+                if self.t.fsdp:
+                    fsdp.load_sharded(ckpt, self.model, self.optimizer, self.scheduler)
                 state = TrainerState.from_dict(json.loads((ckpt / "trainer_state.json").read_text()))
             except Exception as e:
                 warnings.warn(f"checkpoint {ckpt} cannot be loaded ({type(e).__name__}: {e}); trying an earlier "
@@ -209,8 +249,8 @@ class TrainRecipe:
         Every process must take part in each step: the epoch ends when all are out of data, and meanwhile an
         exhausted process runs its last batch again with zero weight (its collectives stay in step)."""
         epoch, skip = self.state.epoch, self.state.batches_in_epoch
-        iterator = self.epoch_batches(epoch, skip)
-        last_batch, batches_this_epoch = None, 0
+        iterator, last_batch = self.epoch_batches(epoch, skip)
+        batches_this_epoch = 0
         while True:
             batch = next(iterator, None)
             if not self.any_process_has_data(batch):
@@ -222,20 +262,22 @@ class TrainRecipe:
                 batch, weight = last_batch, 0.0
             else:
                 self.take_batch(batch, epoch)
-            last_batch = batch
+            last_batch = self.last_batch = batch
             output = self.train_step(batch, weight, epoch)
             if output is not None and self.accelerator.sync_gradients and self.end_step(output, epoch):
                 return True
 
-    def epoch_batches(self, epoch: int, skip: int) -> Iterator[dict]:
-        """The epoch's batches, fast-forwarded past the `skip` a resumed run already trained on."""
+    def epoch_batches(self, epoch: int, skip: int) -> tuple[Iterator[dict], dict | None]:
+        """The epoch's batches, fast-forwarded past the `skip` a resumed run already trained on -> (the rest, the
+        last batch skipped: what a process out of data runs again with zero weight, as the uninterrupted run)."""
         self.train_collator.set_epoch(epoch)
         self.loader.set_epoch(epoch)  # shard order and shuffle are a function of (seed, epoch): resumable
+        last = None
         with preserved_rng(enabled=skip > 0):  # the checkpoint's RNG state already includes these draws
             iterator = iter(self.loader)
             for _ in range(skip):
-                next(iterator, None)
-        return iterator
+                last = next(iterator, None) or last
+        return iterator, last
 
     def any_process_has_data(self, batch: dict | None) -> bool:
         """Whether this or any other process got a batch (a collective: every process asks together)."""
@@ -269,19 +311,34 @@ class TrainRecipe:
         acc = self.accelerator
         batch = to_device(batch, acc.device)
         with acc.accumulate(self.model):
-            output = self.model(batch)
+            with acc.autocast():  # (a model accelerate prepared autocasts itself; an FSDP-sharded one does not)
+                output = self.model(batch)
             if self.skip_nonfinite(output, epoch):
                 return None
             acc.backward(output.loss * weight)
-            if acc.sync_gradients and self.t.max_grad_norm > 0:
-                acc.clip_grad_norm_(self.model.parameters(), self.t.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            if acc.sync_gradients:  # the last micro-batch of a step
+                self.reduce_and_clip()
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
         n = len(batch["ids"]) if weight else 0
         self.state.samples_seen += n
         self.window.add(output.loss.item() if weight else None, n)
         return output
+
+    def reduce_and_clip(self) -> None:
+        """Before the optimizer step: the expert gradients reduced over their replicas (expert parallelism; DDP
+        has reduced the rest), then clipping by the whole model's gradient norm (train.max_grad_norm)."""
+        acc, max_norm = self.accelerator, self.t.max_grad_norm
+        if self.ep is None:
+            if max_norm > 0:
+                acc.clip_grad_norm_(self.model.parameters(), max_norm)
+            return
+        expert_parallel.reduce_expert_grads(self.raw_model, self.ep)
+        if max_norm > 0:
+            acc.unscale_gradients()
+            experts = [p for e in expert_parallel.expert_modules(self.raw_model) for p in e.parameters()]
+            expert_parallel.clip_grad_norm_(self.raw_model.parameters(), experts, max_norm, self.ep)
 
     def skip_nonfinite(self, output: ModelOutput, epoch: int) -> bool:
         """The NaN policy, when any process's loss is not finite: a FloatingPointError with nan_policy=stop or
@@ -330,13 +387,15 @@ class TrainRecipe:
         metrics.jsonl / TensorBoard and the progress bar; a new window starts."""
         s, w = self.state, self.window
         sps = w.samples_per_s(self.world)
-        record = {"train/loss": w.mean_loss(), "train/task_loss": output.task_loss.item(),
+        record = {"train/loss": w.mean_loss(self.accelerator), "train/task_loss": output.task_loss.item(),
                   "train/aux_loss": output.aux_loss.item(), "train/balance_loss": output.balance_loss.item(),
                   "train/z_loss": output.z_loss.item(), "train/samples_per_s": sps,
                   "train/epoch": epoch, "train/skipped_nonfinite": s.skipped_nonfinite,
                   **{f"train/{k}": v for k, v in s.data_counts().items()}}
         for g in self.optimizer.param_groups:
             record[f"lr/{g['name']}"] = g["lr"]
+        if self.accelerator.device.type == "cuda":  # this process's high-water mark so far
+            record["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30
         self.log.write(s.step, record)
         self.bar.set_postfix(loss=f"{record['train/loss']:.4f}", sps=f"{sps:.0f}")
         w.reset()
@@ -349,7 +408,8 @@ class TrainRecipe:
         from accelerate.utils import gather_object
 
         step, acc, cfg = self.state.step, self.accelerator, self.cfg
-        records, stats = evaluate_loader(self.raw_model, self.val_loader, acc.device, self.t.eval_max_batches)
+        records, stats = evaluate_loader(self.raw_model, self.val_loader, acc.device, self.t.eval_max_batches,
+                                         in_step=self.ep is not None or self.t.fsdp, filler=self.last_batch)
         records = gather_object(records)
         all_stats = gather_object([stats])
         if not acc.is_main_process:
@@ -373,7 +433,8 @@ class TrainRecipe:
         from accelerate.utils import gather_object
 
         s, t = self.state, self.t
-        metrics = self.validate()
+        with preserved_rng():  # training draws the same numbers however often it is validated
+            metrics = self.validate()
         value = None
         if self.main and metrics is not None:
             s.last_val_metrics = metrics
@@ -401,16 +462,24 @@ class TrainRecipe:
 
     def checkpoint(self, is_best: bool) -> None:
         """A resumable checkpoint of this step (accelerate state + trainer_state.json), written atomically."""
+        def write_shards(folder: Path) -> None:  # the state accelerate's save_state does not hold
+            if self.ep is not None:
+                expert_checkpoint.save_expert_shard(folder, self.raw_model, self.optimizer, self.ep)
+            if self.t.fsdp:
+                fsdp.save_sharded(folder, self.model, self.optimizer, self.scheduler, self.main)
+
         save_checkpoint(self.accelerator, self.ckpt_root, self.state.step, self.state.to_dict(), self.t.keep_last,
-                        is_best)
+                        is_best, write_shards if self.ep is not None or self.t.fsdp else None)
 
     def export(self) -> dict:
         """The best checkpoint's weights to out/model and results.json (main process) -> the run's summary."""
         acc, s, out = self.accelerator, self.state, self.out
         acc.wait_for_everyone()
         result = None
-        if self.main:
-            result = export_run(self.raw_model, out, s.to_dict(), self.cfg)  # the best checkpoint's weights
+        sharded = self.ep is not None or self.t.fsdp
+        if self.main:  # the best checkpoint's weights (all of them from its shards when this process has a part)
+            model = build_full_model(self.cfg).to(acc.device) if sharded else self.raw_model
+            result = export_run(model, out, s.to_dict(), self.cfg, own=not sharded)
             print(f"done: {result['stop_reason']}; exported {out / 'model'}; metrics in {out / 'metrics.jsonl'}")
             data = ", ".join(f"{n} {DATA_COUNTS[k]}" for k, n in s.data_counts().items() if n)
             if data:

@@ -77,11 +77,13 @@ assert set(DATA_COUNTS) <= {f.name for f in fields(TrainerState)}, "TrainerState
 
 @contextmanager
 def preserved_rng(enabled: bool = True) -> Iterator[None]:
-    """Restore the torch, numpy and Python RNG states on exit: replaying data on resume (creating a DataLoader
-    iterator draws a base seed from torch's RNG) must not shift the RNG the checkpoint restored."""
+    """Restore the torch (CPU and CUDA), numpy and Python RNG states on exit: replaying data on resume (creating a
+    DataLoader iterator draws a base seed from torch's RNG) must not shift the RNG the checkpoint restored, nor
+    may a validation shift the training's draws."""
     if not enabled:
         yield
         return
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     states = (torch.get_rng_state(), np.random.get_state(), random.getstate())
     try:
         yield
@@ -89,6 +91,8 @@ def preserved_rng(enabled: bool = True) -> Iterator[None]:
         torch.set_rng_state(states[0])
         np.random.set_state(states[1])
         random.setstate(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 __all__ = ["TrainerState", "preserved_rng"]
