@@ -205,7 +205,13 @@ def wait_quiet(max_wait_s: float, max_foreign: float) -> None:
 
 
 CLOCK: Callable[[], float] = time.perf_counter  # --cpu-time switches to time.process_time
-SYNC: Callable[[], None] = lambda: None  # --device cuda: torch.cuda.synchronize, so that a sample ends on the GPU
+
+
+def no_sync() -> None:
+    """CPU work is done when the call returns."""
+
+
+SYNC: Callable[[], None] = no_sync  # --device cuda: torch.cuda.synchronize, so that a sample ends on the GPU
 
 
 def time_call(v: Variant, x: torch.Tensor, g: torch.Tensor, mode: str) -> float:

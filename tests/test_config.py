@@ -165,3 +165,15 @@ def test_atomic_writes_leave_no_temp_file_and_normal_permissions(tmp_path: Path)
     atomic_write_bytes(tmp_path / "atomic", b"x")
     assert (tmp_path / "atomic").stat().st_mode == (tmp_path / "plain").stat().st_mode
     assert sorted(p.name for p in tmp_path.iterdir()) == ["atomic", "plain"]
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS[0].parent / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_load(path: Path) -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from moefuse.fusion.moe import SparseMoE
+
+    cfg = load_config_from_file(str(path))
+    assert cfg.num_processes >= 2
+    if cfg.distributed_type == "DEEPSPEED":  # the leaf module named must be the MoE layer's class
+        assert cfg.deepspeed_config["deepspeed_moe_layer_cls_names"] == SparseMoE.__name__

@@ -151,3 +151,16 @@ def test_fsdp_training_matches_ddp_resumes_and_exports(shards: Path, ddp_losses:
     model, _, _ = load_run(out)  # the newest checkpoint, by one process
     weights = full_state(best_checkpoint(out), model.state_dict())
     check_export(out, {k: v for k, v in weights.items() if not k.startswith("heads.")})  # (heads: calibrated)
+
+
+def test_expert_parallel_benchmark_counts_the_exchange() -> None:
+    """benchmarks/expert_parallel.py --quick on 2 processes: EP=2 sends tokens and all-reduces no expert
+    gradient; EP=1 sends no token and all-reduces all of them."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "expert_parallel.py"), "--quick", "--world", "2"],
+                          capture_output=True, text=True, timeout=180, env=ENV, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in proc.stdout.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")}
+    assert float(rows["1"][4]) == 0 and float(rows["1"][5]) > 0
+    assert float(rows["2"][4]) > 0 and float(rows["2"][5]) == 0
+    assert int(rows["2"][0]) * 2 == int(rows["1"][0])  # experts per rank

@@ -41,3 +41,15 @@ def test_auto_backend_falls_back_on_unaligned_widths() -> None:
     x, w = torch.randn(10, 8), torch.randn(2, 8, 6)  # 6 floats = 24-byte rows: no native kernel
     offs = torch.tensor([4, 10], dtype=torch.int32)
     torch.testing.assert_close(grouped_mm(x, w, offs, "auto"), torch.cat([x[:4] @ w[0], x[4:] @ w[1]]))
+
+
+def test_grouped_mm_check_script_passes() -> None:
+    """benchmarks/grouped_mm_check.py (run by the GPU check in bf16 on CUDA) passes in fp32 on CPU."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "grouped_mm_check.py"
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FAIL" not in proc.stdout and "native vs loop" in proc.stdout

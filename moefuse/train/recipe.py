@@ -158,6 +158,13 @@ class TrainRecipe:
         )
         self.main = self.accelerator.is_main_process
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        engine = self.accelerator.distributed_type.value
+        if engine in ("FSDP", "DEEPSPEED"):
+            raise ConfigError(
+                f"accelerate's {engine} plugin is not used by moefuse train: the model is sharded by moefuse itself. "
+                f"Launch a plain multi-process run (configs/accelerate/multi-gpu.yaml or cpu-2.yaml) and set "
+                f"train.fsdp=true (FSDP2: parameters, gradients and AdamW state sharded, as ZeRO-3) or "
+                f"fusion.expert_parallel_size=N. DeepSpeed has not been run with moefuse (README.md)")
 
     def setup_model(self) -> None:
         """The model (its experts sharded when expert-parallel, or all of it under train.fsdp), its training and
