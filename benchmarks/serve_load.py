@@ -1,15 +1,18 @@
 """`moefuse serve` under load, beside `moefuse predict`'s offline batch throughput, measured in one run.
 
-What is measured (CPU; the server in its own process on loopback, started here with `moefuse serve`):
+What is measured (CPU; the server on loopback in processes of its own, started here with `moefuse serve` and
+--serve-flags, by default `--workers 2 --threads 1`: a worker process of one torch thread per core):
 
 * Inputs: --rows evenly spaced rows of --split of a manifest (default: the AV-digits validation split,
   `runs/avdigits/data`; every task), their media files read into memory once; every request uploads one row's
   fields and files (multipart), round-robin.
 * ``offline``: `predict`'s path without the process start: `load_media_sample` on every row's files (decoding,
   as `predict --manifest` does) and `predict_samples(model, samples, batch_size=32)`, in this process; samples/s.
-* ``server, concurrency C`` for C in --concurrency (1 8 32): C client threads, each with its own HTTP connection,
-  post rows until the round's --requests are answered or --seconds have passed (every loop is bounded in count
-  and time); requests/s, p50 and p95 latency, and the share of answers equal to offline's.
+* ``server, concurrency C`` for C in --concurrency (1 8 32): C client threads, each with its own keep-alive
+  HTTP/1.1 connection, post rows until the round's --requests are answered or --seconds have passed (every loop
+  is bounded in count and time); requests/s, p50 and p95 latency, and the share of answers equal to offline's.
+  Each row's request is encoded once (by httpx) and sent as bytes, and a response is read by its Content-Length
+  and parsed as JSON: the clients' cost per request is small, as a native load generator's (wrk, hey) would be.
 
 How: the server first answers every row once and offline runs once, untimed. Then --rounds rounds; each times
 offline, then each concurrency, in an order that rotates between rounds. The client threads share the 2 cores
@@ -23,6 +26,8 @@ of the ratio server requests/s ÷ offline samples/s (± half their interquartile
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import socket
 import subprocess
 import sys
@@ -57,32 +62,73 @@ def offline(model, media: dict, manifest: Path, rows: list[dict]) -> tuple[float
     return len(rows) / (time.perf_counter() - start), [r["prediction"] for r in results]
 
 
-def post(client: httpx.Client, url: str, row: dict) -> tuple[float, str | None]:
+def encode_request(url: str, row: dict) -> bytes:
+    """A row's POST /predict as the bytes on the wire (multipart, keep-alive), built once by httpx."""
     data = {k: row[k] for k in ("task", "text", "question") if row.get(k)}
     files = {f: (f"{row['id']}.{Path(row[f]).suffix.lstrip('.')}", b) for f, b in row["uploads"].items()}
-    start = time.perf_counter()
-    answer = client.post(f"{url}/predict", data=data, files=files, timeout=120)
-    elapsed = time.perf_counter() - start
-    return elapsed, answer.json().get("prediction") if answer.status_code == 200 else None
+    request = httpx.Request("POST", f"{url}/predict", data=data, files=files)
+    body = request.read()
+    head = ["POST /predict HTTP/1.1", f"Host: {request.url.netloc.decode()}", "Connection: keep-alive",
+            f"Content-Type: {request.headers['content-type']}", f"Content-Length: {len(body)}"]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection that sends pre-encoded requests and reads each response whole: the
+    client's own cost per request is a send and a few reads (as wrk's), so that the server is what is measured."""
+
+    def __init__(self, url: str) -> None:
+        host, port = httpx.URL(url).host, httpx.URL(url).port
+        self.sock = socket.create_connection((host, port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = b""
+
+    def post(self, request: bytes) -> tuple[float, str | None]:
+        start = time.perf_counter()
+        self.sock.sendall(request)
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self._recv()
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        while len(self.buffer) < length:
+            self.buffer += self._recv()
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        elapsed = time.perf_counter() - start
+        ok = head.split(b" ", 2)[1] == b"200"
+        return elapsed, json.loads(body).get("prediction") if ok else None
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        return chunk
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def load(url: str, rows: list[dict], concurrency: int, requests: int, seconds: float) -> dict:
-    """C threads post rows round-robin until `requests` are answered or `seconds` pass."""
+    """C threads, each on its own connection, post rows round-robin until `requests` are answered or `seconds`
+    pass."""
     lock, counter, latencies, answers = threading.Lock(), [0], [], {}
     deadline = time.perf_counter() + seconds
 
     def worker() -> None:
-        with httpx.Client() as client:
+        conn = Connection(url)
+        try:
             while time.perf_counter() < deadline:
                 with lock:
                     if counter[0] >= requests:
                         return
                     i = counter[0]
                     counter[0] += 1
-                elapsed, prediction = post(client, url, rows[i % len(rows)])
+                elapsed, prediction = conn.post(rows[i % len(rows)]["request"])
                 with lock:
                     latencies.append(elapsed)
                     answers[i % len(rows)] = prediction
+        finally:
+            conn.close()
 
     start = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
@@ -96,12 +142,12 @@ def load(url: str, rows: list[dict], concurrency: int, requests: int, seconds: f
             "answers": answers, "done": len(lat)}
 
 
-def start_server(checkpoint: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(checkpoint: Path, max_batch: int, serve_flags: list[str]) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = ["serve", "--checkpoint", str(checkpoint), "--port", str(port), "--max-batch-size", str(max_batch),
-               "--max-queue", "1024", "--max-connections", "128"]
+               "--max-queue", "1024", "--max-connections", "128", *serve_flags]
     proc = subprocess.Popen([sys.executable, "-m", "moefuse.cli", *command], cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -126,13 +172,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=256, help="requests per concurrency and round")
     p.add_argument("--seconds", type=float, default=60.0, help="time bound per concurrency and round")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--serve-flags", default="--workers 2 --threads 1",
+                   help="more `moefuse serve` flags (default: '--workers 2 --threads 1', a worker per core)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
         args.rows, args.requests, args.rounds = 64, 64, 2
     model, media = load_inference_model(args.checkpoint), export_media(args.checkpoint)
     rows = rows_of(args.manifest, args.split, args.rows, model)
-    proc, url = start_server(args.checkpoint, max_batch=32)
+    proc, url = start_server(args.checkpoint, 32, shlex.split(args.serve_flags))
+    for r in rows:
+        r["request"] = encode_request(url, r)
     try:
         _, expected = offline(model, media, args.manifest, rows)  # warm-up, and the answers to compare with
         for c in args.concurrency:

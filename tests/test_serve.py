@@ -176,6 +176,26 @@ def test_concurrent_requests_are_batched_and_all_answered(server: str, files: di
     assert max(httpx.get(f"{server}/info").json()["recent_batch_sizes"]) > 1
 
 
+def test_worker_processes_answer_as_one_server(fault_run: Path, files: dict) -> None:
+    """--workers 2: two processes, each with its own model and batcher, behind one port, answer as one does:
+    every request, the same answer for the same input, and the limits of the flags in each worker."""
+    proc, url = start(fault_run / "model", "--workers", "2", "--threads", "1", "--max-text-chars", "50")
+    try:
+        image = files["image"].read_bytes()
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda i: post(url, data={"task": "digit"}, files={"image": (f"{i}.png", image)}),
+                                    range(24)))
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers if a.status_code != 200][:1]
+        assert len({a.json()["prediction"] for a in answers}) == 1
+        too_long = post(url, data={"task": "digit", "text": "x" * 51})
+        assert too_long.status_code == 413 and too_long.json()["field"] == "text"
+        assert httpx.get(f"{url}/info").json()["limits"]["max_text_chars"] == 50
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert proc.returncode is not None
+
+
 def test_serve_refuses_a_bad_checkpoint_by_name(tmp_path: Path) -> None:
     done = run_cli("serve", "--checkpoint", str(tmp_path / "nothing"), "--port", str(free_port()))
     assert done.returncode == 2 and "nothing" in done.stderr and "Traceback" not in done.stderr

@@ -10,13 +10,18 @@ The routes, the request formats and the errors: `moefuse.train.server`, the libr
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from dataclasses import asdict
+
+import torch
 
 from moefuse.configutil import field_docs
 from moefuse.errors import command, positive_int
 from moefuse.train.checkpoint import load_inference_model
 from moefuse.train.inference import export_media
-from moefuse.train.server import ModelServer, ServeLimits, create_app
+from moefuse.train.server import SETTINGS_ENV, ModelServer, ServeLimits, ServeSettings, create_app
 
 
 def _number(text: str) -> float:
@@ -36,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-encoders", nargs="*", metavar="MODALITY", default=None,
                    help="modalities whose encoder outputs are reused for inputs seen before, e.g. a repeated question "
                         "(default: the encoders frozen in training; the flag alone turns the cache off)")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="server processes, each with its own model and batcher, sharing the port: for throughput on "
+                        "several cores (one process's GIL serialises its requests' Python); default 1")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch threads per worker (default: the cores divided among the workers)")
     defaults, docs = ServeLimits(), field_docs(ServeLimits)
     for name, kind in (("max_upload_mb", _number), ("max_audio_seconds", _number), ("max_image_pixels", positive_int),
                        ("max_text_chars", positive_int), ("timeout_s", _number), ("max_batch_size", positive_int),
@@ -45,13 +55,23 @@ def main(argv: list[str] | None = None) -> int:
                        help=f"{docs.get(name, name)} (default {getattr(defaults, name)})")
     args = p.parse_args(argv)
     limits = ServeLimits(**{k: getattr(args, k) for k in ServeLimits.__dataclass_fields__ if hasattr(args, k)})
-    model = load_inference_model(args.checkpoint, int8=args.int8, cache_encoders=args.cache_encoders)
-    server = ModelServer(model, export_media(args.checkpoint), limits, name=str(args.checkpoint))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    torch.set_num_threads(threads)
+    model = load_inference_model(args.checkpoint, int8=args.int8, cache_encoders=args.cache_encoders)  # checked here
     import uvicorn  # imported here: `moefuse serve --help` stays fast
 
-    print(f"moefuse serve: {args.checkpoint} on http://{args.host}:{args.port} (tasks {', '.join(model.task_names)})",
-          file=sys.stderr, flush=True)
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning",
-                limit_concurrency=limits.max_connections, timeout_keep_alive=5)
+    print(f"moefuse serve: {args.checkpoint} on http://{args.host}:{args.port} (tasks {', '.join(model.task_names)}; "
+          f"workers {args.workers}, torch threads {threads} each)", file=sys.stderr, flush=True)
+    options = dict(host=args.host, port=args.port, log_level="warning", limit_concurrency=limits.max_connections,
+                   timeout_keep_alive=5)
+    if args.workers == 1:  # this process serves, with the model it has loaded
+        server = ModelServer(model, export_media(args.checkpoint), limits, name=str(args.checkpoint))
+        uvicorn.run(create_app(server), **options)
+        return 0
+    del model  # each worker process loads its own
+    os.environ[SETTINGS_ENV] = json.dumps(asdict(ServeSettings(
+        checkpoint=str(args.checkpoint), int8=args.int8, cache_encoders=args.cache_encoders, threads=threads,
+        limits=asdict(limits))))
+    uvicorn.run("moefuse.train.server:app_from_environment", factory=True, workers=args.workers, **options)
     return 0
 

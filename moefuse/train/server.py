@@ -69,8 +69,9 @@ class ServeLimits(Config):
     max_connections: int = 64
     """Most connections served at once (uvicorn answers more with a 503); with max_upload_mb it bounds the memory
     that request bodies can hold (64 x 20 MiB by default)."""
-    decode_threads: int = 2
-    """Threads that read media (images, audio) beside the model."""
+    decode_threads: int = 1
+    """Threads that read media (images, audio) beside the model, per worker (more threads contend for one
+    process's GIL: on the 2-core VM 1 served 11 % more requests than 2 at concurrency 32, benchmarks/serve_load.py)."""
 
     def __post_init__(self) -> None:
         for name in ("max_upload_mb", "max_audio_seconds", "timeout_s"):
@@ -274,3 +275,40 @@ def create_app(server: ModelServer) -> FastAPI:
             return refuse(504, f"no answer within {limits.timeout_s:g} s (timeout_s)")
 
     return app
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# worker processes
+
+SETTINGS_ENV = "MOEFUSE_SERVE_SETTINGS"  # what every worker process builds its app from (JSON)
+
+
+@dataclass
+class ServeSettings:
+    """What a worker process loads: the model folder and how, its torch threads, the limits."""
+
+    checkpoint: str
+    int8: bool = False
+    cache_encoders: list[str] | None = None
+    threads: int = 1
+    limits: dict | None = None
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one worker process (uvicorn's factory): the model loaded as $MOEFUSE_SERVE_SETTINGS says. Each
+    worker holds its own model and batcher: Python runs one thread at a time per process, so on several cores
+    processes, not threads, serve more requests (one process's GIL serialises decoding, HTTP and the model's
+    Python)."""
+    import os
+
+    import torch
+
+    from moefuse.train.checkpoint import load_inference_model
+    from moefuse.train.inference import export_media
+
+    settings = ServeSettings(**json.loads(os.environ[SETTINGS_ENV]))
+    torch.set_num_threads(settings.threads)
+    model = load_inference_model(settings.checkpoint, int8=settings.int8, cache_encoders=settings.cache_encoders)
+    server = ModelServer(model, export_media(settings.checkpoint), ServeLimits(**(settings.limits or {})),
+                         name=settings.checkpoint)
+    return create_app(server)
