@@ -93,7 +93,8 @@ def start(model: Path, *flags: str) -> tuple[subprocess.Popen, str]:
 
 @pytest.fixture(scope="module")
 def server(fault_run: Path):
-    proc, url = start(fault_run / "model", "--max-upload-mb", "0.5", "--max-text-chars", "100", "--max-wait-ms", "30")
+    proc, url = start(fault_run / "model", "--max-upload-mb", "0.5", "--max-text-chars", "100", "--max-wait-ms", "30",
+                      "--max-image-pixels", "10000", "--max-audio-seconds", "3")
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -158,6 +159,37 @@ def test_bad_requests_get_a_4xx_naming_the_field(server: str, how: dict, status:
     answer = post(server, **how)
     assert answer.status_code == status, answer.text
     assert answer.json()["field"] == field and answer.json()["error"]
+    assert "--" not in answer.json()["error"]  # a field of the request, not a command-line flag
+
+
+def _png(side: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (90, 30, 200)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _wav(seconds: float) -> bytes:
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(int(16000 * seconds), dtype=np.float32), 16000, format="WAV")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("field, make, limit", [("image", lambda: _png(101), "10000"),
+                                                ("audio", lambda: _wav(4.0), "3")])
+def test_media_over_a_limit_get_a_413_naming_the_field(server: str, field: str, make, limit: str) -> None:
+    """Pixels and seconds, found only by reading the file (the body itself is small): 413 by the error's type."""
+    answer = post(server, data={"task": "digit"}, files={field: (f"x.{'png' if field == 'image' else 'wav'}", make())})
+    assert answer.status_code == 413, answer.text
+    assert answer.json()["field"] == field and f"over the limit of {limit}" in answer.json()["error"]
     assert "moefuse-serve-" not in answer.json()["error"]  # no temporary path leaks into a message
     assert httpx.get(f"{server}/health").status_code == 200
 

@@ -38,6 +38,10 @@ class MediaError(UserError, ValueError):
     """An image or audio file (or shard member) that cannot be used; the message says why."""
 
 
+class MediaTooLarge(MediaError):
+    """A file over a size limit: bytes, pixels or seconds (the server answers 413, not 422)."""
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
 
@@ -54,7 +58,7 @@ def check_file(path: Path, kind: str, max_bytes: int) -> None:
     if size == 0:
         raise MediaError(f"{kind} file {path} is empty (0 bytes)")
     if size > max_bytes:
-        raise MediaError(f"{kind} file {path} is {size / 2**20:.1f} MiB, over the limit of {max_bytes / 2**20:.1f} "
+        raise MediaTooLarge(f"{kind} file {path} is {size / 2**20:.1f} MiB, over the limit of {max_bytes / 2**20:.1f} "
                          f"MiB (raise it with --max-file-mb)")
     if not os.access(path, os.R_OK):
         raise MediaError(f"{kind} file {path} is not readable (permission denied)")
@@ -125,8 +129,8 @@ def open_image(path: Path, max_pixels: int) -> Image.Image:
                 with Image.open(path) as img:
                     w, h = img.size
                     if w * h > max_pixels:
-                        raise MediaError(f"image {path} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
-                                         f"({flag})")
+                        raise MediaTooLarge(f"image {path} is {w}x{h} = {w * h} pixels, over the limit of "
+                                            f"{max_pixels} ({flag})")
                     Image.MAX_IMAGE_PIXELS = max_pixels
                     img.load()
                     return ImageOps.exif_transpose(img)
@@ -137,8 +141,8 @@ def open_image(path: Path, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError:
         raise MediaError(f"image {path} is not an image Pillow can read (corrupt, or an unknown format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise MediaError(f"image {path} holds a frame or layer over the limit of {max_pixels} pixels ({flag}): "
-                         f"{e}") from None
+        raise MediaTooLarge(f"image {path} holds a frame or layer over the limit of {max_pixels} pixels ({flag}): "
+                            f"{e}") from None
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... on corrupt data
         raise MediaError(f"image {path} is corrupt: {type(e).__name__}: {e}") from None
 
@@ -213,8 +217,8 @@ def load_audio(path: Path, rate: int, max_seconds: float) -> np.ndarray:
     if info.samplerate <= 0 or info.channels <= 0:
         raise MediaError(f"audio {path} has an invalid header ({info.samplerate} Hz, {info.channels} channels)")
     if info.frames > 0 and info.frames / info.samplerate > max_seconds:
-        raise MediaError(f"audio {path} lasts {info.frames / info.samplerate:.1f} s, over the limit of "
-                         f"{max_seconds:g} s (raise it with --max-audio-seconds, or cut the recording)")
+        raise MediaTooLarge(f"audio {path} lasts {info.frames / info.samplerate:.1f} s, over the limit of "
+                            f"{max_seconds:g} s (raise it with --max-audio-seconds, or cut the recording)")
     truncated = _riff_truncation(path) if info.format == "WAV" or info.format == "WAVEX" else None
     if truncated:
         raise MediaError(f"audio {path}: {truncated}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,22 +36,24 @@ def export_media(checkpoint: str | Path) -> dict:
 
 
 def load_media_sample(model: MultimodalMoEModel, sid: str, task: str, *, media: dict | None = None,
-                      target: str | None = None, meta: dict | None = None, **inputs: object) -> dict:
+                      target: str | None = None, meta: dict | None = None, spell: Callable[[str], str] = "--{}".format,
+                      **inputs: object) -> dict:
     """Raw inputs (text, question: strings; image, audio: file paths; None = not given) -> a decoded sample (the
-    collate contract), each read by the encoder of its modality with the training shards' `media` settings."""
+    collate contract), each read by the encoder of its modality with the training shards' `media` settings.
+    `spell(field)` is how messages name an input: `--question` for the command line, the server's own wording."""
     tasks = {t.name: t for t in model.cfg.tasks}
     if task not in tasks:
         raise _of_field(ConfigError(f"unknown task {task!r}; this model has: {', '.join(tasks)}"), "task")
     if tasks[task].type == "qa" and not inputs.get("question"):
-        raise _of_field(ConfigError(f"task {task!r} is a QA task: give --question"), "question")
+        raise _of_field(ConfigError(f"task {task!r} is a QA task: give {spell('question')}"), "question")
     given = {f: v for f, v in inputs.items() if has_value(v)}
     if not given:
-        raise ConfigError(f"give at least one input: {', '.join('--' + f for f in inputs)}")
+        raise ConfigError(f"give at least one input: {', '.join(spell(f) for f in inputs)}")
     owner = {f: m for m, names in model.sample_fields.items() for f in names}
     sample = {"id": sid, "task": task, **dict.fromkeys(inputs), "target": target, "meta": meta or {}}
     for f, value in given.items():
         if f not in owner or owner[f] not in model.encoders:
-            raise _of_field(ConfigError(f"this model has no {owner.get(f, f)} encoder; drop --{f}"), f)
+            raise _of_field(ConfigError(f"this model has no {owner.get(f, f)} encoder; drop {spell(f)}"), f)
         try:
             sample[f] = model.encoders[owner[f]].read_input(f, value, media or DEFAULT_MEDIA)
         except MediaError as e:

@@ -37,7 +37,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
 from moefuse.configutil import Config
-from moefuse.datasets.media import MediaError
+from moefuse.datasets.media import MediaError, MediaTooLarge
 from moefuse.errors import UserError
 from moefuse.fusion.model import MultimodalMoEModel
 from moefuse.train.batcher import DynamicBatcher, QueueFull
@@ -222,11 +222,11 @@ class ModelServer:
                     path.write_bytes(data)
                     inputs[f] = path
             try:
-                return load_media_sample(self.model, uuid.uuid4().hex, task, media=self.media, **inputs)
-            except (MediaError, UserError) as e:
-                message = str(e).replace(f"{tmp}/", "uploaded ").replace("give --", "give the field ")
-                raise RequestError(422 if "over the limit" not in message else 413, message,
-                                   getattr(e, "field", None)) from None
+                return load_media_sample(self.model, uuid.uuid4().hex, task, media=self.media,
+                                         spell="the field {!r}".format, **inputs)
+            except (MediaError, UserError) as e:  # a file over a size limit is a 413, anything else a 422
+                raise RequestError(413 if isinstance(e, MediaTooLarge) else 422,
+                                   str(e).replace(f"{tmp}/", "uploaded "), getattr(e, "field", None)) from None
 
     async def predict(self, fields: dict[str, str | tuple[bytes, str]]) -> dict:
         task = self._check(fields)
