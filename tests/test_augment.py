@@ -139,3 +139,29 @@ def test_rand_augment_survives_every_magnitude(policy: str) -> None:
     rng = random.Random(0)
     for _ in range(25):
         assert pre(images, rng)["pixel_values"].shape == (8, 3, 32, 32)
+
+
+def test_augmentation_by_task_leaves_the_other_tasks_clean() -> None:
+    """augment.tasks=[digit]: digit samples are augmented, avqa samples get the evaluation inputs (no crop, speed,
+    noise or masks; their clips are shorter than max_seconds, so there is nothing to crop at random either)."""
+    from dataclasses import replace
+
+    tasks = [TaskConfig("digit", "classification", [str(i) for i in range(10)]), TaskConfig("avqa", "qa", ["1", "2"])]
+    cfg = replace(model_config(replace(IMAGE_AUG, tasks=["digit"]), replace(AUDIO_AUG, tasks=["digit"])), tasks=tasks)
+    model = build_model(cfg)
+    rng = np.random.default_rng(1)
+    rows = [make_sample(rng, f"s{i}", task, "1", image=True, audio=True) for i, task in
+            enumerate(["digit", "avqa"] * 3)]
+    for r in rows:
+        r["audio"] = r["audio"][:6000]  # shorter than max_seconds (8000 samples)
+    trained = build_collator(model, train=True)(rows)["inputs"]
+    clean = build_collator(model, train=False)(rows)["inputs"]
+    digit, avqa = [0, 2, 4], [1, 3, 5]
+    for m, key in (("image", "pixel_values"), ("audio", "input_values")):
+        assert torch.equal(trained[m][key][avqa], clean[m][key][avqa]), m
+        assert not torch.equal(trained[m][key][digit], clean[m][key][digit]), m
+    assert trained["audio"]["spec_time_keep"][avqa].all() and trained["audio"]["spec_freq_keep"][avqa].all()
+    assert not trained["audio"]["spec_freq_keep"][digit].all()
+    with pytest.raises(ConfigError, match=r"encoders\.image\.augment\.tasks: 'sum' is not a task"):
+        replace(cfg, encoders=replace(cfg.encoders, image=replace(cfg.encoders.image,
+                                                                  augment=replace(IMAGE_AUG, tasks=["sum"]))))

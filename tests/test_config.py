@@ -91,7 +91,7 @@ def _components(cfg: object, key: str = "") -> list[tuple[str, Config]]:
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         children = [(f"{key}.{f.name}".lstrip("."), value)] if is_dataclass(value) else []
-        if f.name == "tasks":
+        if f.name == "tasks" and not key:  # the experiment's task list (an augment config's `tasks` are names)
             children = [(f"tasks.{t.name}", t) for t in value]
         for child_key, child in children:
             found += _components(child, child_key)

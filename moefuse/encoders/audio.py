@@ -35,13 +35,11 @@ from moefuse.encoders.audio_augment import (
 from moefuse.encoders.base import EncoderConfig, EncoderOutput, ModalityEncoder, apply_finetune, load_init_file
 
 # tiny/small: random init; 5 conv layers with total stride 320 (50 frames/s, like wav2vec2-base) but 32 channels.
-# tiny has no LayerDrop: under FSDP transformers runs every layer whatever LayerDrop draws (all ranks must gather
-# the same units), so a DDP and an FSDP run train the same model only without it.
 AUDIO_PRESETS: dict[str, dict] = {
     "tiny": dict(source="config", hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
                  conv_dim=(32, 32, 32, 32, 32), conv_stride=(5, 4, 4, 2, 2), conv_kernel=(10, 8, 4, 4, 2),
                  num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, apply_spec_augment=False,
-                 feat_extract_norm="layer", do_stable_layer_norm=True, layerdrop=0.0),
+                 feat_extract_norm="layer", do_stable_layer_norm=True),
     "small": dict(source="config", hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
                   intermediate_size=256, conv_dim=(64, 64, 64, 64, 64), conv_stride=(5, 4, 4, 2, 2),
                   conv_kernel=(10, 8, 4, 4, 2), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
@@ -77,6 +75,10 @@ class AudioEncoderConfig(EncoderConfig):
     augment: AudioAugmentConfig = field(default_factory=AudioAugmentConfig)
     """Training-time augmentation (speed, gain, noise, SpecAugment masks), drawn in the loader from the run's seed;
     off in evaluation. The defaults change nothing."""
+    layerdrop: float | None = None
+    """Probability of skipping each transformer layer in training (LayerDrop, Fan et al. 2019); None = the preset's
+    or checkpoint's (0.1 for tiny and small). Under train.fsdp transformers runs every layer whatever it draws (the
+    ranks must gather the same units), so DDP and FSDP train the same model only with layerdrop 0."""
 
     def __post_init__(self) -> None:
         self.check(self.preset in AUDIO_PRESETS, "preset",
@@ -89,6 +91,8 @@ class AudioEncoderConfig(EncoderConfig):
         self.check(not (self.frontend == "logmel" and self.preset == "local"), "frontend",
                    "a pretrained wav2vec2 (preset local) expects its own conv features; use frontend: conv")
         self.check(8 <= self.mel_bins <= 256, "mel_bins", f"must be in [8, 256], got {self.mel_bins}")
+        self.check(self.layerdrop is None or 0.0 <= self.layerdrop < 1.0, "layerdrop",
+                   f"must be null or in [0, 1), got {self.layerdrop}")
         self.check(0.1 <= self.max_seconds <= 60, "max_seconds", f"must be in [0.1, 60], got "
                    f"{self.max_seconds}")
         self.check(self.augment.freq_masks == 0 or self.frontend == "logmel", "augment.freq_masks",
@@ -161,7 +165,7 @@ class AudioPreprocessor:
             if wav is None or len(wav) == 0:
                 continue
             wav = np.asarray(wav, dtype=np.float32).reshape(-1)
-            if self.augment is not None and self.augment.waveform_active:
+            if self.augment is not None and self.augment.waveform_active and self.augment.applies(s):
                 wav = perturb_waveform(wav, self.augment, self.sample_rate, rng)
             start = rng.randint(0, len(wav) - n) if (self.random_crop and len(wav) > n) else 0
             clip = torch.from_numpy(wav[start : start + n].copy())
@@ -170,7 +174,12 @@ class AudioPreprocessor:
         out = {"input_values": audio, "sample_mask": mask}
         if self.augment is not None and self.augment.masks_active:
             real = [int(self.frames * int(m.sum()) / n) for m in mask]  # frames holding audio, per clip
-            out.update(draw_spec_masks(self.augment, real, self.frames, self.channels, rng))
+            masks = draw_spec_masks(self.augment, real, self.frames, self.channels, rng)
+            for i, s in enumerate(samples):
+                if not self.augment.applies(s):  # drawn all the same: every sample's draws stay where they were
+                    masks["spec_time_keep"][i] = True
+                    masks["spec_freq_keep"][i] = True
+            out.update(masks)
         return out
 
 
@@ -256,6 +265,8 @@ def build_audio_encoder(cfg: AudioEncoderConfig, arch_dir: str | Path | None = N
                               f"at {cfg.sample_rate} Hz (conv_kernel {model.config.conv_kernel})")
         model.feature_extractor = LogMelFrontEnd(cfg.sample_rate, geometry["conv_kernel"][0],
                                                  geometry["conv_stride"][0], cfg.mel_bins)
+    if cfg.layerdrop is not None:
+        model.config.layerdrop = cfg.layerdrop  # read by the encoder at every training forward
     if cfg.init_file is not None and arch_dir is None:  # an export's own weights are loaded over it anyway
         load_init_file(model, cfg.init_file, cfg.key("init_file"))
     return AudioEncoder(cfg, apply_finetune(model, cfg))

@@ -47,6 +47,9 @@ class AudioAugmentConfig(Config):
     (needs frontend logmel). 0 = off."""
     freq_mask_bins: int = 8
     """Largest width of one frequency mask, in mel bands."""
+    tasks: list[str] | None = None
+    """The tasks whose training samples are augmented; None = every task. E.g. [digit]: the encoders learn from
+    augmented digits while the composite avqa questions (the sum of a seen and a heard digit) stay clean."""
 
     def __post_init__(self) -> None:
         lo, hi = self.speed
@@ -62,6 +65,11 @@ class AudioAugmentConfig(Config):
             self.check(0 <= getattr(self, name) <= 20, name, f"must be in [0, 20], got {getattr(self, name)}")
         for name in ("time_mask_frames", "freq_mask_bins"):
             self.check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        self.check(self.tasks is None or len(self.tasks) > 0, "tasks", "must name a task, or be null (every task)")
+
+    def applies(self, sample: dict) -> bool:
+        """Whether this training sample is augmented (its task is one of `tasks`)."""
+        return self.tasks is None or sample.get("task") in self.tasks
 
     @property
     def waveform_active(self) -> bool:

@@ -70,6 +70,9 @@ class ImageAugmentConfig(Config):
     """Probability of a horizontal flip (0 by default: a flipped digit is another glyph)."""
     erase_prob: float = 0.0
     """Probability of random erasing (Zhong et al. 2020): a random rectangle of the normalised image is blanked."""
+    tasks: list[str] | None = None
+    """The tasks whose training samples are augmented; None = every task. E.g. [digit]: the encoders learn from
+    augmented digits while the composite avqa questions (the sum of a seen and a heard digit) stay clean."""
 
     def __post_init__(self) -> None:
         for name, lo_min, hi_max in (("scale", 0.05, 1.0), ("ratio", 0.25, 4.0)):
@@ -84,6 +87,11 @@ class ImageAugmentConfig(Config):
                            f"write it as rand-m<magnitude>-n<ops>, e.g. rand-m6-n2-mstd0.5")
         for name in ("hflip", "erase_prob"):
             self.check(0.0 <= getattr(self, name) <= 1.0, name, f"must be in [0, 1], got {getattr(self, name)}")
+        self.check(self.tasks is None or len(self.tasks) > 0, "tasks", "must name a task, or be null (every task)")
+
+    def applies(self, sample: dict) -> bool:
+        """Whether this training sample is augmented (its task is one of `tasks`)."""
+        return self.tasks is None or sample.get("task") in self.tasks
 
     @property
     def active(self) -> bool:
@@ -164,6 +172,8 @@ class ImagePreprocessor:
     transform: Callable
     input_size: tuple[int, int, int]  # (3, H, W)
     random: bool = False
+    augment: ImageAugmentConfig | None = None  # in training: which samples `transform` (augmenting) is for
+    clean: Callable | None = None  # the transform of the samples the augmentation skips
 
     def present(self, sample: dict) -> bool:
         return sample.get("image") is not None
@@ -178,9 +188,13 @@ class ImagePreprocessor:
         noisy = np.clip((pixels + noise) * 255.0, 0, 255).round().astype(np.uint8)
         return {**sample, "image": Image.fromarray(noisy, mode="RGB")}
 
+    def _transform(self, sample: dict) -> Callable:
+        skip = self.augment is not None and self.clean is not None and not self.augment.applies(sample)
+        return self.clean if skip else self.transform
+
     def __call__(self, samples: Sequence[dict], rng: random.Random) -> dict[str, torch.Tensor]:
         with seeded_global_rngs(rng if self.random else None):  # timm draws from python's and torch's RNGs
-            images = [self.transform(s["image"]) if self.present(s) else torch.zeros(self.input_size)
+            images = [self._transform(s)(s["image"]) if self.present(s) else torch.zeros(self.input_size)
                       for s in samples]
         return {"pixel_values": torch.stack(images)}  # [B, 3, H, W]
 
@@ -208,7 +222,8 @@ class ImageEncoder(ModalityEncoder):
         """The eval transform, or in training the configured augmentation (when it does anything)."""
         size = tuple(self.data_config["input_size"])
         if train and self.cfg.augment.active:
-            return ImagePreprocessor(self.cfg.augment.transform(self.data_config), size, random=True)
+            return ImagePreprocessor(self.cfg.augment.transform(self.data_config), size, random=True,
+                                     augment=self.cfg.augment, clean=self.transform)
         return ImagePreprocessor(self.transform, size)
 
     def save_architecture(self, folder: Path) -> None:

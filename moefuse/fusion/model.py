@@ -81,6 +81,10 @@ class ModelConfig(Config):
         unknown = [t for t in chosen or [] if t not in names]
         self.check(not (names and unknown), "fusion.modality_dropout_tasks", f"{unknown[0] if unknown else ''!r} is "
                    f"not a task of this model; name some of {', '.join(names)}")
+        for m, enc in self.encoders.configured().items():  # augmentation by task, where an encoder has it
+            unknown = [t for t in getattr(getattr(enc, "augment", None), "tasks", None) or [] if t not in names]
+            self.check(not (names and unknown), f"encoders.{m}.augment.tasks", f"{unknown[0] if unknown else ''!r} "
+                       f"is not a task of this model; name some of {', '.join(names)}")
         known = ["pooled", "cls", "mean", "modalities", *self.encoders.configured()]
         bad = [v for v in self.heads.views if v not in known]
         self.check(not bad, "heads.views", f"{bad[0] if bad else ''!r} is not a view of this model; use "
