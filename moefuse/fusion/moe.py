@@ -320,17 +320,16 @@ class SparseMoE(nn.Module):
             sums = expert_parallel.reduce_sums(sums, self.ep)
         e, g = cfg.num_experts, cfg.num_groups
         n, counts, prob_sum, z_sum = sums[0], sums[1:1 + e], sums[1 + e:1 + 2 * e], sums[1 + 2 * e]
-        zero = probs.sum() * 0.0
-        balance = z = local = global_ = zero
-        if n.item() > 0:
-            # f_i = top-k assignments to i / N (sums to K), P_i = mean router probability of i: the same
-            # normalisation as transformers' load_balancing_loss_func, so the two agree exactly.
-            balance = e * torch.sum((counts / n) * (prob_sum / n))
-            z = z_sum / n
-            if entropy:
-                group_n, group_ent = sums[2 + 2 * e:2 + 2 * e + g], sums[2 + 2 * e + g:2 + 2 * e + 2 * g]
-                group_p = sums[2 + 2 * e + 2 * g:].view(g, e)  # [G, E] summed router probabilities
-                local, global_ = self._entropy_losses(group_n, group_ent, group_p)
+        n = n.clamp_min(1.0)  # no token anywhere: every sum is 0, and so is every loss (no host sync to ask)
+        # f_i = top-k assignments to i / N (sums to K), P_i = mean router probability of i: the same normalisation
+        # as transformers' load_balancing_loss_func, so the two agree exactly.
+        balance = e * torch.sum((counts / n) * (prob_sum / n))
+        z = z_sum / n
+        local = global_ = probs.sum() * 0.0
+        if entropy:
+            group_n, group_ent = sums[2 + 2 * e:2 + 2 * e + g], sums[2 + 2 * e + g:2 + 2 * e + 2 * g]
+            group_p = sums[2 + 2 * e + 2 * g:].view(g, e)  # [G, E] summed router probabilities
+            local, global_ = self._entropy_losses(group_n, group_ent, group_p)
         aux = (cfg.balance_coef * balance + cfg.z_coef * z
                + cfg.local_entropy_coef * local + cfg.global_entropy_coef * global_)
         return MoELosses(balance=balance, z=z, local_entropy=local, global_entropy=global_, aux=aux)
@@ -357,11 +356,12 @@ class SparseMoE(nn.Module):
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """LIMoE, from per-group sums (tokens [G], routing entropy [G], router probabilities [G, E]): (mean
         per-token entropy, -entropy of the mean routing) of each group present, averaged over those groups."""
-        present = group_n > 0
-        n = group_n[present]
-        local = (group_entropy[present] / n).mean()
-        mean_p = group_probs[present] / n.unsqueeze(1)  # [G_present, E]
-        global_ = (mean_p * mean_p.clamp_min(1e-9).log()).sum(1).mean()  # = -entropy
+        present = (group_n > 0).to(group_n.dtype)  # [G]
+        groups = present.sum().clamp_min(1.0)
+        n = group_n.clamp_min(1.0)  # an absent group's sums are 0: it adds nothing
+        local = (group_entropy / n).sum() / groups
+        mean_p = group_probs / n.unsqueeze(1)  # [G, E]
+        global_ = (mean_p * mean_p.clamp_min(1e-9).log()).sum() / groups  # = -entropy
         return local, global_
 
     @torch.no_grad()
