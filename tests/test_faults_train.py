@@ -238,6 +238,11 @@ def test_expert_parallel_size_must_divide_the_processes() -> None:
     check_parallel_layout(cfg, 4)
     with pytest.raises(ConfigError, match=r"must divide the number of processes \(3\): start 2 processes"):
         check_parallel_layout(cfg, 3)
+    with pytest.raises(ConfigError, match="train.fsdp with fusion.expert_parallel_size=2"):
+        check_parallel_layout(load_config(TINY, ["fusion.expert_parallel_size=2", "train.fsdp=true"]), 2)
+    with pytest.raises(ConfigError, match="train.fsdp with train.mixed_precision=fp16"):
+        check_parallel_layout(load_config(TINY, ["train.fsdp=true", "train.mixed_precision=fp16"]), 2)
+    check_parallel_layout(load_config(TINY, ["train.fsdp=true", "train.mixed_precision=bf16"]), 2)
 
 
 def test_checkpoint_of_another_expert_layout_is_refused(tmp_path: Path) -> None:
