@@ -17,11 +17,11 @@ import numpy as np
 import soxr
 import torch
 
-from moefuse.configutil import Config
+from moefuse.encoders.base import AugmentConfig
 
 
 @dataclass
-class AudioAugmentConfig(Config):
+class AudioAugmentConfig(AugmentConfig):
     """`encoders.audio.augment`: what the training loader does to each clip. The defaults change nothing."""
 
     config_key = "encoders.audio.augment"
@@ -47,9 +47,6 @@ class AudioAugmentConfig(Config):
     (needs frontend logmel). 0 = off."""
     freq_mask_bins: int = 8
     """Largest width of one frequency mask, in mel bands."""
-    tasks: list[str] | None = None
-    """The tasks whose training samples are augmented; None = every task. E.g. [digit]: the encoders learn from
-    augmented digits while the composite avqa questions (the sum of a seen and a heard digit) stay clean."""
 
     def __post_init__(self) -> None:
         lo, hi = self.speed
@@ -65,11 +62,7 @@ class AudioAugmentConfig(Config):
             self.check(0 <= getattr(self, name) <= 20, name, f"must be in [0, 20], got {getattr(self, name)}")
         for name in ("time_mask_frames", "freq_mask_bins"):
             self.check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        self.check(self.tasks is None or len(self.tasks) > 0, "tasks", "must name a task, or be null (every task)")
-
-    def applies(self, sample: dict) -> bool:
-        """Whether this training sample is augmented (its task is one of `tasks`)."""
-        return self.tasks is None or sample.get("task") in self.tasks
+        super().__post_init__()
 
     @property
     def waveform_active(self) -> bool:

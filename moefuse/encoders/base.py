@@ -44,6 +44,22 @@ class EncoderOutput:
 
 
 @dataclass
+class AugmentConfig(Config):
+    """What every encoder's `augment:` section holds beside its own operations: the tasks it applies to."""
+
+    tasks: list[str] | None = None
+    """The tasks whose training samples are augmented; None = every task. E.g. [digit]: the encoders learn from
+    augmented digits while the composite avqa questions (the sum of a seen and a heard digit) stay clean."""
+
+    def __post_init__(self) -> None:
+        self.check(self.tasks is None or len(self.tasks) > 0, "tasks", "must name a task, or be null (every task)")
+
+    def applies(self, sample: dict) -> bool:
+        """Whether this training sample is augmented (its task is one of `tasks`)."""
+        return self.tasks is None or sample.get("task") in self.tasks
+
+
+@dataclass
 class EncoderConfig(Config):
     """What every encoder config carries: how its weights are fine-tuned. Subclasses add their modality's fields,
     set `modality` and `sample_fields`, and implement `build`."""

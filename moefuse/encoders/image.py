@@ -28,9 +28,10 @@ from timm.layers import HybridEmbed
 from torch import nn
 from torchvision import transforms
 
-from moefuse.configutil import Config, ConfigError, atomic_write_text
+from moefuse.configutil import ConfigError, atomic_write_text
 from moefuse.datasets.media import check_file, normalise_image, open_image
 from moefuse.encoders.base import (
+    AugmentConfig,
     EncoderConfig,
     EncoderOutput,
     ModalityEncoder,
@@ -52,7 +53,7 @@ IMAGE_PRESETS: dict[str, dict] = {
 
 
 @dataclass
-class ImageAugmentConfig(Config):
+class ImageAugmentConfig(AugmentConfig):
     """`encoders.image.augment`: timm's training transform (`create_transform(is_training=True)`), used by the
     training loader only and seeded from the run's seed. The defaults change nothing (the eval transform is used)."""
 
@@ -70,9 +71,6 @@ class ImageAugmentConfig(Config):
     """Probability of a horizontal flip (0 by default: a flipped digit is another glyph)."""
     erase_prob: float = 0.0
     """Probability of random erasing (Zhong et al. 2020): a random rectangle of the normalised image is blanked."""
-    tasks: list[str] | None = None
-    """The tasks whose training samples are augmented; None = every task. E.g. [digit]: the encoders learn from
-    augmented digits while the composite avqa questions (the sum of a seen and a heard digit) stay clean."""
 
     def __post_init__(self) -> None:
         for name, lo_min, hi_max in (("scale", 0.05, 1.0), ("ratio", 0.25, 4.0)):
@@ -87,11 +85,7 @@ class ImageAugmentConfig(Config):
                            f"write it as rand-m<magnitude>-n<ops>, e.g. rand-m6-n2-mstd0.5")
         for name in ("hflip", "erase_prob"):
             self.check(0.0 <= getattr(self, name) <= 1.0, name, f"must be in [0, 1], got {getattr(self, name)}")
-        self.check(self.tasks is None or len(self.tasks) > 0, "tasks", "must name a task, or be null (every task)")
-
-    def applies(self, sample: dict) -> bool:
-        """Whether this training sample is augmented (its task is one of `tasks`)."""
-        return self.tasks is None or sample.get("task") in self.tasks
+        super().__post_init__()
 
     @property
     def active(self) -> bool:

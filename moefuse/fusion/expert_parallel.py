@@ -169,8 +169,8 @@ def clip_grad_norm_(params: Iterable[nn.Parameter], expert_params: Iterable[nn.P
                     ep: ExpertParallel) -> torch.Tensor:
     """Clip by the norm of the whole model's gradient: the replicated parameters' (the same on every rank) and the
     expert shards' summed over the EP group -> that total norm (as torch.nn.utils.clip_grad_norm_)."""
-    expert_ids = set()
-    experts = [p for p in expert_params if p.grad is not None and not expert_ids.add(id(p))]
+    experts = [p for p in expert_params if p.grad is not None]
+    expert_ids = {id(p) for p in experts}
     others = [p for p in params if p.grad is not None and id(p) not in expert_ids]
 
     device = (others or experts)[0].grad.device

@@ -24,6 +24,7 @@ from moefuse.configutil import Config, ConfigError, check
 from moefuse.datasets.collate import Collator
 from moefuse.datasets.corruption import Corruption
 from moefuse.encoders import AudioEncoderConfig, EncoderConfig, ImageEncoderConfig, ModalityEncoder, TextEncoderConfig
+from moefuse.encoders.base import AugmentConfig
 from moefuse.fusion.encoder_cache import EncoderCache
 from moefuse.fusion.heads import HeadsConfig, TaskConfig, TaskOutput, VotingHeads
 from moefuse.fusion.moe import MoEOutput
@@ -82,7 +83,9 @@ class ModelConfig(Config):
         self.check(not (names and unknown), "fusion.modality_dropout_tasks", f"{unknown[0] if unknown else ''!r} is "
                    f"not a task of this model; name some of {', '.join(names)}")
         for m, enc in self.encoders.configured().items():  # augmentation by task, where an encoder has it
-            unknown = [t for t in getattr(getattr(enc, "augment", None), "tasks", None) or [] if t not in names]
+            augment = getattr(enc, "augment", None)
+            tasks = augment.tasks if isinstance(augment, AugmentConfig) else None
+            unknown = [t for t in tasks or [] if t not in names]
             self.check(not (names and unknown), f"encoders.{m}.augment.tasks", f"{unknown[0] if unknown else ''!r} "
                        f"is not a task of this model; name some of {', '.join(names)}")
         known = ["pooled", "cls", "mean", "modalities", *self.encoders.configured()]

@@ -310,19 +310,18 @@ def run_result(state: dict, metric: str) -> dict:
 def _load_best(model: MultimodalMoEModel, ckpt_root: Path, state: dict, own: bool = True) -> int:
     """Load the best checkpoint's weights when they are not the model's own (`own`: the model holds the weights
     of the run's last step; else they are loaded from its checkpoint too); returns the step exported."""
-    best_step = state.get("best_step")
-    if own and (best_step is None or best_step == state["step"]):
-        return state["step"]
-    best = ckpt_root / f"step-{best_step if best_step is not None else state['step']:07d}"
-    reason = checkpoint_damage(best) if best.is_dir() else "it is gone"
-    if reason is not None and own:
-        warnings.warn(f"the best checkpoint {best} cannot be used ({reason}); exporting the weights of step "
-                      f"{state['step']} instead", stacklevel=2)
-        return state["step"]
-    if reason is not None:
-        best = ckpt_root / f"step-{state['step']:07d}"
-    load_checkpoint_weights(model, best)
-    return int(best.name.removeprefix("step-"))
+    last, best_step = state["step"], state.get("best_step")
+    step = last if best_step is None else best_step
+    if step != last:
+        best = ckpt_root / f"step-{step:07d}"
+        reason = checkpoint_damage(best) if best.is_dir() else "it is gone"
+        if reason is not None:
+            warnings.warn(f"the best checkpoint {best} cannot be used ({reason}); exporting the weights of step "
+                          f"{last} instead", stacklevel=2)
+            step = last
+    if step != last or not own:
+        load_checkpoint_weights(model, ckpt_root / f"step-{step:07d}")
+    return step
 
 
 def export_run(model: MultimodalMoEModel, out: Path, state: dict, cfg: ExperimentConfig, own: bool = True) -> dict:

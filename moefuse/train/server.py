@@ -25,6 +25,7 @@ import base64
 import binascii
 import contextlib
 import json
+import os
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
@@ -32,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
@@ -41,7 +43,8 @@ from moefuse.datasets.media import MediaError, MediaTooLarge
 from moefuse.errors import UserError
 from moefuse.fusion.model import MultimodalMoEModel
 from moefuse.train.batcher import DynamicBatcher, QueueFull
-from moefuse.train.inference import load_media_sample, predict_samples
+from moefuse.train.checkpoint import load_inference_model
+from moefuse.train.inference import export_media, load_media_sample, predict_samples
 
 
 @dataclass
@@ -299,13 +302,6 @@ def app_from_environment() -> FastAPI:
     worker holds its own model and batcher: Python runs one thread at a time per process, so on several cores
     processes, not threads, serve more requests (one process's GIL serialises decoding, HTTP and the model's
     Python)."""
-    import os
-
-    import torch
-
-    from moefuse.train.checkpoint import load_inference_model
-    from moefuse.train.inference import export_media
-
     settings = ServeSettings(**json.loads(os.environ[SETTINGS_ENV]))
     torch.set_num_threads(settings.threads)
     model = load_inference_model(settings.checkpoint, int8=settings.int8, cache_encoders=settings.cache_encoders)
