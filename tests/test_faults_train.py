@@ -263,3 +263,17 @@ def test_checkpoint_of_another_expert_layout_is_refused(tmp_path: Path) -> None:
     (ckpt / "experts-ep001-of-002.safetensors").unlink()
     with pytest.raises(ConfigError, match=r"lacks the expert shards of EP ranks \[1\]"):
         check_layout(ckpt, 2)
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("encoders.image.augment.tasks=[sum]", "encoders.image.augment.tasks: 'sum' is not a task of this model"),
+    ("encoders.audio.augment.tasks=[]", "encoders.audio.augment.tasks: must name a task"),
+    ("encoders.audio.layerdrop=1.5", "encoders.audio.layerdrop: must be null or in [0, 1)"),
+])
+def test_augmentation_tasks_and_layerdrop_errors(fault_data: dict, tmp_path: Path, override: str, expected: str,
+                                                  capsys) -> None:
+    assert train_cli(fault_data["shards"], tmp_path / "run", override) == 2
+    err = capsys.readouterr().err
+    assert expected in err, err
+    no_traceback(err)
+    assert not (tmp_path / "run").exists()

@@ -62,13 +62,12 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
 
 
 def prepare_run(cfg: ExperimentConfig, resume: bool, main: bool) -> ExperimentConfig:
-    """Everything checked before anything is written: the run folder, checkpoints vs --resume, the tasks and
-    their vocabularies, train.metric, and on resume that the config is the run's own. Then config.yaml."""
+    """Everything checked before anything is written: checkpoints vs --resume, the tasks and their vocabularies
+    (and the model config that names them), train.metric, on resume that the config is the run's own, and last
+    the run folder, created only then. Then config.yaml."""
     out = Path(cfg.train.output_dir)
     if not cfg.data.train_shards:
         raise ConfigError("data.train_shards is empty: give the folder build-shards wrote (or shard URLs)")
-    if main:
-        check_output_dir(out)
     ckpt_root = out / "checkpoints"
     if not resume and has_checkpoints(ckpt_root):
         raise ConfigError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose "
@@ -81,6 +80,7 @@ def prepare_run(cfg: ExperimentConfig, resume: bool, main: bool) -> ExperimentCo
     if resume:
         check_resume_config(out, cfg)
     if main:
+        check_output_dir(out)
         save_config(cfg, out / "config.yaml")
     return cfg
 
