@@ -329,3 +329,12 @@ def test_run_quick_pretrains_the_encoders_and_every_variant_starts_from_them(tmp
     results = (work / "RESULTS.md").read_text()
     assert "| image_only |" in results and "| moe |" in results
     assert (committed.read_bytes() if committed.exists() else None) == before
+    # --report-only writes the same RESULTS.md again from the eval-*.json, training nothing
+    (work / "RESULTS.md").unlink()
+    trained = (work / "moe" / "model" / "model.safetensors").stat().st_mtime_ns
+    assert run.main(["--data", str(DATA), "--work", str(work), "--quick", "--report-only",
+                     "--variants", "image_only", "moe"]) == 0
+    assert (work / "RESULTS.md").read_text() == results
+    assert (work / "moe" / "model" / "model.safetensors").stat().st_mtime_ns == trained
+    assert (committed.read_bytes() if committed.exists() else None) == before
+    assert run.main(["--work", str(tmp_path / "elsewhere"), "--report-only", "--variants", "moe"]) == 2

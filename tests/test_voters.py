@@ -119,6 +119,27 @@ def test_a_voters_accuracy_counts_only_the_samples_it_voted_on() -> None:
     assert "digit/head1_acc" not in flat  # a voter that never voted has no accuracy
 
 
+def test_voter_diversity_against_a_hand_computed_example() -> None:
+    """Oracle, hard majority and pairwise disagreement of three voters (the third abstains on two samples) over four
+    samples whose target is "a"."""
+    from moefuse.train.metrics import voter_diversity
+
+    votes = [["a", "a", None],  # all voting voters right
+             ["b", "a", None],  # a tie: the ensemble said "a", so the majority takes "a"
+             ["b", "c", "b"],  # majority "b", wrong; no voter right
+             ["c", "a", "b"]]  # a three-way tie without the ensemble's answer ("d"): the first voter's, "c"
+    ensemble = ["a", "a", "b", "d"]
+    records = [{"prediction": e, "head_predictions": v, "head_correct": [None if x is None else x == "a" for x in v]}
+               for v, e in zip(votes, ensemble)]
+    d = voter_diversity(records)
+    assert d["oracle_accuracy"] == 0.75  # samples 1, 2, 4
+    assert d["majority_accuracy"] == 0.5  # samples 1, 2
+    # pairs (0,1): 3 of 4 differ; (0,2) and (1,2) share samples 3 and 4: 1 of 2 and 2 of 2 differ
+    assert d["disagreement"] == pytest.approx((3 / 4 + 1 / 2 + 2 / 2) / 3)
+    one = voter_diversity([{"prediction": "a", "head_predictions": ["a"], "head_correct": [True]}])
+    assert one == {"oracle_accuracy": 1.0, "majority_accuracy": 1.0, "disagreement": None}
+
+
 def test_weighted_votes_and_temperature_round_trip_through_the_export(tmp_path: Path) -> None:
     from moefuse.train.checkpoint import export_model, load_exported
 

@@ -35,7 +35,9 @@ def mean_task(tasks: list[dict]) -> dict:
             "ece_uncalibrated": avg(lambda t: t["ece_uncalibrated"]), "temperature": avg(lambda t: t["temperature"]),
             "selective": {"auroc_confidence": avg(lambda t: t["selective"]["auroc_confidence"])},
             "accuracy_by_qtype": {q: {"accuracy": avg(lambda t, q=q: t["accuracy_by_qtype"][q]["accuracy"])}
-                                  for q in qtypes}}
+                                  for q in qtypes},
+            **({"diversity": {k: avg(lambda t, k=k: t["diversity"][k]) for k in tasks[0]["diversity"]}}
+               if all("diversity" in t for t in tasks) else {})}
 
 
 def mean_results(runs: list[dict[str, dict]]) -> dict[str, dict]:

@@ -139,6 +139,31 @@ def selective_prediction(recs: list[dict], correct: list[bool]) -> dict:
             "auroc_disagreement": error_detection_auroc([1.0 - r["agreement"] for r in recs], wrong)}
 
 
+def voter_diversity(recs: list[dict]) -> dict:
+    """How different the voters' answers are (Kuncheva & Whitaker 2003): members that make the same errors cannot
+    correct each other. `oracle_accuracy`: a sample counts when any of its voters is right, the most that any
+    combination of these votes could reach; `majority_accuracy`: the hard plurality vote of the voters that voted
+    (ties to the ensemble's answer when it is among the tied, else to the first voter's), what `heads.combine:
+    majority` would give with the same voters; `disagreement`: Skalak's pairwise disagreement, the fraction of the
+    samples two voters both vote on where their answers differ, averaged over the pairs (None with one voter)."""
+    oracle, majority, differ, shared = [], [], defaultdict(int), defaultdict(int)
+    for r in recs:
+        votes = [(h, p) for h, p in enumerate(r["head_predictions"]) if p is not None]
+        oracle.append(any(r["head_correct"][h] for h, _ in votes))
+        counts = defaultdict(int)
+        for _, p in votes:
+            counts[p] += 1
+        top = [p for _, p in votes if counts[p] == max(counts.values())]
+        chosen = r["prediction"] if r["prediction"] in top else top[0]
+        majority.append(any(r["head_correct"][h] for h, p in votes if p == chosen))
+        for i, (a, pa) in enumerate(votes):
+            for b, pb in votes[i + 1:]:
+                shared[a, b] += 1
+                differ[a, b] += pa != pb
+    pairs = [differ[k] / n for k, n in shared.items()]
+    return {"oracle_accuracy": _mean(oracle), "majority_accuracy": _mean(majority), "disagreement": _mean(pairs)}
+
+
 def metric_names(task_types: dict[str, str], num_heads: int) -> list[str]:
     """The flat metrics `compute_metrics` gives for these tasks (without the "val/" prefix the trainer adds): what
     `train.metric` may name, checked before the first step."""
@@ -237,6 +262,7 @@ def _task_details(recs: list[dict], vocab: list[str], kind: str, s: dict) -> dic
         "reliability": {"calibrated": reliability_bins([r["probability"] for r in recs], correct),
                         "uncalibrated": reliability_bins([r["probability_uncalibrated"] for r in recs], correct)},
         "agreement_vs_correctness": _agreement_vs_correctness(recs, correct),
+        "diversity": voter_diversity(recs),
         "accuracy_by_modalities": _accuracy_by([(r["modalities"], c) for r, c in zip(recs, correct)]),
         "accuracy_by_qtype": _accuracy_by(qtypes),
         "per_class": [{**row, "class": vocab[row["class"]]} for row in s["report"]],

@@ -115,6 +115,11 @@ def format_summary(result: dict) -> str:
             lines.append("  voters: " + ", ".join(
                 f"{v} {fmt(a)}" + ("" if c == 1.0 else f" ({fmt(c, '.0%')} voted)")
                 for v, a, c in zip(d["voters"], d["head_accuracy"], d["head_coverage"])))
+        if "diversity" in d:  # reports written before it have none
+            div = d["diversity"]
+            lines.append(f"  voter diversity: some voter right on {fmt(div['oracle_accuracy'])} (oracle), hard "
+                         f"majority vote {fmt(div['majority_accuracy'])}, pairwise disagreement "
+                         f"{fmt(div['disagreement'])}")
         avc = d["agreement_vs_correctness"]
         lines.append(f"  heads unanimous on {fmt(avc['unanimous_fraction'], '.1%')}: accuracy "
                      f"{fmt(avc['accuracy_when_unanimous'])} when unanimous, {fmt(avc['accuracy_when_split'])} "
