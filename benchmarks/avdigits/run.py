@@ -210,10 +210,10 @@ def target_checks(results: dict[str, dict]) -> list[tuple[str, bool]]:
         voters = ", ".join(f"{v} {pct(a)}" for v, a, c in zip(t["voters"], t["head_accuracy"], t["head_coverage"])
                            if c > 0)
         div = t.get("diversity")  # eval-*.json written before it have none
-        oracle = f"; some voter right on {pct(div['oracle_accuracy'])}, hard majority {pct(div['majority_accuracy'])}" \
+        spread = f"; some voter right on {pct(div['oracle_accuracy'])}, hard majority {pct(div['majority_accuracy'])}" \
             if div else ""
         checks.append((f"{name}: ensemble >= its best single voter + 1.0: {pct(t['accuracy'])} vs {pct(best)} "
-                       f"(voters: {voters}{oracle})", t["accuracy"] >= best + 0.01))
+                       f"(voters: {voters}{spread})", t["accuracy"] >= best + 0.01))
         checks.append((f"{name}: ECE after temperature scaling <= 0.03: {t['ece']:.3f} (before "
                        f"{t['ece_uncalibrated']:.3f}, T {t['temperature']:.2f})", t["ece"] <= 0.03))
         auroc = t["selective"]["auroc_confidence"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import torch
 
@@ -150,10 +150,9 @@ def voter_diversity(recs: list[dict]) -> dict:
     for r in recs:
         votes = [(h, p) for h, p in enumerate(r["head_predictions"]) if p is not None]
         oracle.append(any(r["head_correct"][h] for h, _ in votes))
-        counts = defaultdict(int)
-        for _, p in votes:
-            counts[p] += 1
-        top = [p for _, p in votes if counts[p] == max(counts.values())]
+        counts = Counter(p for _, p in votes)
+        most = max(counts.values())
+        top = [p for _, p in votes if counts[p] == most]
         chosen = r["prediction"] if r["prediction"] in top else top[0]
         majority.append(any(r["head_correct"][h] for h, p in votes if p == chosen))
         for i, (a, pa) in enumerate(votes):
