@@ -232,7 +232,6 @@ def test_start_up_config_errors_name_the_key_and_write_nothing(fault_data: dict,
     assert expected in err and override.split("=")[0] in err, err
     no_traceback(err)
     assert not (tmp_path / "run").exists()
-    assert not (tmp_path / "run").exists()
 
 
 def test_expert_parallel_size_must_divide_the_processes() -> None:
