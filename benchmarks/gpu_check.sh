@@ -54,7 +54,7 @@ DATA="$OUT/demo"
 $PY -m moefuse.cli demo-data --out "$DATA/data" --count "$COUNT" --quiet --overwrite
 $PY -m moefuse.cli build-shards --manifest "$DATA/data/manifest.jsonl" --out "$DATA/shards" --quiet --overwrite
 rm -rf "$OUT/train"
-$PY -m moefuse.train configs/avdigits.yaml "data.train_shards=[$DATA/shards]" "data.val_shards=[$DATA/shards]" \
+$PY -m moefuse train configs/avdigits.yaml "data.train_shards=[$DATA/shards]" "data.val_shards=[$DATA/shards]" \
     "train.output_dir=$OUT/train" encoders.text.preset=tiny encoders.text.finetune=full \
     encoders.image.init_file=null encoders.audio.init_file=null "train.max_steps=$STEPS" train.log_every=10 \
     train.eval_every=100000 train.save_every=100000 train.tensorboard=false "train.mixed_precision=$PRECISION" \

@@ -59,11 +59,11 @@ from _bench import command_line, demo_shards, summary
 
 from moefuse.config import load_config
 from moefuse.datasets.loader import decode_sample, shard_urls
+from moefuse.evaluation.report import evaluate
+from moefuse.fusion.loading import load_inference_model as load_model
 from moefuse.fusion.model import MultimodalMoEModel, build_collator
-from moefuse.train.checkpoint import load_inference_model as load_model
-from moefuse.train.inference import predict_samples
+from moefuse.inference.predict import predict_samples
 from moefuse.train.recipe import train
-from moefuse.train.report import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny.yaml"

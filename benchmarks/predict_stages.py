@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from _bench import command_line, manifest_rows, summary
 
+from moefuse.fusion.loading import load_inference_model
 from moefuse.fusion.model import build_collator
-from moefuse.train.checkpoint import load_inference_model
-from moefuse.train.inference import export_media, load_media_sample, routing_per_sample
-from moefuse.train.metrics import records_from_output
+from moefuse.inference.predict import export_media, load_media_sample, routing_per_sample
+from moefuse.inference.records import records_from_output
 
 REPO = Path(__file__).resolve().parents[1]
 

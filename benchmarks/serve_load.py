@@ -38,8 +38,8 @@ from pathlib import Path
 import httpx
 from _bench import command_line, manifest_rows, summary
 
-from moefuse.train.checkpoint import load_inference_model
-from moefuse.train.inference import export_media, load_media_sample, predict_samples
+from moefuse.fusion.loading import load_inference_model
+from moefuse.inference.predict import export_media, load_media_sample, predict_samples
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,14 +8,14 @@ import sys
 
 # command -> (module, one-line help). Each module defines `main(argv: list[str] | None) -> int | None`.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "build-shards": ("moefuse.train.build_shards", "validate a manifest and write webdataset tar shards"),
-    "demo-data": ("moefuse.train.demo_data", "generate the built-in synthetic multimodal demo dataset"),
-    "train": ("moefuse.train.run", "joint multi-task training from a YAML config (also under accelerate launch)"),
-    "evaluate": ("moefuse.train.evaluate", "metrics of an exported model on shards"),
-    "predict": ("moefuse.train.predict", "predictions for one sample or a manifest, as JSON Lines"),
-    "serve": ("moefuse.train.serve", "serve an exported model over HTTP (POST /predict, GET /health, GET /info)"),
-    "export": ("moefuse.train.export", "(re)write a training run's model folder from its checkpoints"),
-    "demo": ("moefuse.train.demo", "demo data -> shards -> train -> evaluate -> predict, end to end"),
+    "build-shards": ("moefuse.commands.build_shards", "validate a manifest and write webdataset tar shards"),
+    "demo-data": ("moefuse.commands.demo_data", "generate the built-in synthetic multimodal demo dataset"),
+    "train": ("moefuse.commands.train", "joint multi-task training from a YAML config (also under accelerate launch)"),
+    "evaluate": ("moefuse.commands.evaluate", "metrics of an exported model on shards"),
+    "predict": ("moefuse.commands.predict", "predictions for one sample or a manifest, as JSON Lines"),
+    "serve": ("moefuse.commands.serve", "serve an exported model over HTTP (POST /predict, GET /health, GET /info)"),
+    "export": ("moefuse.commands.export", "(re)write a training run's model folder from its checkpoints"),
+    "demo": ("moefuse.commands.demo", "demo data -> shards -> train -> evaluate -> predict, end to end"),
 }
 
 

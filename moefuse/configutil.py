@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 import types
 import warnings
@@ -259,6 +260,19 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return data
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished temp folder to its final name (replacing an old one) with renames only."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

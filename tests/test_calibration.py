@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moefuse.cli import main as cli
+from moefuse.evaluation.metrics import error_detection_auroc, expected_calibration_error, risk_coverage
+from moefuse.evaluation.report import evaluate
 from moefuse.fusion.calibration import fit_temperature, fit_vote_weights, mixture_nll, temperature_nll
 from moefuse.fusion.heads import HeadsConfig, VotingHeads
-from moefuse.train.checkpoint import load_exported
-from moefuse.train.metrics import error_detection_auroc, expected_calibration_error, risk_coverage
-from moefuse.train.report import evaluate
+from moefuse.fusion.model import MultimodalMoEModel
 
 
 def overconfident(n: int = 2000, classes: int = 5, sharpen: float = 4.0, seed: int = 0):
@@ -106,21 +106,22 @@ def test_training_calibrates_and_the_export_round_trips_the_temperature(fault_ru
     assert temperatures and all(t != 1.0 for t in temperatures.values())
     for task, c in info["calibration"].items():
         assert c["nll_after"] <= c["nll_before"] + 1e-9, task
-    model = load_exported(fault_run / "model")
+    model = MultimodalMoEModel.from_pretrained(fault_run / "model")
     assert {t: float(model.heads[t].temperature) for t in temperatures} == pytest.approx(temperatures)
     # an export written before calibration existed (no temperature in its weights) loads with T = 1
     weights = copy_model / "model.safetensors"
     state = {k: v for k, v in load_file(str(weights)).items() if not k.endswith(".temperature")}
     save_file(state, str(weights), metadata={"format": "moefuse", "version": "1"})
-    old = load_exported(copy_model)
+    old = MultimodalMoEModel.from_pretrained(copy_model)
     assert all(float(old.heads[t].temperature) == 1.0 for t in temperatures)
 
 
 def test_evaluate_reports_confidence_before_and_after_with_plots(fault_run: Path, fault_data: dict,
                                                                  tmp_path: Path) -> None:
     report = evaluate(fault_run / "model", [str(fault_data["shards"])], progress=False, plots=tmp_path / "plots")
+    loaded = MultimodalMoEModel.from_pretrained(fault_run / "model")
     for task, d in report["tasks"].items():
-        assert d["temperature"] == pytest.approx(float(load_exported(fault_run / "model").heads[task].temperature))
+        assert d["temperature"] == pytest.approx(float(loaded.heads[task].temperature))
         assert {"ece", "ece_uncalibrated", "selective", "reliability"} <= set(d)
         sel = d["selective"]
         assert sel["coverage"][-1] == 1.0 and sel["risk"][-1] == pytest.approx(1 - d["accuracy"])

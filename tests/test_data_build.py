@@ -24,10 +24,10 @@ from test_data_helpers import (
     write_wav,
 )
 
+from moefuse.commands.build_shards import main
 from moefuse.datasets import shards as shards_mod
 from moefuse.datasets.manifest import ManifestError
 from moefuse.datasets.shards import BuildError
-from moefuse.train.build_shards import main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from test_data_helpers import build
 
+from moefuse.commands.demo_data import main
 from moefuse.datasets.demo import DTMF, dtmf_tone, make_demo_data, render_digit
-from moefuse.train.demo_data import main
 
 
 def test_demo_data_builds_cleanly(tmp_path: Path) -> None:

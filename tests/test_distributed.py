@@ -104,9 +104,9 @@ def check_export(out: Path, expected: dict) -> None:
     weights `expected` (name -> tensor) of its best checkpoint."""
     import torch
 
-    from moefuse.train.checkpoint import load_exported
+    from moefuse.fusion.model import MultimodalMoEModel
 
-    model = load_exported(out / "model")
+    model = MultimodalMoEModel.from_pretrained(out / "model")
     assert model.cfg.fusion.expert_parallel_size == 1
     assert model.fusion.blocks[0].ffn.experts.w_in.shape[0] == model.cfg.fusion.num_experts == 8
     state = model.state_dict()

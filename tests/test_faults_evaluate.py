@@ -13,7 +13,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from moefuse.cli import main as cli
-from moefuse.train.report import format_summary
+from moefuse.evaluation.report import format_summary
 
 
 def evaluate_cli(model: Path, shards: Path, *extra: str) -> int:

@@ -140,8 +140,8 @@ def test_predict_prepares_raw_files_as_the_shards_were_built(fault_run: Path, fa
     import soundfile as sf
 
     from moefuse.datasets.media import normalise_image, open_image
-    from moefuse.train.checkpoint import load_inference_model as load_model
-    from moefuse.train.inference import export_media, load_media_sample
+    from moefuse.fusion.loading import load_inference_model as load_model
+    from moefuse.inference.predict import export_media, load_media_sample
 
     built = json.loads((fault_data["shards"] / "dataset.json").read_text())
     recorded = json.loads((fault_run / "model" / "export.json").read_text())["media"]

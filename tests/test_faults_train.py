@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, TINY, run_cli, run_overrides
 
 from moefuse.cli import main as cli
-from moefuse.train.checkpoint import load_exported
+from moefuse.fusion.model import MultimodalMoEModel
 
 
 def train_cli(shards: Path, out: Path, *extra: str, resume: bool = False) -> int:
@@ -52,7 +52,7 @@ def test_task_subset_trains_and_counts_the_other_tasks(fault_data: dict, tmp_pat
     assert train_cli(fault_data["shards"], out, "tasks=[{name: avqa, type: qa}]", "train.metric=val/avqa/acc") == 0
     result = json.loads((out / "results.json").read_text())
     assert result["skipped_other_task"] > 0
-    assert [t.name for t in load_exported(out / "model").cfg.tasks] == ["avqa"]
+    assert [t.name for t in MultimodalMoEModel.from_pretrained(out / "model").cfg.tasks] == ["avqa"]
 
 
 def test_configured_vocabulary_lacking_a_training_target_is_refused(fault_data: dict, tmp_path: Path,
@@ -110,7 +110,7 @@ def test_resume_of_a_finished_run_does_not_train_past_max_steps(copy_run: Path, 
     assert "already finished at step 2" in out
     assert json.loads((copy_run / "results.json").read_text())["steps"] == 2
     assert sorted(p.name for p in (copy_run / "checkpoints").glob("step-*")) == ["step-0000001", "step-0000002"]
-    assert load_exported(copy_run / "model").cfg.tasks  # exported again
+    assert MultimodalMoEModel.from_pretrained(copy_run / "model").cfg.tasks  # exported again
 
 
 def test_resume_falls_back_from_a_damaged_newest_checkpoint(copy_run: Path, fault_data: dict) -> None:
@@ -142,7 +142,7 @@ def test_failed_export_is_redone_with_moefuse_export(fault_data: dict, tmp_path:
     assert not [p for p in out.iterdir() if p.name.startswith(".model")]
     (out / "model").unlink()
     assert cli(["export", str(out)]) == 0
-    model = load_exported(out / "model")
+    model = MultimodalMoEModel.from_pretrained(out / "model")
     assert json.loads((out / "results.json").read_text())["steps"] == 2
     assert json.loads((out / "model" / "export.json").read_text())["step"] in (1, 2)
     assert model.task_names == ["avqa", "digit"]
@@ -179,7 +179,8 @@ def test_export_without_its_validation_data_still_exports_uncalibrated(copy_run:
     with pytest.warns(UserWarning, match="not calibrated.*gone"):
         assert cli(["export", str(copy_run)]) == 0
     assert json.loads((copy_run / "model" / "export.json").read_text())["calibration"] is None
-    assert all(float(h.temperature) == 1.0 for h in load_exported(copy_run / "model").heads.values())
+    heads = MultimodalMoEModel.from_pretrained(copy_run / "model").heads
+    assert all(float(h.temperature) == 1.0 for h in heads.values())
 
 
 def test_python_m_moefuse_train_reports_errors_without_traceback(tmp_path: Path) -> None:
@@ -201,7 +202,7 @@ def test_full_disk_during_moefuse_export_keeps_the_old_export(copy_run: Path) ->
 
 def test_metric_names_are_exactly_what_validation_computes() -> None:
     """train.metric is checked against metric_names before the first step; it must list compute_metrics' keys."""
-    from moefuse.train.metrics import compute_metrics, metric_names
+    from moefuse.evaluation.metrics import compute_metrics, metric_names
 
     types = {"digit": "classification", "avqa": "qa"}
     vocab = {"digit": ["0", "1"], "avqa": ["yes", "no", "3"]}

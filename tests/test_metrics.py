@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moefuse.datasets.collate import IGNORE_INDEX
-from moefuse.train.metrics import confusion, expected_calibration_error, macro_f1
+from moefuse.evaluation.metrics import confusion, expected_calibration_error, macro_f1
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -22,9 +22,10 @@ from moefuse.configutil import atomic_write_text
 from moefuse.encoders import EncoderConfig, EncoderOutput, ModalityEncoder
 from moefuse.encoders.base import apply_finetune
 from moefuse.fusion import EncodersConfig, FusionConfig, ModelConfig, TaskConfig, build_collator, build_model
-from moefuse.train.checkpoint import export_model, load_exported
-from moefuse.train.inference import load_media_sample, routing_per_sample
-from moefuse.train.metrics import records_from_output
+from moefuse.fusion.model import MultimodalMoEModel
+from moefuse.inference.predict import load_media_sample, routing_per_sample
+from moefuse.inference.records import records_from_output
+from moefuse.pretrained.folder import export_model
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = [str(i) for i in range(10)]
@@ -155,7 +156,7 @@ def test_a_fourth_modality_exports_loads_and_predicts(rng: np.random.Generator, 
         expected = model(batch).tasks["digit"].probs
     export_model(model, tmp_path / "model")
     assert (tmp_path / "model" / "sensor" / "sensor.json").is_file()  # the encoder wrote its own part
-    loaded = load_exported(tmp_path / "model", config_type=SensorModelConfig)
+    loaded = MultimodalMoEModel.from_pretrained(tmp_path / "model", config_type=SensorModelConfig)
     with torch.no_grad():
         out = loaded(build_collator(loaded)(samples))
     torch.testing.assert_close(out.tasks["digit"].probs, expected)
@@ -181,10 +182,11 @@ def test_dropping_a_modality_clears_all_its_fields(rng: np.random.Generator) -> 
 
 
 SHARED = ["moefuse/fusion/model.py", "moefuse/fusion/stack.py", "moefuse/fusion/heads.py", "moefuse/fusion/moe.py",
-          "moefuse/datasets/collate.py", "moefuse/train/metrics.py", "moefuse/train/evaluation.py",
-          "moefuse/train/evaluate.py", "moefuse/train/predict.py", "moefuse/train/checkpoint.py",
-          "moefuse/train/report.py", "moefuse/train/inference.py", "moefuse/train/server.py", "moefuse/train/serve.py",
-          "moefuse/train/batcher.py", "moefuse/datasets/corruption.py"]
+          "moefuse/datasets/collate.py", "moefuse/evaluation/metrics.py", "moefuse/evaluation/loop.py",
+          "moefuse/commands/evaluate.py", "moefuse/commands/predict.py", "moefuse/train/checkpoint.py",
+          "moefuse/pretrained/folder.py", "moefuse/evaluation/report.py", "moefuse/inference/predict.py",
+          "moefuse/inference/server.py", "moefuse/commands/serve.py", "moefuse/inference/batcher.py",
+          "moefuse/datasets/corruption.py"]
 
 
 @pytest.mark.parametrize("path", SHARED)

@@ -167,7 +167,8 @@ GOLDEN_TOKENS_PER_EXPERT = [[3, 183, 25, 187], [52, 184, 159, 3]]
 def test_conv_stem_and_logmel_export_round_trip(rng: np.random.Generator, tmp_path) -> None:
     """The non-default encoder front ends (image conv stem, audio log-mel) survive export -> load_exported."""
     from moefuse.encoders import AudioEncoderConfig, ImageEncoderConfig
-    from moefuse.train.checkpoint import export_model, load_exported
+    from moefuse.fusion.model import MultimodalMoEModel
+    from moefuse.pretrained.folder import export_model
 
     torch.manual_seed(0)
     cfg = tiny_cfg()
@@ -179,7 +180,7 @@ def test_conv_stem_and_logmel_export_round_trip(rng: np.random.Generator, tmp_pa
     batch = build_collator(model)(samples)
     model(batch)  # one training-mode pass moves the BatchNorm running statistics away from their init
     model.eval()
-    loaded = load_exported(export_model(model, tmp_path / "model"))
+    loaded = MultimodalMoEModel.from_pretrained(export_model(model, tmp_path / "model"))
     assert type(loaded.encoders["audio"].wav2vec2.feature_extractor).__name__ == "LogMelFrontEnd"
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch).tasks["digit"].probs, model(batch).tasks["digit"].probs)

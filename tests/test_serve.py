@@ -17,7 +17,7 @@ import httpx
 import pytest
 from conftest import REPO, run_cli
 
-from moefuse.train.batcher import DynamicBatcher, QueueFull
+from moefuse.inference.batcher import DynamicBatcher, QueueFull
 
 # -- the batcher ---------------------------------------------------------------------------------------------------
 

@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from moefuse.commands.predict import main as predict_main
 from moefuse.config import load_config
 from moefuse.configutil import ConfigError
 from moefuse.datasets import BuildOptions, build_shards, make_demo_data, read_manifest
+from moefuse.evaluation.report import evaluate
+from moefuse.fusion.loading import load_inference_model as load_model
 from moefuse.fusion.model import MultimodalMoEModel
-from moefuse.train.checkpoint import latest_checkpoint, load_exported
-from moefuse.train.checkpoint import load_inference_model as load_model
-from moefuse.train.inference import load_media_sample, predict_samples
-from moefuse.train.predict import main as predict_main
+from moefuse.inference.predict import load_media_sample, predict_samples
+from moefuse.train.checkpoint import latest_checkpoint
 from moefuse.train.recipe import train
-from moefuse.train.report import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -69,8 +69,8 @@ def test_resume_reaches_the_uninterrupted_result(demo: dict, tmp_path: Path) -> 
     resumed = train(cfg_for(demo, tmp_path / "resumed", *args), resume=True)
     assert resumed["steps"] == full["steps"] == 6
     assert resumed["last_loss"] == pytest.approx(full["last_loss"], rel=1e-5, abs=1e-6)
-    a = load_exported(tmp_path / "full" / "model").state_dict()
-    b = load_exported(tmp_path / "resumed" / "model").state_dict()
+    a = MultimodalMoEModel.from_pretrained(tmp_path / "full" / "model").state_dict()
+    b = MultimodalMoEModel.from_pretrained(tmp_path / "resumed" / "model").state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5, msg=k)
 

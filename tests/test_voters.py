@@ -106,7 +106,7 @@ def test_a_view_the_model_lacks_is_a_config_error(views: list[str], bad: str) ->
 def test_a_voters_accuracy_counts_only_the_samples_it_voted_on() -> None:
     """An abstention is neither right nor wrong: head_accuracy is over the voted samples, head_coverage their share,
     and the best single head is the best voter that answers every sample."""
-    from moefuse.train.metrics import compute_metrics
+    from moefuse.evaluation.metrics import compute_metrics
 
     votes = [[True, True, None], [False, True, None], [True, False, True], [True, False, None]]  # 3 voters x 4
     records = [{"task": "digit", "target_index": 0, "prediction_index": 0, "probability": 0.9, "agreement": 1.0,
@@ -122,7 +122,7 @@ def test_a_voters_accuracy_counts_only_the_samples_it_voted_on() -> None:
 def test_voter_diversity_against_a_hand_computed_example() -> None:
     """Oracle, hard majority and pairwise disagreement of three voters (the third abstains on two samples) over four
     samples whose target is "a"."""
-    from moefuse.train.metrics import voter_diversity
+    from moefuse.evaluation.metrics import voter_diversity
 
     votes = [["a", "a", None],  # all voting voters right
              ["b", "a", None],  # a tie: the ensemble said "a", so the majority takes "a"
@@ -141,13 +141,14 @@ def test_voter_diversity_against_a_hand_computed_example() -> None:
 
 
 def test_weighted_votes_and_temperature_round_trip_through_the_export(tmp_path: Path) -> None:
-    from moefuse.train.checkpoint import export_model, load_exported
+    from moefuse.fusion.model import MultimodalMoEModel
+    from moefuse.pretrained.folder import export_model
 
     model = build_model(cfg(views=["modalities"], combine="weighted"))
     for heads in model.heads.values():
         heads.vote_logits.data = torch.randn_like(heads.vote_logits)
         heads.temperature.fill_(1.7)
-    loaded = load_exported(export_model(model, tmp_path / "model"))
+    loaded = MultimodalMoEModel.from_pretrained(export_model(model, tmp_path / "model"))
     for task, heads in model.heads.items():
         assert torch.equal(loaded.heads[task].vote_logits, heads.vote_logits)
         assert float(loaded.heads[task].temperature) == pytest.approx(1.7)

@@ -121,7 +121,7 @@ def train_variant(name: str, shards: Path, work: Path, init: list[str], extra: l
 def robustness(name: str, model: Path, shards: Path, full: dict) -> dict[str, dict[str, float]]:
     """{condition: {task: accuracy}} of one variant under each of its ROBUST_VARIANTS conditions."""
     from moefuse.datasets.corruption import Corruption
-    from moefuse.train.report import evaluate
+    from moefuse.evaluation.report import evaluate
 
     out = {}
     for condition in ROBUST_VARIANTS.get(name, []):
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = prepare(args.data, args.work, args.quick)
     shards = build(manifest, args.work)
     init = pretrain_encoders(manifest.parent, args.work, args.quick, extra)
-    from moefuse.train.report import evaluate
+    from moefuse.evaluation.report import evaluate
 
     results = {}
     for name in args.variants:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from run import pct, robustness_table, target_checks
 
-from moefuse.train.metrics import best_single_voter
+from moefuse.evaluation.metrics import best_single_voter
 
 
 def mean_task(tasks: list[dict]) -> dict:

@@ -1,6 +1,6 @@
 """A self-contained synthetic multimodal dataset (no downloads), written as a manifest plus media files so that
 the demo goes through the real `build-shards` path: `make_demo_data(out, count, seed)`, run by `moefuse demo-data`
-(moefuse/train/demo_data.py).
+(moefuse/commands/demo_data.py).
 
 Media: a digit rendered with Pillow's embedded font (Aileron; random size, rotation, position, grey levels and
 pixel noise) as a 64x64 PNG; the digit as a DTMF tone pair (ITU-T Q.23 row + column frequencies; random onset,

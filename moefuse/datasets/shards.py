@@ -1,5 +1,5 @@
 """A manifest -> webdataset tar shards plus `dataset.json`: `build_shards(manifest, out, BuildOptions(...))`,
-run by `moefuse build-shards` (moefuse/train/build_shards.py, whose flags are the options' names).
+run by `moefuse build-shards` (moefuse/commands/build_shards.py, whose flags are the options' names).
 
 Steps: read and check every row (manifest.py); give rows without a split one (seeded, --val-fraction /
 --test-fraction); decode, check and normalise the media of every row over --workers processes (media.py); write

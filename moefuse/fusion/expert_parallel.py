@@ -126,11 +126,15 @@ def reduce_sums(sums: torch.Tensor, ep: ExpertParallel) -> torch.Tensor:
 # sharding a model, and its gradients
 
 
+def moe_layers(model: nn.Module) -> list[nn.Module]:
+    """The SparseMoE layers of `model`, in module order: the modules with routed `experts` and an `ep` slot
+    (`SparseMoE.ep`; moe.py imports this module, so it is recognised by what it has, not by its class)."""
+    return [m for m in model.modules() if hasattr(m, "ep") and hasattr(m, "experts")]
+
+
 def expert_modules(model: nn.Module) -> list[nn.Module]:
     """The routed-expert modules of every SparseMoE layer in `model`, in module order."""
-    from moefuse.fusion.moe import SparseMoE
-
-    return [m.experts for m in model.modules() if isinstance(m, SparseMoE)]
+    return [m.experts for m in moe_layers(model)]
 
 
 def expert_param_names(model: nn.Module) -> list[str]:
@@ -142,9 +146,7 @@ def expert_param_names(model: nn.Module) -> list[str]:
 def shard_experts(model: nn.Module, ep: ExpertParallel) -> None:
     """Keep only this rank's experts in every SparseMoE of `model` (in place) and give the layers the groups.
     Every rank must have built `model` from the same seed: the full initial weights agree before slicing."""
-    from moefuse.fusion.moe import SparseMoE
-
-    for moe in (m for m in model.modules() if isinstance(m, SparseMoE)):
+    for moe in moe_layers(model):
         if moe.num_experts % ep.size:
             raise ValueError(f"fusion.expert_parallel_size={ep.size} must divide fusion.num_experts="
                              f"{moe.num_experts}")

@@ -29,6 +29,7 @@ from moefuse.fusion.encoder_cache import EncoderCache
 from moefuse.fusion.heads import HeadsConfig, TaskConfig, TaskOutput, VotingHeads
 from moefuse.fusion.moe import MoEOutput
 from moefuse.fusion.stack import FusionConfig, FusionOutput, FusionStack, masked_mean
+from moefuse.pretrained.folder import export_model, load_exported
 
 
 @dataclass
@@ -155,21 +156,32 @@ class MultimodalMoEModel(nn.Module):
 
     # -- a folder others can load ---------------------------------------------------------------------------
 
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write this model as an export folder: safetensors weights, config.yaml, each encoder's architecture
-        files and a model card (README.md), atomically; what `from_pretrained` and `moefuse predict / evaluate /
-        serve` load. Nothing is pickled."""
-        from moefuse.train.checkpoint import export_model  # the one export format, shared with training runs
+    config_class = ModelConfig  # what config.yaml of a model folder is read as
 
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, arch_dir: str | Path | None = None) -> MultimodalMoEModel:
+        """A model with random init (the encoders' init files apart); with `arch_dir` (a model folder) each encoder
+        is built from the architecture files saved there, ready for the folder's weights."""
+        return cls(cfg, build_encoders(cfg.encoders, arch_dir))
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write this model as a model folder (`moefuse.pretrained.folder`): safetensors weights, config.yaml, each
+        encoder's architecture files and a model card (README.md), atomically; what `from_pretrained` and
+        `moefuse predict / evaluate / serve` load. Nothing is pickled."""
         return export_model(self, folder)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> MultimodalMoEModel:
-        """The model of an export folder (`save_pretrained`, or a training run's model/), in eval mode; a damaged
-        folder is a ConfigError naming the file."""
-        from moefuse.train.checkpoint import load_exported
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu",
+                        config_type: type[ModelConfig] | None = None) -> MultimodalMoEModel:
+        """The model of a model folder (`save_pretrained`, or a training run's model/), in eval mode; a damaged
+        folder is a ConfigError naming the file. `config_type`: a ModelConfig subclass that declares more
+        modalities than `config_class`."""
+        return load_exported(folder, cls, device, config_type)
 
-        return load_exported(folder, device)
+    def collator(self, train: bool = False, **options) -> Collator:
+        """`build_collator(self, train, **options)`: the collator that turns decoded samples into this model's
+        batches."""
+        return build_collator(self, train, **options)
 
     def cache_encoders(self, modalities: list[str], max_rows: int = 4096) -> None:
         """In eval under torch.no_grad, reuse the outputs of these modalities' encoders for inputs seen before (the

@@ -1,4 +1,4 @@
-"""Checkpoints and the exported model.
+"""A training run's checkpoints, and its export (the model folder of `moefuse.pretrained.folder`).
 
 Resumable checkpoints (accelerate `save_state`: model, optimizer, scheduler, RNG; plus `trainer_state.json` with
 the step and data position, and `checksums.json` with every file's size and sha256) are written into a hidden temp
@@ -6,21 +6,14 @@ folder and renamed into place, so a crash mid-write never leaves a broken checkp
 pointer files replaced atomically. A checkpoint damaged later (a truncated file) is skipped with a warning and
 the newest intact one is used instead.
 
-The export is a self-contained folder that `evaluate` and `predict` load with no pickle:
-    model.safetensors   the weights
-    config.yaml         the resolved model config (encoders, fusion, heads, tasks with their vocabularies)
-    <modality>/         each encoder's architecture files (`save_architecture`; weights are in model.safetensors):
-                        text/ BERT config.json + tokenizer, image/ data_config.json (timm preprocessing),
-                        audio/ wav2vec2 config.json
-    export.json         provenance (step, metrics, training shards) and `media`: the settings the training shards
-                        were built with (image size and fit, sample rate, limits), which `predict` applies to raw files
+`export_run` writes the run's best weights, calibrated on its validation split, as a model folder;
+`load_run` reads a run's newest checkpoint back into a one-process model (`moefuse export`).
 """
 
 from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
 import warnings
 from collections.abc import Callable
@@ -28,37 +21,20 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-import yaml
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
-from moefuse.configutil import ConfigError, atomic_write_text, dumps_json, from_dict, sha256_file, to_dict
+from moefuse.configutil import ConfigError, atomic_write_text, dumps_json, replace_dir, sha256_file
 from moefuse.errors import UserError, naming
-from moefuse.fusion.model import ModelConfig, MultimodalMoEModel, build_model
+from moefuse.fusion.model import MultimodalMoEModel, build_model
+from moefuse.pretrained.folder import export_model
 from moefuse.train import fsdp
 from moefuse.train.calibrate import calibrate_run
 from moefuse.train.expert_checkpoint import checkpoint_state
-from moefuse.train.model_card import model_card
 
 if TYPE_CHECKING:
     from moefuse.config import ExperimentConfig
 
-EXPORT_FORMAT = 1
 CHECKSUMS = "checksums.json"  # {file: [size, sha256]} of a checkpoint, checked before it is resumed
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished temp folder to its final name (replacing an old one) with renames only."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -95,7 +71,7 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, trainer_state: dict
             if accelerator.is_main_process:
                 atomic_write_text(tmp / "trainer_state.json", dumps_json(trainer_state, "trainer_state.json", indent=2))
                 atomic_write_text(tmp / CHECKSUMS, json.dumps(_file_digests(tmp), indent=1))
-                _replace_dir(tmp, final)
+                replace_dir(tmp, final)
                 atomic_write_text(ckpt_root / "latest", final.name)
                 if is_best:
                     atomic_write_text(ckpt_root / "best", final.name)
@@ -167,108 +143,6 @@ def latest_checkpoint(ckpt_root: Path, warn: bool = True) -> Path | None:
 def has_checkpoints(ckpt_root: Path) -> bool:
     """Whether any step folder (intact or not) exists: a run that must be resumed, not restarted."""
     return any(p.is_dir() for p in ckpt_root.glob("step-*"))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# export
-
-
-def export_model(model: MultimodalMoEModel, out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write the self-contained export folder atomically (temp folder, then rename). A failed write removes the
-    temp folder and raises an OSError naming the export; an earlier export stays as it was."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    try:
-        with naming(tmp):
-            if out_dir.exists() and not out_dir.is_dir():
-                raise NotADirectoryError(errno.ENOTDIR, "a file is in the way of the export folder", str(out_dir))
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-            _write_export(model, tmp, extra)
-            _replace_dir(tmp, out_dir)
-    except Exception as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise
-        raise OSError(errno.EIO, f"cannot write the export: {e}", str(out_dir)) from e
-    return out_dir
-
-
-def _write_export(model: MultimodalMoEModel, tmp: Path, extra: dict | None) -> None:
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "moefuse", "version": str(EXPORT_FORMAT)})
-    atomic_write_text(tmp / "config.yaml", yaml.safe_dump(to_dict(model.cfg), sort_keys=False))
-    for modality, encoder in model.encoders.items():  # each encoder writes its own architecture files
-        (tmp / modality).mkdir()
-        encoder.save_architecture(tmp / modality)
-    atomic_write_text(tmp / "export.json", dumps_json({"format": EXPORT_FORMAT, **(extra or {})}, "export.json",
-                                                      indent=2))
-    atomic_write_text(tmp / "README.md", model_card(model, extra))
-
-
-def read_model_config(path: Path, config_type: type[ModelConfig] = ModelConfig) -> ModelConfig:
-    """An export's config.yaml -> ModelConfig (or the `config_type` subclass that declares more modalities);
-    anything wrong is a ConfigError naming the file."""
-    where = path / "config.yaml"
-    try:
-        data = yaml.safe_load(where.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{where} is not a valid YAML model config (Python tags are never loaded): {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must hold a mapping (the model config), got {type(data).__name__}")
-    try:
-        return from_dict(config_type, data)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
-def read_export_info(path: Path) -> dict:
-    """An export's export.json (provenance, and the modalities the model was trained without); {} if absent."""
-    where = path / "export.json"
-    if not where.exists():
-        return {}
-    try:
-        info = json.loads(where.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ConfigError(f"{where} cannot be read as JSON: {e}") from None
-    if not isinstance(info, dict) or not isinstance(info.get("drop_modalities", []), list):
-        raise ConfigError(f"{where} must be a JSON object whose drop_modalities is a list")
-    return info
-
-
-def load_exported(path: str | Path, device: str | torch.device = "cpu",
-                  config_type: type[ModelConfig] = ModelConfig) -> MultimodalMoEModel:
-    """Rebuild the model from an export folder: architecture from its configs, weights from safetensors. A
-    damaged or mismatched folder is a ConfigError that names the file."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ConfigError(f"{path} is not a folder; give the model/ folder a training run wrote")
-    if not (path / "model.safetensors").is_file() or not (path / "config.yaml").is_file():
-        raise ConfigError(f"{path} is not an exported moefuse model (needs model.safetensors and config.yaml); "
-                          f"give the model/ folder a training run wrote")
-    cfg = read_model_config(path, config_type)
-    try:
-        model = build_model(cfg, arch_dir=path)
-    except ConfigError:
-        raise
-    except Exception as e:  # transformers / timm / json on a damaged text/, image/ or audio/ file
-        raise ConfigError(f"{path}: cannot rebuild the model from its architecture files: {type(e).__name__}: "
-                          f"{e}") from None
-    try:
-        state = load_file(str(path / "model.safetensors"), device=str(device))
-    except Exception as e:
-        raise ConfigError(f"{path / 'model.safetensors'} is damaged (truncated or not safetensors): {e}") from None
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # a shape edited in config.yaml
-        raise ConfigError(f"{path / 'model.safetensors'} does not fit {path / 'config.yaml'} (was a size edited?): "
-                          f"{str(e).splitlines()[1] if len(str(e).splitlines()) > 1 else e}") from None
-    if missing or unexpected:
-        raise ConfigError(f"{path}/model.safetensors does not match its config.yaml "
-                          f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}); "
-                          f"the folder mixes files from different runs")
-    return model.to(device).eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -386,19 +260,3 @@ def load_run(out: Path) -> tuple[MultimodalMoEModel, dict, ExperimentConfig]:
     except Exception as e:
         raise ConfigError(f"{ckpt / 'model.safetensors'} does not fit {out / 'config.yaml'}: {e}") from None
     return model, state, cfg
-
-
-def load_inference_model(path: str | Path, device: str | torch.device = "cpu", int8: bool = False,
-                         cache_encoders: list[str] | None = None) -> MultimodalMoEModel:
-    """`load_exported`, then with `int8` the dynamic-int8 quantised model (CPU only), as evaluate, predict and serve
-    use. `cache_encoders`: the modalities whose encoder outputs are reused for inputs seen before (None: those
-    whose encoder was frozen in training, a fixed feature extractor that mostly sees repeated prompts)."""
-    model = load_exported(path, device)
-    if cache_encoders is None:
-        cache_encoders = [m for m, enc in model.encoders.items() if enc.cfg.finetune == "frozen"]
-    model.cache_encoders(cache_encoders)
-    if int8:
-        from moefuse.fusion.quant import quantize_int8
-
-        model = quantize_int8(model)
-    return model

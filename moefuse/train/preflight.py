@@ -15,9 +15,9 @@ from moefuse.configutil import ConfigError, load_yaml, to_dict
 from moefuse.datasets import DataError, collect_tasks
 from moefuse.datasets.collate import IGNORE_INDEX
 from moefuse.errors import naming
+from moefuse.evaluation.loop import DATA_COUNTS
+from moefuse.evaluation.metrics import metric_names
 from moefuse.fusion.heads import TaskConfig
-from moefuse.train.evaluation import DATA_COUNTS
-from moefuse.train.metrics import metric_names
 
 RESUMABLE_KEYS = ("train.output_dir", "train.max_steps", "train.eval_every", "train.save_every", "train.log_every",
                   "train.keep_last", "train.early_stopping_patience", "train.tensorboard", "train.eval_max_batches",
@@ -34,7 +34,7 @@ def check_parallel_layout(cfg: ExperimentConfig, world: int) -> None:
     n = cfg.fusion.expert_parallel_size
     if n > 1 and world == 1:
         raise ConfigError(f"fusion.expert_parallel_size={n} needs {n} or a multiple of {n} processes, this run has "
-                          f"one: start it with `accelerate launch --multi_gpu --num_processes {n} -m moefuse.train "
+                          f"one: start it with `accelerate launch --multi_gpu --num_processes {n} -m moefuse train "
                           f"...`, or set fusion.expert_parallel_size=1")
     if world % n:
         raise ConfigError(f"fusion.expert_parallel_size={n} must divide the number of processes ({world}): start "

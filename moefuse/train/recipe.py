@@ -26,6 +26,9 @@ from moefuse.config import ExperimentConfig, save_config
 from moefuse.configutil import ConfigError
 from moefuse.datasets import DataError, build_eval_loader, build_train_loader
 from moefuse.errors import naming
+from moefuse.evaluation.loop import DATA_COUNTS, evaluate_loader, merge_stats, routing_summary, to_device
+from moefuse.evaluation.metrics import compute_metrics
+from moefuse.evaluation.plots import save_routing_heatmap
 from moefuse.fusion import expert_parallel
 from moefuse.fusion.model import ModelOutput, MultimodalMoEModel, build_collator, build_model
 from moefuse.train import expert_checkpoint, fsdp
@@ -38,11 +41,8 @@ from moefuse.train.checkpoint import (
     save_checkpoint,
 )
 from moefuse.train.config import TrainConfig
-from moefuse.train.evaluation import DATA_COUNTS, evaluate_loader, merge_stats, routing_summary, to_device
-from moefuse.train.metrics import compute_metrics
 from moefuse.train.metrics_log import LogWindow, MetricsLog
 from moefuse.train.optim import build_optimizer, build_scheduler
-from moefuse.train.plots import save_routing_heatmap
 from moefuse.train.preflight import (
     check_metric,
     check_output_dir,

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moefuse.train.evaluation import DATA_COUNTS, count_into
+from moefuse.evaluation.loop import DATA_COUNTS, count_into
 
 
 @dataclass

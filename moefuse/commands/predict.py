@@ -3,7 +3,7 @@ a manifest (`--manifest M.jsonl`), writing JSON Lines: id, task, prediction, pro
 agreement, and a routing summary (which experts each modality's tokens went to, per MoE layer).
 
 Raw files are prepared by each modality's encoder with the settings the training shards were built with
-(`moefuse.train.inference`, the library this entry point runs).
+(`moefuse.inference.predict`, the library this entry point runs).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from moefuse.configutil import ConfigError, atomic_write_text, dumps_json
 from moefuse.errors import command, positive_int, probability
-from moefuse.train.checkpoint import load_inference_model
-from moefuse.train.inference import export_media, load_media_sample, manifest_samples, predict_samples
+from moefuse.fusion.loading import load_inference_model
+from moefuse.inference.predict import export_media, load_media_sample, manifest_samples, predict_samples
 
 
 def write_lines(lines: str, out: Path | None) -> None:

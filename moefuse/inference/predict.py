@@ -13,6 +13,7 @@ import math
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,9 +21,11 @@ from moefuse.configutil import ConfigError
 from moefuse.datasets.collate import has_value
 from moefuse.datasets.manifest import read_manifest
 from moefuse.datasets.media import MediaError
-from moefuse.fusion.model import ModelOutput, MultimodalMoEModel, build_collator
-from moefuse.train.checkpoint import read_export_info
-from moefuse.train.metrics import records_from_output
+from moefuse.inference.records import records_from_output
+from moefuse.pretrained.folder import read_export_info
+
+if TYPE_CHECKING:
+    from moefuse.fusion.model import ModelOutput, MultimodalMoEModel
 
 # Limits for exports that do not record the shards' media settings (trained on shard patterns, or before the
 # settings were recorded); otherwise the build's own limits apply.
@@ -126,7 +129,7 @@ def predict_samples(model: MultimodalMoEModel, samples: list[dict], batch_size: 
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
         raise ConfigError(f"the minimum confidence must be in [0, 1], got {min_confidence}")
-    collator = build_collator(model, train=False)
+    collator = model.collator(train=False)
     results = []
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]

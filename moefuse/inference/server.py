@@ -25,15 +25,14 @@ import base64
 import binascii
 import contextlib
 import json
-import os
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
@@ -41,10 +40,11 @@ from starlette.datastructures import UploadFile
 from moefuse.configutil import Config
 from moefuse.datasets.media import MediaError, MediaTooLarge
 from moefuse.errors import UserError
-from moefuse.fusion.model import MultimodalMoEModel
-from moefuse.train.batcher import DynamicBatcher, QueueFull
-from moefuse.train.checkpoint import load_inference_model
-from moefuse.train.inference import export_media, load_media_sample, predict_samples
+from moefuse.inference.batcher import DynamicBatcher, QueueFull
+from moefuse.inference.predict import load_media_sample, predict_samples
+
+if TYPE_CHECKING:
+    from moefuse.fusion.model import MultimodalMoEModel
 
 
 @dataclass
@@ -278,33 +278,3 @@ def create_app(server: ModelServer) -> FastAPI:
             return refuse(504, f"no answer within {limits.timeout_s:g} s (timeout_s)")
 
     return app
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# worker processes
-
-SETTINGS_ENV = "MOEFUSE_SERVE_SETTINGS"  # what every worker process builds its app from (JSON)
-
-
-@dataclass
-class ServeSettings:
-    """What a worker process loads: the model folder and how, its torch threads, the limits."""
-
-    checkpoint: str
-    int8: bool = False
-    cache_encoders: list[str] | None = None
-    threads: int = 1
-    limits: dict | None = None
-
-
-def app_from_environment() -> FastAPI:
-    """The app of one worker process (uvicorn's factory): the model loaded as $MOEFUSE_SERVE_SETTINGS says. Each
-    worker holds its own model and batcher: Python runs one thread at a time per process, so on several cores
-    processes, not threads, serve more requests (one process's GIL serialises decoding, HTTP and the model's
-    Python)."""
-    settings = ServeSettings(**json.loads(os.environ[SETTINGS_ENV]))
-    torch.set_num_threads(settings.threads)
-    model = load_inference_model(settings.checkpoint, int8=settings.int8, cache_encoders=settings.cache_encoders)
-    server = ModelServer(model, export_media(settings.checkpoint), ServeLimits(**(settings.limits or {})),
-                         name=settings.checkpoint)
-    return create_app(server)

@@ -7,7 +7,10 @@ training, the validation metrics the run recorded, the training data, how to loa
 
 from __future__ import annotations
 
-from moefuse.fusion.model import MultimodalMoEModel
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moefuse.fusion.model import MultimodalMoEModel
 
 
 def _vocabulary(labels: list[str], shown: int = 20) -> str:

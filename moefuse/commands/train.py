@@ -1,4 +1,4 @@
-"""`moefuse train CONFIG.yaml [key.sub=value ...] [--resume]`, also `accelerate launch -m moefuse.train ...`.
+"""`moefuse train CONFIG.yaml [key.sub=value ...] [--resume]`, also `accelerate launch -m moefuse train ...`.
 
 The command line only: the recipe itself (setup, the training loop, validation, checkpoints, export) is
 `moefuse.train.recipe`, whose `train(cfg)` is what tests, the demo and the benchmarks call.

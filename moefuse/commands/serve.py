@@ -4,7 +4,8 @@
     curl -s localhost:8000/info
     curl -s -F task=avqa -F "question=what digit is spoken?" -F audio=@clip.wav localhost:8000/predict
 
-The routes, the request formats and the errors: `moefuse.train.server`, the library this entry point runs.
+The routes, the request formats and the errors: `moefuse.inference.server`, the library this entry point runs.
+With --workers N, uvicorn starts N processes that each build their app with `app_from_environment` below.
 """
 
 from __future__ import annotations
@@ -13,15 +14,45 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from moefuse.configutil import field_docs
 from moefuse.errors import command, positive_int
-from moefuse.train.checkpoint import load_inference_model
-from moefuse.train.inference import export_media
-from moefuse.train.server import SETTINGS_ENV, ModelServer, ServeLimits, ServeSettings, create_app
+from moefuse.fusion.loading import load_inference_model
+from moefuse.inference.predict import export_media
+from moefuse.inference.server import ModelServer, ServeLimits, create_app
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+SETTINGS_ENV = "MOEFUSE_SERVE_SETTINGS"  # what every worker process builds its app from (JSON)
+
+
+@dataclass
+class ServeSettings:
+    """What a worker process loads: the model folder and how, its torch threads, the limits."""
+
+    checkpoint: str
+    int8: bool = False
+    cache_encoders: list[str] | None = None
+    threads: int = 1
+    limits: dict | None = None
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one worker process (uvicorn's factory): the model loaded as $MOEFUSE_SERVE_SETTINGS says. Each
+    worker holds its own model and batcher: Python runs one thread at a time per process, so on several cores
+    processes, not threads, serve more requests (one process's GIL serialises decoding, HTTP and the model's
+    Python)."""
+    settings = ServeSettings(**json.loads(os.environ[SETTINGS_ENV]))
+    torch.set_num_threads(settings.threads)
+    model = load_inference_model(settings.checkpoint, int8=settings.int8, cache_encoders=settings.cache_encoders)
+    server = ModelServer(model, export_media(settings.checkpoint), ServeLimits(**(settings.limits or {})),
+                         name=settings.checkpoint)
+    return create_app(server)
 
 
 def _number(text: str) -> float:
@@ -72,6 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[SETTINGS_ENV] = json.dumps(asdict(ServeSettings(
         checkpoint=str(args.checkpoint), int8=args.int8, cache_encoders=args.cache_encoders, threads=threads,
         limits=asdict(limits))))
-    uvicorn.run("moefuse.train.server:app_from_environment", factory=True, workers=args.workers, **options)
+    uvicorn.run("moefuse.commands.serve:app_from_environment", factory=True, workers=args.workers, **options)
     return 0
 

@@ -17,10 +17,10 @@ from moefuse.config import load_config
 from moefuse.configutil import ConfigError, atomic_write_text, dumps_json
 from moefuse.datasets import BuildOptions, build_shards, make_demo_data, read_manifest
 from moefuse.errors import command
-from moefuse.train.checkpoint import load_inference_model
-from moefuse.train.inference import export_media, load_media_sample, predict_samples
+from moefuse.evaluation.report import evaluate, format_summary
+from moefuse.fusion.loading import load_inference_model
+from moefuse.inference.predict import export_media, load_media_sample, predict_samples
 from moefuse.train.recipe import train
-from moefuse.train.report import evaluate, format_summary
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 

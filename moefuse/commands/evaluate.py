@@ -1,6 +1,6 @@
 """`moefuse evaluate --checkpoint DIR --shards PATTERN [--json OUT]`: metrics of an exported model on shards.
 
-What the report holds: `moefuse.train.report`, the library this entry point runs.
+What the report holds: `moefuse.evaluation.report`, the library this entry point runs.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from moefuse.configutil import ConfigError, atomic_write_text, dumps_json
 from moefuse.datasets.corruption import Corruption
 from moefuse.errors import command, non_negative_int, os_error_message, positive_int
-from moefuse.train.report import evaluate, format_summary
+from moefuse.evaluation.report import evaluate, format_summary
 
 
 def corruption(text: str) -> Corruption:

@@ -20,12 +20,13 @@ from moefuse.configutil import ConfigError
 from moefuse.datasets import make_loader
 from moefuse.datasets.corruption import Corruption
 from moefuse.errors import os_error_message
+from moefuse.evaluation.confidence_plots import save_confidence_plot
+from moefuse.evaluation.loop import DATA_COUNTS, evaluate_loader, routing_summary
+from moefuse.evaluation.metrics import compute_metrics
+from moefuse.evaluation.plots import save_routing_heatmap
+from moefuse.fusion.loading import load_inference_model
 from moefuse.fusion.model import build_collator
-from moefuse.train.checkpoint import load_inference_model, read_export_info
-from moefuse.train.confidence_plots import save_confidence_plot
-from moefuse.train.evaluation import DATA_COUNTS, evaluate_loader, routing_summary
-from moefuse.train.metrics import compute_metrics
-from moefuse.train.plots import save_routing_heatmap
+from moefuse.pretrained.folder import read_export_info
 
 
 def evaluate(checkpoint: str | Path, shards: list[str], split: str = "val", batch_size: int = 64,

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moefuse.fusion.model import MultimodalMoEModel
-from moefuse.train.metrics import records_from_output
+from moefuse.inference.records import records_from_output
 
 # loader batch key -> its name in stats and results (every loader batch carries the three batch keys); then
 # each results name -> what it counts, for messages.
