@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: moefuse <command> [options]", "", "commands:"]
+    lines = ["usage: moefuse <command> [options]   (or: python -m moefuse ...; moefuse --version)", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "`moefuse <command> --help` describes a command's options."]
     return "\n".join(lines)
@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from moefuse import __version__
+
+        print(f"moefuse {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -24,17 +24,16 @@ import hashlib
 import io
 import json
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 from PIL import Image, ImageDraw, ImageFont
-from tqdm import tqdm
 
 from moefuse.configutil import atomic_write_bytes, atomic_write_text, sha256_file
 from moefuse.errors import UserError, naming
+from moefuse.progress import progress as progress_bar
 
 SAMPLE_RATE = 16000
 CLIP_SECONDS = 1.0
@@ -285,8 +284,8 @@ def _write_media(out: Path, jobs: list[Job], seed: int, files: dict[str, list[st
     """Render the samples CHUNK at a time; each chunk's hashes join the record before its files are written.
     Only `planned` paths (those checked) are written."""
     rows: list[dict] = []
-    bar = tqdm(total=len(jobs), desc="demo-data", unit="sample", disable=not progress, file=sys.stderr)
-    with bar:
+    bar = progress_bar(len(jobs), "demo-data", "sample", enabled=progress)
+    try:
         for start in range(0, len(jobs), CHUNK):
             media: dict[str, bytes] = {}
             rows += [make(i, seed, media, split) for make, i, split in jobs[start:start + CHUNK]]
@@ -300,6 +299,8 @@ def _write_media(out: Path, jobs: list[Job], seed: int, files: dict[str, list[st
                 # manifest are written with fsync)
                 atomic_write_bytes(out / rel, data, fsync=False)
             bar.update(len(jobs[start:start + CHUNK]))
+    finally:
+        bar.close()
     return rows
 
 

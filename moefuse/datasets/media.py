@@ -241,6 +241,45 @@ def load_audio(path: Path, rate: int, max_seconds: float) -> np.ndarray:
     return np.clip(out, -1.0, 1.0)
 
 
+def image_in_memory(value: object, kind: str, max_pixels: int) -> Image.Image:
+    """A PIL image or an array ([H, W] grey or [H, W, 3 | 4], uint8 0-255 or float 0-1) given in memory, checked
+    like a file: a size limit on its pixels."""
+    if isinstance(value, np.ndarray):
+        array = value
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)) or 0 in array.shape:
+            raise MediaError(f"{kind}: an image array must be [H, W] or [H, W, 1|3|4], got shape {array.shape}")
+        if array.dtype != np.uint8:
+            if not np.isfinite(array).all():
+                raise MediaError(f"{kind}: the image array holds NaN or infinite values")
+            array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+        value = Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
+    if not isinstance(value, Image.Image):
+        raise MediaError(f"{kind}: give a file path, a PIL image or an array, got {type(value).__name__}")
+    if value.width * value.height > max_pixels:
+        raise MediaTooLarge(f"{kind}: the image has {value.width * value.height} pixels, over the limit of "
+                            f"{max_pixels}")
+    return value
+
+
+def audio_in_memory(value: object, kind: str, rate: int, max_seconds: float) -> np.ndarray:
+    """Audio given in memory -> mono float32 at `rate`: an array ([S] mono or [S, C]) at `rate`, or
+    (array, its sample rate), which is resampled (`resample`). Checked like a file: finite, not empty, not over
+    `max_seconds`."""
+    wav, orig = value if isinstance(value, tuple) and len(value) == 2 else (value, rate)
+    if not isinstance(wav, np.ndarray) or not isinstance(orig, int) or isinstance(orig, bool) or orig <= 0:
+        raise MediaError(f"{kind}: give a file path, an array at {rate} Hz or (array, sample rate in Hz), got "
+                         f"{type(value).__name__}")
+    if wav.ndim not in (1, 2) or wav.size == 0:
+        raise MediaError(f"{kind}: an audio array must be [samples] or [samples, channels], got shape {wav.shape}")
+    wav = wav.astype(np.float32)
+    if not np.isfinite(wav).all():
+        raise MediaError(f"{kind}: the audio array holds NaN or infinite values")
+    if len(wav) / orig > max_seconds:
+        raise MediaTooLarge(f"{kind}: the audio lasts {len(wav) / orig:.1f} s, over the limit of {max_seconds:g} s")
+    mono = wav if wav.ndim == 1 else wav.mean(axis=1)
+    return np.clip(resample(mono, orig, rate), -1.0, 1.0)
+
+
 def encode_flac(wav: np.ndarray, rate: int) -> bytes:
     """16-bit FLAC (lossless for 16-bit sources, about half the size of WAV). Clipped first: libsndfile wraps
     float values outside [-1, 1] around instead of clipping them."""

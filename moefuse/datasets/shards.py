@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, BinaryIO, get_args
 
 import webdataset as wds
-from tqdm import tqdm
 
 from moefuse.configutil import sha256_file
 from moefuse.datasets.manifest import SPLITS, ManifestRow, assign_splits, read_manifest
@@ -52,6 +51,7 @@ from moefuse.datasets.media import (
     open_image,
 )
 from moefuse.errors import UserError, naming
+from moefuse.progress import progress
 
 BUILDER_VERSION = 2  # 2: sample.json lists the sample's members
 SHARD_MTIME = 0  # fixed member mtime: byte-identical rebuilds (webdataset's TarWriter uses time.time() otherwise)
@@ -325,7 +325,7 @@ def prepare_output(out: Path, overwrite: bool) -> list[Path]:
 def encoded_rows(rows: list[ManifestRow], opts: BuildOptions) -> Iterator[tuple[dict | None, str | None]]:
     """(members, reason) for each row, in row order, over `opts.workers` processes; with a progress bar."""
     job = partial(_encode_job, opts=opts)
-    bar = tqdm(total=len(rows), desc="build-shards", unit="sample", disable=not opts.progress, file=sys.stderr)
+    bar = progress(len(rows), "build-shards", "sample", enabled=opts.progress)
     try:
         if opts.workers == 1 or len(rows) < 2:
             for row in rows:

@@ -11,6 +11,7 @@ and about 4x faster than the raw-waveform conv stack (see benchmarks/avdigits/NO
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from torch import nn
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from moefuse.configutil import ConfigError
-from moefuse.datasets.media import check_file, load_audio
+from moefuse.datasets.media import audio_in_memory, check_file, load_audio
 from moefuse.encoders.audio_augment import (
     AudioAugmentConfig,
     add_noise,
@@ -233,10 +234,12 @@ class AudioEncoder(ModalityEncoder):
         self.wav2vec2.config.save_pretrained(folder)
 
     def read_input(self, field: str, value: Any, media: dict) -> Any:
-        """An audio file -> mono float32 at the encoder's rate (soxr), within the shards' length limit."""
-        path = Path(value)
-        check_file(path, field, media["max_file_bytes"])
-        return load_audio(path, self.sample_rate, media["max_audio_seconds"])
+        """An audio file (or an array at the encoder's rate, or (array, its rate)) -> mono float32 at the encoder's
+        rate (soxr), within the shards' length limit."""
+        if not isinstance(value, (str, os.PathLike)):
+            return audio_in_memory(value, field, self.sample_rate, media["max_audio_seconds"])
+        check_file(Path(value), field, media["max_file_bytes"])
+        return load_audio(Path(value), self.sample_rate, media["max_audio_seconds"])
 
     def decode_options(self) -> dict:
         return {"audio_sample_rate": self.sample_rate}  # shards are resampled to the encoder's rate on load

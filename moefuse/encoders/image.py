@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -29,7 +30,7 @@ from torch import nn
 from torchvision import transforms
 
 from moefuse.configutil import ConfigError, atomic_write_text
-from moefuse.datasets.media import check_file, normalise_image, open_image
+from moefuse.datasets.media import check_file, image_in_memory, normalise_image, open_image
 from moefuse.encoders.base import (
     AugmentConfig,
     EncoderConfig,
@@ -225,12 +226,15 @@ class ImageEncoder(ModalityEncoder):
         atomic_write_text(folder / "data_config.json", json.dumps(self.data_config, indent=2))
 
     def read_input(self, field: str, value: Any, media: dict) -> Any:
-        """An image file -> RGB, fitted to the square the shards were built with (`media` image_size and
-        image_fit; without them, the encoder's input size, padded)."""
-        path = Path(value)
-        check_file(path, field, media["max_file_bytes"])
+        """An image file (or a PIL image, or an array) -> RGB, fitted to the square the shards were built with
+        (`media` image_size and image_fit; without them, the encoder's input size, padded)."""
+        if isinstance(value, (str, os.PathLike)):
+            check_file(Path(value), field, media["max_file_bytes"])
+            image = open_image(Path(value), media["max_image_pixels"])
+        else:
+            image = image_in_memory(value, field, media["max_image_pixels"])
         size = media.get("image_size") or self.data_config["input_size"][-1]
-        return normalise_image(open_image(path, media["max_image_pixels"]), size, media.get("image_fit") or "pad")
+        return normalise_image(image, size, media.get("image_fit") or "pad")
 
 
 def conv_stem(channels: list[int], in_chans: int = 3) -> nn.Sequential:

@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from moefuse.fusion.model import MultimodalMoEModel
 from moefuse.inference.records import records_from_output
+from moefuse.progress import track
 
 # loader batch key -> its name in stats and results (every loader batch carries the three batch keys); then
 # each results name -> what it counts, for messages.
@@ -69,7 +69,7 @@ def evaluate_loader(model: MultimodalMoEModel, loader, device: torch.device, max
     vocab = {t.name: list(t.labels) for t in model.cfg.tasks}
     finished, last = True, None
     batches = _in_step(loader, device) if in_step else loader
-    for i, batch in enumerate(tqdm(batches, desc="evaluate", disable=not progress, leave=False)):
+    for i, batch in enumerate(track(batches, "evaluate", enabled=progress)):
         if max_batches is not None and i >= max_batches:
             finished = False
             break

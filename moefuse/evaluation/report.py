@@ -54,7 +54,7 @@ def evaluate(checkpoint: str | Path, shards: list[str], split: str = "val", batc
     result = compute_metrics(records, vocab, types, detailed=True)
     for task, details in result["tasks"].items():
         details["temperature"] = float(model.heads[task].temperature)
-        details["voters"] = list(model.voter_views)  # what each entry of head_accuracy read
+        details["voters"] = list(model.voter_names)  # what each entry of head_accuracy read
     result["non_finite_outputs"] = sum(not math.isfinite(r["probability"]) for r in records)
     if result["non_finite_outputs"]:
         warnings.warn(f"{result['non_finite_outputs']} of {len(records)} samples got non-finite (NaN or inf) model "

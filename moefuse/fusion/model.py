@@ -12,10 +12,11 @@ format is documented in `moefuse.datasets.collate`.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import ClassVar, get_args, get_type_hints
+from typing import Any, ClassVar, get_args, get_type_hints
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ from moefuse.fusion.encoder_cache import EncoderCache
 from moefuse.fusion.heads import HeadsConfig, TaskConfig, TaskOutput, VotingHeads
 from moefuse.fusion.moe import MoEOutput
 from moefuse.fusion.stack import FusionConfig, FusionOutput, FusionStack, masked_mean
+from moefuse.inference.predict import predict_one
 from moefuse.pretrained.folder import export_model, load_exported
 
 
@@ -117,6 +119,18 @@ class ModelOutput:
     moe_layers: list[MoEOutput]  # per MoE layer: routing of the real tokens in [B, T] row-major order
 
 
+def voter_names(views: list[str]) -> list[str]:
+    """A name per voter for reports: its view, numbered where several voters read the same view (three pooled
+    voters are "pooled 1", "pooled 2", "pooled 3"; a modality voter is the modality's name)."""
+    counts = Counter(views)
+    seen: Counter = Counter()
+    names = []
+    for view in views:
+        seen[view] += 1
+        names.append(f"{view} {seen[view]}" if counts[view] > 1 else view)
+    return names
+
+
 class MultimodalMoEModel(nn.Module):
     """Encoders (one per configured modality) -> fusion stack -> voting heads per task.
 
@@ -149,10 +163,12 @@ class MultimodalMoEModel(nn.Module):
         views = ["pooled"] * cfg.heads.num_heads + cfg.heads.views
         # what each voter reads, in voter order: pooled, cls, mean or a modality (its fused tokens)
         self.voter_views = [m for v in views for m in (list(encoders) if v == "modalities" else [v])]
+        self.voter_names = voter_names(self.voter_views)  # how reports name each voter
         self.heads = nn.ModuleDict({t.name: VotingHeads(d, len(t.labels), cfg.heads, len(self.voter_views))
                                     for t in cfg.tasks})
         self.task_names = [t.name for t in cfg.tasks]
         self.encoder_caches: dict[str, EncoderCache] = {}  # cache_encoders(); inference only
+        self.export_info: dict = {}  # a loaded model folder's export.json: media settings, calibration, metrics
 
     # -- a folder others can load ---------------------------------------------------------------------------
 
@@ -182,6 +198,20 @@ class MultimodalMoEModel(nn.Module):
         """`build_collator(self, train, **options)`: the collator that turns decoded samples into this model's
         batches."""
         return build_collator(self, train, **options)
+
+    @torch.no_grad()
+    def predict(self, task: str | None = None, *, min_confidence: float | None = None, **inputs: Any) -> dict:
+        """One sample's answer, the record `moefuse predict` writes (prediction, probability, top 5, votes,
+        agreement, modalities, routing): `model.predict(task="avqa", question="what digit is spoken?",
+        audio="clip.wav")`. Files may be paths, PIL images or arrays (audio: at the encoder's rate, or (array,
+        rate)); they are prepared with the model folder's media settings, as `moefuse predict` prepares them.
+        Runs in eval mode (the mode is restored after)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return predict_one(self, task, min_confidence=min_confidence, **inputs)
+        finally:
+            self.train(was_training)
 
     def cache_encoders(self, modalities: list[str], max_rows: int = 4096) -> None:
         """In eval under torch.no_grad, reuse the outputs of these modalities' encoders for inputs seen before (the

@@ -35,7 +35,34 @@ DEFAULT_MEDIA = {"max_file_bytes": 1 << 30, "max_image_pixels": 100_000_000, "ma
 def export_media(checkpoint: str | Path) -> dict:
     """The media settings predict applies to raw inputs: the export's record of the training shards' build
     settings over DEFAULT_MEDIA."""
-    return {**DEFAULT_MEDIA, **(read_export_info(Path(checkpoint)).get("media") or {})}
+    return media_settings(read_export_info(Path(checkpoint)))
+
+
+def media_settings(export_info: dict) -> dict:
+    """The media settings of a model folder's export.json (`export_info`) over DEFAULT_MEDIA."""
+    return {**DEFAULT_MEDIA, **(export_info.get("media") or {})}
+
+
+def predict_one(model: MultimodalMoEModel, task: str | None = None, *, media: dict | None = None,
+                min_confidence: float | None = None, sid: str = "sample", **inputs: object) -> dict:
+    """One sample's result, the record `moefuse predict` writes: raw inputs by field name (a path, a PIL image or an
+    array for files), prepared with `media` (default: the model folder's, `model.export_info`). `task` may be left
+    out when the model has one task. A sample the model cannot take raises the error its result line would carry
+    (ConfigError, MediaError, or a ValueError for a non-finite output)."""
+    if task is None:
+        if len(model.task_names) != 1:
+            raise ConfigError(f"this model has several tasks; choose one with task= ({', '.join(model.task_names)})")
+        task = model.task_names[0]
+    media = media if media is not None else media_settings(model.export_info)
+    fields = {f: None for names in model.sample_fields.values() for f in names}
+    unknown = sorted(set(inputs) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown input {unknown[0]!r}; this model takes {', '.join(fields)}")
+    sample = load_media_sample(model, sid, task, media=media, spell="{}=".format, **{**fields, **inputs})
+    [result] = predict_samples(model, [sample], batch_size=1, min_confidence=min_confidence)
+    if "error" in result:
+        raise ValueError(result["error"])
+    return result
 
 
 def load_media_sample(model: MultimodalMoEModel, sid: str, task: str, *, media: dict | None = None,

@@ -191,7 +191,7 @@ class ModelServer:
             "fields": ["task", *self.inputs],
             "config": {"fusion": cfg.fusion.kind, "d_model": cfg.fusion.d_model, "layers": cfg.fusion.num_layers,
                        "experts": cfg.fusion.num_experts, "top_k": cfg.fusion.top_k,
-                       "voters": list(self.model.voter_views), "combine": cfg.heads.combine},
+                       "voters": list(self.model.voter_names), "combine": cfg.heads.combine},
             "temperature": {t: float(h.temperature) for t, h in self.model.heads.items()},
             "limits": asdict(self.limits),
             "recent_batch_sizes": self.batcher.batch_sizes[-20:],

@@ -136,4 +136,5 @@ def load_exported(path: str | Path, model_class: type[nn.Module], device: str | 
         raise ConfigError(f"{path}/model.safetensors does not match its config.yaml "
                           f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}); "
                           f"the folder mixes files from different runs")
+    model.export_info = read_export_info(path)  # what decides answers beyond the weights: media settings
     return model.to(device).eval()

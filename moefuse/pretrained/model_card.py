@@ -69,7 +69,7 @@ def model_card(model: MultimodalMoEModel, extra: dict | None = None) -> str:
     lines += ["", "## Architecture", "",
               f"Fusion `{f.kind}`: {f.num_layers} layers of width {f.d_model}"
               + (f", {f.num_experts} experts, top-{f.top_k}" if f.kind == "moe" else "") + f", pooling `{f.pooling}`. "
-              f"Voters per task: {', '.join(model.voter_views)}; combined by `{cfg.heads.combine}`. "
+              f"Voters per task: {', '.join(model.voter_names)}; combined by `{cfg.heads.combine}`. "
               "The full config is `config.yaml`.", "", "## Calibration", ""]
     lines += _calibration(extra)
     lines += ["", "## Validation metrics", ""] + _metrics(extra)

@@ -8,12 +8,12 @@ Shapes: N validation samples of a task, K voters, C its classes.
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from moefuse.config import ExperimentConfig
 from moefuse.datasets import build_eval_loader
 from moefuse.fusion.calibration import fit_temperature, fit_vote_weights, temperature_nll
 from moefuse.fusion.model import MultimodalMoEModel, build_collator
+from moefuse.progress import track
 
 
 @torch.no_grad()
@@ -23,7 +23,7 @@ def collect_logits(model: MultimodalMoEModel, loader, progress: bool = False) ->
     was_training = model.training
     model.eval()
     parts: dict[str, list[tuple[torch.Tensor, ...]]] = {}
-    for batch in tqdm(loader, desc="calibrate", disable=not progress, leave=False):
+    for batch in track(loader, "calibrate", enabled=progress):
         out = model(batch)
         for task, t in out.tasks.items():
             parts.setdefault(task, []).append((t.logits.float(), t.voted, batch["labels"].index_select(0, t.rows)))
@@ -53,14 +53,14 @@ def calibrate(model: MultimodalMoEModel, loader, progress: bool = False) -> dict
     return report
 
 
-def calibrate_run(model: MultimodalMoEModel, cfg: ExperimentConfig) -> dict[str, dict] | None:
+def calibrate_run(model: MultimodalMoEModel, cfg: ExperimentConfig, progress: bool = True) -> dict[str, dict] | None:
     """The calibrate step of a run: on its validation split, as training validated (the same dropped
     modalities); None when the run has no validation data or `heads.calibrate` is off."""
     if not cfg.heads.calibrate or not cfg.data.val_shards:
         return None
     collator = build_collator(model, train=False, drop_modalities=cfg.data.drop_modalities)
     loader = build_eval_loader(cfg.data, collator, tasks=model.task_names, **model.decode_options())
-    return calibrate(model, loader, progress=True)
+    return calibrate(model, loader, progress=progress)
 
 
 __all__ = ["calibrate", "calibrate_run", "collect_logits"]

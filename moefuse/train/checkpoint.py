@@ -198,14 +198,15 @@ def _load_best(model: MultimodalMoEModel, ckpt_root: Path, state: dict, own: boo
     return step
 
 
-def export_run(model: MultimodalMoEModel, out: Path, state: dict, cfg: ExperimentConfig, own: bool = True) -> dict:
+def export_run(model: MultimodalMoEModel, out: Path, state: dict, cfg: ExperimentConfig, own: bool = True,
+               progress: bool = True) -> dict:
     """Export a run's best weights, calibrated on its validation split (`calibrate_run`), to out/model and write
     out/results.json; returns the result. `own`: the model holds the last step's weights (else every weight comes
     from the checkpoints: an expert-parallel run exports a full model built by `build_full_model`). A failed write
     leaves the checkpoints as they are, so `moefuse export OUT` can redo it."""
     step = _load_best(model, out / "checkpoints", state, own)
     try:  # sets each task's vote weights and temperature on the validation split, or None
-        calibration = calibrate_run(model, cfg)
+        calibration = calibrate_run(model, cfg, progress)
     except (UserError, OSError) as e:  # the validation data is gone or damaged: the weights are still worth a copy
         warnings.warn(f"the export is not calibrated (temperature 1, weights as trained): its validation data "
                       f"cannot be read: {e}", stacklevel=2)

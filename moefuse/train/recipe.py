@@ -20,7 +20,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from moefuse.config import ExperimentConfig, save_config
 from moefuse.configutil import ConfigError
@@ -31,6 +30,7 @@ from moefuse.evaluation.metrics import compute_metrics
 from moefuse.evaluation.plots import save_routing_heatmap
 from moefuse.fusion import expert_parallel
 from moefuse.fusion.model import ModelOutput, MultimodalMoEModel, build_collator, build_model
+from moefuse.progress import progress, write
 from moefuse.train import expert_checkpoint, fsdp
 from moefuse.train.checkpoint import (
     build_full_model,
@@ -54,11 +54,12 @@ from moefuse.train.preflight import (
 from moefuse.train.state import TrainerState, preserved_rng
 
 
-def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = None) -> dict:
+def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = None, progress: bool = True) -> dict:
     """Train, validate, checkpoint and export; returns the final summary (also written to results.json).
 
-    `stop_after` ends the run right after the checkpoint of that step, as if killed (for resume tests)."""
-    return TrainRecipe(cfg, resume=resume, stop_after=stop_after).run()
+    `stop_after` ends the run right after the checkpoint of that step, as if killed (for resume tests).
+    `progress`: a bar on a terminal, a line per interval in a log (`moefuse.progress`); False for none."""
+    return TrainRecipe(cfg, resume=resume, stop_after=stop_after, show_progress=progress).run()
 
 
 def prepare_run(cfg: ExperimentConfig, resume: bool, main: bool) -> ExperimentConfig:
@@ -93,10 +94,12 @@ class TrainRecipe:
     stay in step); printing, logging and the export happen on the main process only. The RNG draws are in a
     fixed order (seed, model init, data), so that a resumed run replays the uninterrupted one exactly."""
 
-    def __init__(self, cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = None):
+    def __init__(self, cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = None,
+                 show_progress: bool = True):
         self.cfg = cfg
         self.resume = resume
         self.stop_after = stop_after
+        self.show_progress = show_progress  # the progress of training and calibration (`moefuse.progress`)
         self.out = Path(cfg.train.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.state = TrainerState()
@@ -239,8 +242,8 @@ class TrainRecipe:
         """Epochs until max_steps, early stopping or stop_after (nothing on a finished run), with a progress bar.
         A resumed run starts in the saved epoch, at the saved batch."""
         self.model.train()
-        self.bar = tqdm(total=self.t.max_steps, initial=min(self.state.step, self.t.max_steps), desc="train",
-                        disable=not self.main, dynamic_ncols=True)
+        self.bar = progress(self.t.max_steps, "train", "step", initial=min(self.state.step, self.t.max_steps),
+                            enabled=self.main and self.show_progress)
         self.window = LogWindow()
         done = self.done_because is not None
         while not done:
@@ -363,7 +366,7 @@ class TrainRecipe:
         s.skipped_nonfinite += 1
         self.optimizer.zero_grad(set_to_none=True)
         if self.main:
-            tqdm.write(f"skipping batch with non-finite loss at {where} ({s.skipped_nonfinite} skipped so far)")
+            write(f"skipping batch with non-finite loss at {where} ({s.skipped_nonfinite} skipped so far)")
         return True
 
     def end_step(self, output: ModelOutput, epoch: int) -> bool:
@@ -447,9 +450,9 @@ class TrainRecipe:
             s.last_val_metrics = metrics
             value = metrics.get(t.metric)
             if value is None:
-                tqdm.write(f"step {s.step}: {t.metric} was not computed (the validation data has no sample "
+                write(f"step {s.step}: {t.metric} was not computed (the validation data has no sample "
                            f"of its task); best-checkpoint selection skips this validation")
-            tqdm.write(f"step {s.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())
+            write(f"step {s.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())
                                                       if k.endswith("/acc") or k == t.metric))
         value = gather_object([value])[0]  # main's value, on every process
         if value is None:
@@ -486,7 +489,7 @@ class TrainRecipe:
         sharded = self.ep is not None or self.t.fsdp
         if self.main:  # the best checkpoint's weights (all of them from its shards when this process has a part)
             model = build_full_model(self.cfg).to(acc.device) if sharded else self.raw_model
-            result = export_run(model, out, s.to_dict(), self.cfg, own=not sharded)
+            result = export_run(model, out, s.to_dict(), self.cfg, own=not sharded, progress=self.show_progress)
             print(f"done: {result['stop_reason']}; exported {out / 'model'}; metrics in {out / 'metrics.jsonl'}")
             data = ", ".join(f"{n} {DATA_COUNTS[k]}" for k, n in s.data_counts().items() if n)
             if data:
