@@ -47,7 +47,8 @@ class LineProgress:
         elapsed = time.monotonic() - self.start
         rate = (self.n - self.start_n) / elapsed if elapsed > 0 else 0.0
         done = f"{self.n}/{self.total}" if self.total else f"{self.n}"
-        parts = [f"{self.desc}: {done} {self.unit}s", f"{rate:.2f} {self.unit}/s", f"elapsed {_duration(elapsed)}"]
+        plural = self.unit + ("es" if self.unit.endswith(("s", "sh", "ch", "x")) else "s")
+        parts = [f"{self.desc}: {done} {plural}", f"{rate:.2f} {self.unit}/s", f"elapsed {_duration(elapsed)}"]
         if self.total and rate > 0 and self.n < self.total:
             parts.append(f"left {_duration((self.total - self.n) / rate)}")
         parts += [f"{k} {v}" for k, v in self.postfix.items()]
@@ -112,8 +113,8 @@ def track(items: Iterable[T], desc: str, unit: str = "batch", total: int | None 
     bar = progress(total, desc, unit, enabled=enabled, leave=False)
     try:
         for item in items:
+            bar.update(1)  # counted when taken: a consumer that stops after the last item still sees it counted
             yield item
-            bar.update(1)
     finally:
         bar.close()
 

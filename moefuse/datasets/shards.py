@@ -329,15 +329,16 @@ def encoded_rows(rows: list[ManifestRow], opts: BuildOptions) -> Iterator[tuple[
     try:
         if opts.workers == 1 or len(rows) < 2:
             for row in rows:
-                yield job(row)
+                result = job(row)
                 bar.update()
+                yield result
             return
         chunk = max(1, min(32, len(rows) // (opts.workers * 8)))
         with multiprocessing.Pool(opts.workers, initializer=_init_worker) as pool:
             # imap keeps row order, so shard contents do not depend on the worker count.
             for result in pool.imap(job, rows, chunksize=chunk):
-                yield result
                 bar.update()
+                yield result
     finally:
         bar.close()
 
