@@ -9,9 +9,13 @@ bodies are cheap to send, then --serve-flags), fed from this one asyncio process
   the same prediction and a probability within --tolerance.
 * Phases: a warm-up (every row once, untimed); a clean run (--clean-seconds, valid requests only, --concurrency
   clients); then the soak (--minutes): the same clients, each request bad with probability --bad-share, the bad
-  ones round-robin over every class below, each on a connection of its own; beside them --idle-sockets connections
-  that send nothing and --slow-sockets that trickle a request one byte every --trickle-s (half stall in the
-  headers, half in the body), each held until the server closes it or --hold-s pass, then opened again.
+  ones round-robin over every class below, each on a new connection (a client holds one connection at a time);
+  beside them --idle-sockets connections that send nothing and --slow-sockets that trickle a request one byte
+  every --trickle-s (half stall in the headers, half in the body), each held until the server answers or closes
+  it or --hold-s pass, then opened again a second later. With the defaults, 32 + 32 held sockets are the issue's
+  64 silent connections (today's `--max-connections` default): a server that keeps them all refuses the clients.
+  A valid request on a reused connection that the server had closed (no byte back) is sent once more on a new
+  one, as HTTP clients do (RFC 9112 §9.3.1; predict has no side effects); the retries are counted.
 * Bad classes (issue #24): a text with a lone surrogate; deeply nested JSON; a NUL byte in a multipart file name;
   a multipart body cut before its closing boundary; duplicate JSON keys; oversize bodies (413); wrong content
   types (415); unknown routes (404); wrong methods (405); invalid fields (422); oversize or too many headers (431);
@@ -392,7 +396,7 @@ class Phase:
     differ: list[str] = field(default_factory=list)  # the first few that are not
     bad: dict[str, Counter] = field(default_factory=dict)  # class -> status or failure -> count
     undocumented: Counter = field(default_factory=Counter)  # class -> count
-    example: dict[str, str] = field(default_factory=dict)  # class -> the first undocumented answer
+    examples: dict[str, dict] = field(default_factory=dict)  # class -> status -> its first undocumented answer
     held: dict[str, Counter] = field(default_factory=dict)  # socket kind -> outcome -> count
     held_s: dict[str, list[float]] = field(default_factory=dict)  # socket kind -> seconds until the server acted
     retries: int = 0
@@ -434,11 +438,12 @@ class Soak:
         phase.bad.setdefault(name, Counter())[outcome[0]] += 1
         if not documented(outcome):
             phase.undocumented[name] += 1
-            if name not in phase.example:
-                phase.example[name] = f"{variant}: {outcome[0]} {outcome[2][:100]!r}"
+            seen = phase.examples.setdefault(name, {})
+            if outcome[0] not in seen:
+                seen[outcome[0]] = f"{variant}: {outcome[0]} {outcome[2][:90]!r}"
 
     async def client(self, phase: Phase, k: int, deadline: float) -> None:
-        """One client: valid requests on its keep-alive connection, bad ones each on a new connection."""
+        """One client: valid requests on its keep-alive connection, a bad one on a new connection instead."""
         rng, conn = random.Random(k), KeepAlive(self.host, self.port)
         try:
             for _ in range(phase.limit):
@@ -447,6 +452,7 @@ class Soak:
                 n = phase.sent
                 phase.sent += 1
                 if rng.random() < phase.bad_share:
+                    conn.close()  # a client holds one connection at a time: --concurrency connections in all
                     await self.bad_request(phase, next(self.counter))
                     continue
                 row = self.rows[n % len(self.rows)]
@@ -583,8 +589,9 @@ def report_bad(ph: Phase, expected: dict[str, str]) -> None:
     for name, statuses in ph.bad.items():
         print(f"| {name} | {sum(statuses.values())} | {expected[name]} | {counts(statuses)} "
               f"| {ph.undocumented[name]} |")
-    for name, example in ph.example.items():
-        print(f"  {name}: first not as documented: {example}")
+    print("Not as documented, the first of each status:")
+    for name, seen in ph.examples.items():
+        print(f"  {name}: " + " | ".join(seen.values()))
     print("\nHeld sockets in the soak (opened again a second after each end)")
     print("| kind | opened | outcomes | median seconds until the server ended it |")
     print("|---|---:|---|---:|")
@@ -615,7 +622,7 @@ def targets(phases: list[Phase], memory: dict[str, int], alive: bool) -> bool:
     fivexx = sum(n for ph in phases for c in [ph.valid, *ph.bad.values(), *ph.held.values()] for k, n in c.items()
                  if (isinstance(k, int) and k >= 500) or str(k).startswith("answered 5"))
     ratio = quantile_ms(mixed.latencies, 0.99) / quantile_ms(clean.latencies, 0.99)
-    growth = memory["end"] / memory["start"] - 1
+    growth = memory["end"] / memory["start"] - 1 if memory["start"] and memory["end"] else math.nan  # 0: gone
     rows = [("valid requests answered (200)", f"{100 * answered / max(1, valid):.2f} % of {valid}", "100 %",
              valid > 0 and answered == valid),
             ("answers equal to offline predict", f"{100 * same / max(1, answered):.2f} % of {answered}", "100 %",
@@ -650,21 +657,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                        "10 to 60 s)")
     a.add_argument("--concurrency", type=int, default=32, help="clients, each one request at a time (default 32)")
     a.add_argument("--bad-share", type=float, default=0.5, help="share of the soak's requests that are bad (0.5)")
-    a.add_argument("--idle-sockets", type=int, default=16, help="silent connections held in the soak (default 16)")
-    a.add_argument("--slow-sockets", type=int, default=16, help="trickling connections held in the soak (default 16)")
+    a.add_argument("--idle-sockets", type=int, default=32, help="silent connections held in the soak (default 32)")
+    a.add_argument("--slow-sockets", type=int, default=32, help="trickling connections held in the soak (default 32)")
     a.add_argument("--trickle-s", type=float, default=1.0, help="seconds between a slow socket's bytes (default 1)")
-    a.add_argument("--hold-s", type=float, default=120.0, help="longest a socket is held before it is opened again")
+    a.add_argument("--hold-s", type=float, default=120.0,
+                   help="longest hold of a socket before it is opened again, s (120)")
     a.add_argument("--request-timeout", type=float, default=60.0, help="longest wait for one response, s (60)")
-    a.add_argument("--max-requests", type=int, default=2_000_000, help="most requests per phase (a bound)")
-    a.add_argument("--tolerance", type=float, default=1e-4, help="largest probability difference from offline")
+    a.add_argument("--max-requests", type=int, default=2_000_000, help="most requests per phase, a bound (2000000)")
+    a.add_argument("--tolerance", type=float, default=1e-4, help="largest probability difference from offline (1e-4)")
     a.add_argument("--max-upload-mb", type=float, default=1.0, help="the server's body limit (default 1 MiB)")
     a.add_argument("--serve-flags", default="", help="more `moefuse serve` flags, e.g. '--workers 2 --threads 1'")
     a.add_argument("--log", type=Path, help="keep the server's output in this file (default: a temporary one)")
     args = a.parse_args(argv)
     if args.checkpoint and not args.manifest:
         a.error("--checkpoint needs --manifest (the rows the valid requests are made of)")
+    args.built = False
+    for name in ("minutes", "trickle_s", "hold_s", "request_timeout", "max_upload_mb"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            a.error(f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(args, name)}")
+    for name, low in (("rows", 1), ("concurrency", 1), ("max_requests", 1), ("idle_sockets", 0), ("slow_sockets", 0)):
+        if getattr(args, name) < low:
+            a.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if not 0 <= args.bad_share <= 1 or not 0 <= args.tolerance < 1:
+        a.error(f"--bad-share must be in [0, 1] and --tolerance in [0, 1), got {args.bad_share}, {args.tolerance}")
     if args.clean_seconds is None:
         args.clean_seconds = max(10.0, min(60.0, args.minutes * 12))
+    if not (math.isfinite(args.clean_seconds) and args.clean_seconds > 0):
+        a.error(f"--clean-seconds must be a finite number > 0, got {args.clean_seconds}")
     return args
 
 
@@ -676,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
             print("no --checkpoint: building a tiny model (demo data -> shards -> 2 steps of configs/tiny.yaml) in "
                   f"{work}", flush=True)
             args.checkpoint, args.manifest = tiny_model(work)
+            args.built = True
         rows, model = offline_answers(args.checkpoint, args.manifest, args.split, args.rows)
         log_path = args.log or work / "server.log"
         with log_path.open("w") as log:
@@ -702,7 +722,12 @@ def soak(proc: subprocess.Popen, url: str, rows: list[dict], model: dict, args: 
     walls, memory = {}, {"loaded": tree_rss(proc.pid)}
     sockets = {"idle": args.idle_sockets, "slow headers": args.slow_sockets // 2,
                "slow body": args.slow_sockets - args.slow_sockets // 2}
-    print(f"server {url} (pid {proc.pid}); {len(rows)} rows; {sum(len(v) for _, v in bad)} bad variants in "
+    try:
+        limits = httpx.get(f"{url}/info", timeout=10).json().get("limits") or {}
+    except (httpx.HTTPError, ValueError, AttributeError):
+        limits = {}
+    print(f"server {url} (pid {proc.pid}; max_connections {limits.get('max_connections', '?')}, timeout_s "
+          f"{limits.get('timeout_s', '?')}); {len(rows)} rows; {sum(len(v) for _, v in bad)} bad variants in "
           f"{len(bad)} classes", flush=True)
     for ph, seconds, held in ((phases[0], 600.0, {}), (phases[1], args.clean_seconds, {}),
                               (phases[2], args.minutes * 60, sockets)):
@@ -721,7 +746,8 @@ def soak(proc: subprocess.Popen, url: str, rows: list[dict], model: dict, args: 
 
 def report(args: argparse.Namespace, phases: list[Phase], walls: dict[str, float], memory: dict[str, int],
            alive: bool, log_path: Path) -> int:
-    print(f"\nmoefuse serve soak: {args.checkpoint}, {args.minutes:g} min at concurrency {args.concurrency} "
+    built = " (a tiny model built for this run, 2 training steps)" if args.built else ""
+    print(f"\nmoefuse serve soak: {args.checkpoint}{built}, {args.minutes:g} min at concurrency {args.concurrency} "
           f"(bad share {args.bad_share:g}; held: {args.idle_sockets} idle, {args.slow_sockets} slow), after a clean "
           f"run of {args.clean_seconds:g} s (valid requests only, same concurrency)")
     report_valid(phases, walls)
