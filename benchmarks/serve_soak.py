@@ -400,6 +400,7 @@ class Phase:
     held: dict[str, Counter] = field(default_factory=dict)  # socket kind -> outcome -> count
     held_s: dict[str, list[float]] = field(default_factory=dict)  # socket kind -> seconds until the server acted
     retries: int = 0
+    rss: list[int] = field(default_factory=list)  # the server's RSS, bytes, sampled during the phase
 
 
 @dataclass
@@ -431,7 +432,7 @@ class Soak:
         elif len(phase.differ) < 3:
             phase.differ.append(f"{row['id']}: {str(got)[:120]} (offline: {row['expected'].get('prediction')})")
 
-    async def bad_request(self, phase: Phase, n: int) -> None:
+    async def bad_request(self, phase: Phase, n: int) -> int | str:
         name, variants = self.bad[n % len(self.bad)]
         variant, payload = variants[(n // len(self.bad)) % len(variants)]
         outcome = await exchange(self.host, self.port, payload, self.args.request_timeout)
@@ -441,6 +442,7 @@ class Soak:
             seen = phase.examples.setdefault(name, {})
             if outcome[0] not in seen:
                 seen[outcome[0]] = f"{variant}: {outcome[0]} {outcome[2][:90]!r}"
+        return outcome[0]
 
     async def client(self, phase: Phase, k: int, deadline: float) -> None:
         """One client: valid requests on its keep-alive connection, a bad one on a new connection instead."""
@@ -453,13 +455,14 @@ class Soak:
                 phase.sent += 1
                 if rng.random() < phase.bad_share:
                     conn.close()  # a client holds one connection at a time: --concurrency connections in all
-                    await self.bad_request(phase, next(self.counter))
-                    continue
-                row = self.rows[n % len(self.rows)]
-                start = time.perf_counter()
-                outcome = await conn.request(row["request"], self.args.request_timeout)
-                self.check(phase, row, outcome, time.perf_counter() - start)
-                if outcome[0] == "refused":
+                    status = await self.bad_request(phase, next(self.counter))
+                else:
+                    row = self.rows[n % len(self.rows)]
+                    start = time.perf_counter()
+                    outcome = await conn.request(row["request"], self.args.request_timeout)
+                    self.check(phase, row, outcome, time.perf_counter() - start)
+                    status = outcome[0]
+                if status == 503 or isinstance(status, str):  # busy, or no answer: back off as a client would
                     await asyncio.sleep(0.1)
         finally:
             phase.retries += conn.retries
@@ -514,14 +517,28 @@ class Soak:
         return f"answered {watcher.result()[0]}"
 
 
-async def run_phase(state: Soak, phase: Phase, seconds: float, sockets: dict[str, int]) -> float:
-    """--concurrency clients (and `sockets` held) for `seconds` or phase.limit requests -> the wall time."""
+async def run_phase(state: Soak, phase: Phase, seconds: float, sockets: dict[str, int], pid: int) -> float:
+    """--concurrency clients (and `sockets` held) for `seconds` or phase.limit requests, the server's RSS sampled
+    ten times -> the wall time."""
     start = time.monotonic()
     deadline = start + seconds
+
+    async def sample() -> None:
+        for _ in range(10):
+            await asyncio.sleep(seconds / 10)
+            if time.monotonic() >= deadline or not state.alive():
+                return
+            phase.rss.append(tree_rss(pid))
+
     tasks = [state.client(phase, k, deadline) for k in range(state.args.concurrency)]
     tasks += [state.hold(phase, kind, deadline) for kind, n in sockets.items() for _ in range(n)]
+    sampler = asyncio.create_task(sample())
     await asyncio.gather(*tasks)
-    return time.monotonic() - start
+    wall = time.monotonic() - start
+    sampler.cancel()  # the clients are done (all their requests sent, or the server gone)
+    with contextlib.suppress(asyncio.CancelledError):
+        await sampler
+    return wall
 
 
 # -- the server's memory ----------------------------------------------------------------------------------------
@@ -733,7 +750,7 @@ def soak(proc: subprocess.Popen, url: str, rows: list[dict], model: dict, args: 
                               (phases[2], args.minutes * 60, sockets)):
         if ph.name == "soak":
             memory["start"] = tree_rss(proc.pid)
-        walls[ph.name] = asyncio.run(run_phase(state, ph, seconds, held))
+        walls[ph.name] = asyncio.run(run_phase(state, ph, seconds, held, proc.pid))
         print(f"{ph.name}: {walls[ph.name]:.0f} s, {ph.sent} requests", flush=True)
     time.sleep(2.0)  # let the last connections close
     memory["end"] = tree_rss(proc.pid)
@@ -753,7 +770,8 @@ def report(args: argparse.Namespace, phases: list[Phase], walls: dict[str, float
     report_valid(phases, walls)
     report_bad(phases[2], {name: expected for name, expected, _ in CLASSES})
     print(f"\nServer RSS (process tree): loaded {memory['loaded'] / 2**20:.0f} MiB, soak start (after the clean run) "
-          f"{memory['start'] / 2**20:.0f} MiB, end {memory['end'] / 2**20:.0f} MiB")
+          f"{memory['start'] / 2**20:.0f} MiB, end {memory['end'] / 2**20:.0f} MiB; during the soak, every "
+          f"{args.minutes * 6:g} s: {', '.join(f'{b / 2**20:.0f}' for b in phases[2].rss)} MiB")
     server_log(log_path, args.log is not None)
     ok = targets(phases, memory, alive)
     print(f"\ncommand: {command_line()}")
