@@ -7,10 +7,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shlex
+import signal
+import socket
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import IO
 
 REPO = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("moefuse") is None:
@@ -61,3 +67,51 @@ def manifest_rows(manifest: Path, split: str, count: int, model) -> list[dict]:
     for r in rows:
         r["files"] = {f: manifest.parent / r[f] for f in fields if r.get(f)}
     return rows
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(checkpoint: Path, flags: list[str], log: IO | None = None, wait_s: float = 120.0
+                 ) -> tuple[subprocess.Popen, str]:
+    """`moefuse serve --checkpoint CHECKPOINT FLAGS` on a free loopback port, in a session of its own (so that
+    stop_server ends its worker processes too), once it answers /health -> (process, base url). Its output goes to
+    `log` (an open file), else to this terminal; a later flag overrides an earlier one (argparse)."""
+    import httpx
+
+    port = free_port()
+    command = [sys.executable, "-m", "moefuse.cli", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
+               *flags]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=log, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            if proc.poll() is not None:
+                sys.exit(f"error: moefuse serve exited ({proc.returncode}) before it answered /health")
+            time.sleep(0.2)
+    stop_server(proc)
+    sys.exit(f"error: moefuse serve did not answer /health within {wait_s:g} s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """End a server of start_server: SIGTERM (uvicorn stops its workers), then SIGKILL to whatever of its
+    session is left."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # its session's group: the workers, should any outlive it
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)

@@ -29,14 +29,12 @@ import argparse
 import json
 import shlex
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
-from _bench import command_line, manifest_rows, summary
+from _bench import command_line, manifest_rows, start_server, stop_server, summary
 
 from moefuse.fusion.loading import load_inference_model
 from moefuse.inference.predict import export_media, load_media_sample, predict_samples
@@ -142,26 +140,6 @@ def load(url: str, rows: list[dict], concurrency: int, requests: int, seconds: f
             "answers": answers, "done": len(lat)}
 
 
-def start_server(checkpoint: Path, max_batch: int, serve_flags: list[str]) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = ["serve", "--checkpoint", str(checkpoint), "--port", str(port), "--max-batch-size", str(max_batch),
-               "--max-queue", "1024", "--max-connections", "128", *serve_flags]
-    proc = subprocess.Popen([sys.executable, "-m", "moefuse.cli", *command], cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            if proc.poll() is not None:
-                sys.exit("error: moefuse serve exited before it answered /health")
-            time.sleep(0.2)
-    proc.kill()
-    sys.exit("error: moefuse serve did not answer /health within 120 s")
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, default=REPO / "runs" / "avdigits" / "moe" / "model")
@@ -180,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         args.rows, args.requests, args.rounds = 64, 64, 2
     model, media = load_inference_model(args.checkpoint), export_media(args.checkpoint)
     rows = rows_of(args.manifest, args.split, args.rows, model)
-    proc, url = start_server(args.checkpoint, 32, shlex.split(args.serve_flags))
+    proc, url = start_server(args.checkpoint, ["--max-batch-size", "32", "--max-queue", "1024",
+                                               "--max-connections", "128", *shlex.split(args.serve_flags)])
     for r in rows:
         r["request"] = encode_request(url, r)
     try:
@@ -195,8 +174,7 @@ def main(argv: list[str] | None = None) -> None:
             for c in order:
                 measured[c].append(load(url, rows, c, args.requests, args.seconds))
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_server(proc)
     report(base, measured, expected, args)
 
 
