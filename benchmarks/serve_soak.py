@@ -59,8 +59,8 @@ import httpx
 from _bench import REPO, command_line, demo_shards, start_server, stop_server
 from serve_load import encode_request, rows_of
 
-from moefuse.train.checkpoint import load_inference_model
-from moefuse.train.inference import export_media, load_media_sample, predict_samples
+from moefuse.fusion.loading import load_inference_model
+from moefuse.inference.predict import export_media, load_media_sample, predict_samples
 
 LIMIT = 2**20  # longest response head line the client reads
 MAX_BODY = 16 * 2**20  # most response body bytes the client reads
