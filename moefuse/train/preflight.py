@@ -34,7 +34,7 @@ keep checkpoints); any other difference from the run's saved config.yaml is refu
 LAUNCH_HINT = ("start N processes with `accelerate launch --multi_gpu --num_processes N -m moefuse.train ...` "
                "(GPUs; on a machine without GPUs, gloo CPU processes; ACCELERATE_USE_CPU=1 keeps them on the CPU of a "
                "GPU machine), `accelerate launch --config_file configs/accelerate/cpu-2.yaml -m moefuse.train ...`, "
-               "or `torchrun --nproc_per_node N -m moefuse.train ...`")
+               "or `torchrun --standalone --nproc_per_node N -m moefuse.train ...`")
 """The launch commands that start processes forming one group (README.md, "Several GPUs or nodes")."""
 
 PLUGINS = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP": "FSDP",
@@ -83,10 +83,11 @@ def launch_world(environ: Mapping[str, str]) -> int:
     return world
 
 
-def check_launch(environ: Mapping[str, str]) -> int:
+def check_launch(environ: Mapping[str, str], mixed_precision: str) -> int:
     """Before the Accelerator is built (it imports the engine accelerate's launcher chose, e.g. deepspeed): no
-    accelerate engine, launcher variables that agree (`launch_world`), and not accelerate's single-process
-    launcher asked for several processes -> the number of processes the launcher started.
+    accelerate engine, launcher variables that agree (`launch_world`), not accelerate's single-process launcher
+    asked for several processes, and no launcher mixed precision other than train.mixed_precision (which the
+    Accelerator is given, overriding the launcher's) -> the number of processes the launcher started.
 
     That launcher (`accelerate launch --num_processes N` without --multi_gpu on a machine without GPUs, `--cpu`,
     or a config with `use_cpu: true` or distributed_type MULTI_CPU, all without MPI) starts ONE process; it gives
@@ -97,8 +98,14 @@ def check_launch(environ: Mapping[str, str]) -> int:
                 f"{var}=true: accelerate's {engine} is not used by moefuse train (the model is sharded by moefuse "
                 f"itself); set train.fsdp=true (FSDP2: parameters, gradients and AdamW state sharded, as ZeRO-3) or "
                 f"fusion.expert_parallel_size=N, and {LAUNCH_HINT}")
+    launched = environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launched not in ("no", mixed_precision):
+        raise ConfigError(f"accelerate launch asks for {launched} mixed precision (--mixed_precision or its config "
+                          f"file's mixed_precision) and train.mixed_precision={mixed_precision}: moefuse trains with "
+                          f"train.mixed_precision; set it to {launched}, or launch with mixed precision 'no'")
     world = launch_world(environ)
-    if world == 1 and "ACCELERATE_MIXED_PRECISION" in environ and "MASTER_PORT" in environ:
+    no_world = not any(size_var in environ for size_var, _ in WORLD_VARS)
+    if no_world and "ACCELERATE_MIXED_PRECISION" in environ and "MASTER_PORT" in environ:
         raise ConfigError(
             f"accelerate launch started this single process though it was asked for several (MASTER_PORT="
             f"{environ['MASTER_PORT']} is set, WORLD_SIZE is not): without --multi_gpu, or with --cpu or "

@@ -130,7 +130,6 @@ class TrainRecipe:
         from accelerate.utils import set_seed
 
         self.setup_accelerator()
-        check_parallel_layout(self.cfg, self.world)
         self.cfg = prepare_run(self.cfg, self.resume, self.main)
         if self.main:
             acc = self.accelerator
@@ -149,13 +148,14 @@ class TrainRecipe:
     def setup_accelerator(self) -> None:
         """accelerate's Accelerator (mixed precision, gradient accumulation); this process's rank and the world.
 
-        The launch is checked first (`check_launch`: no accelerate engine, launcher variables that agree) and the
-        process group after (`check_process_group`). Processes launched on a machine without an accelerator run
-        on the CPU (gloo): accelerate would otherwise make each of them a separate one-process run unless
-        ACCELERATE_USE_CPU=1 is set."""
+        The launch is checked first (`check_launch`: no accelerate engine, launcher variables that agree; the
+        sharding options against its number of processes) and the process group after (`check_process_group`).
+        Processes launched on a machine without an accelerator run on the CPU (gloo): accelerate would otherwise
+        make each of them a separate one-process run unless ACCELERATE_USE_CPU=1 is set."""
         from accelerate import Accelerator, DistributedDataParallelKwargs
 
-        world = check_launch(os.environ)
+        world = check_launch(os.environ, self.t.mixed_precision)
+        check_parallel_layout(self.cfg, world)
         self.accelerator = Accelerator(
             cpu=world > 1 and not torch.accelerator.is_available(),
             mixed_precision=self.t.mixed_precision,
