@@ -119,7 +119,7 @@ def check_process_group(world: int, num_processes: int, grouped: bool, engine: s
     size (`grouped`: torch.distributed is initialised with that world size) as accelerate's `num_processes`."""
     if world > 1 and (num_processes != world or not grouped):
         raise ConfigError(
-            f"the launcher started {world} processes (WORLD_SIZE={world}), but accelerate set up {num_processes} "
+            f"the launcher started {world} processes, but accelerate set up {num_processes} "
             f"({engine}, no process group of {world}): each process would train alone into the same run folder. "
             f"{LAUNCH_HINT[0].upper()}{LAUNCH_HINT[1:]}")
 
