@@ -75,7 +75,7 @@ def run(cmd: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedP
 
 
 def one_group(proc: subprocess.CompletedProcess, out: Path) -> None:
-    """The run trained as ONE group of 2 processes: both ranks took their own samples into the same run folder
+    """The run trained as ONE group of 2 processes: ranks 0 and 1 both recorded their samples in the run folder
     (two separate one-process runs would both be rank 0), and the model was exported."""
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
