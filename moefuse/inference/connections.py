@@ -9,6 +9,8 @@ large_client_header_buffers and client_body_timeout, Apache's LimitRequestFields
 * a connection waits for its request: from when it is opened, or from the end of its last answer, its request's
   headers must be complete within `header_timeout_s`, else it is closed (with a 408 if part of a request came);
 * the request line and headers together are at most MAX_HEADER_BYTES, in at most MAX_HEADERS fields: 431;
+* at most MAX_PIPELINED requests wait behind the one being answered (HTTP/1.1 pipelining): more close the
+  connection, so a client cannot queue a request per 18 bytes it sends;
 * connections waiting for their request (its headers or its body) are at most `max_waiting`: one more closes
   the one that has waited longest, so a flood of silent or trickling sockets never blocks a new client;
 * a request holds its connection at most `request_timeout_s` (the app answers 504 before; this closes a client
@@ -24,9 +26,12 @@ error line, and `run` serves a bound socket with one process or several.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import socket
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +43,7 @@ from moefuse.errors import UserError
 
 MAX_HEADER_BYTES = 16 * 1024  # the request line and headers together (uvicorn's h11 and Node's default)
 MAX_HEADERS = 100  # header fields per request (Apache's LimitRequestFields)
+MAX_PIPELINED = 32  # requests queued behind the one being answered on one connection
 
 
 @dataclass
@@ -59,8 +65,12 @@ class GuardedConfig(uvicorn.Config):
         self.connection_limits = limits
 
 
-class HeadersTooLarge(Exception):
-    """The request line and headers are over a limit (raised inside the parser's callbacks to stop it)."""
+class Refusal(Exception):
+    """A request refused from inside the parser's callbacks (raising stops the parser): the status and why."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 def json_response(status: int, message: str) -> bytes:
@@ -119,7 +129,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         if self.in_headers and (self.cycle is None or self.cycle.response_complete):
             self.transport.write(json_response(status, message))
-        self.transport.close()
+        self._end()
+
+    def _end(self) -> None:
+        """Close; abort (RST) if what was written cannot be sent, a client that does not read: close() would wait
+        for it to be sent, holding the connection forever."""
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()
+        else:
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.waiting.pop(self, None)
@@ -137,8 +155,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         except httptools.HttpParserUpgrade:  # websockets are off: an upgrade request is answered as plain HTTP
             pass
         except httptools.HttpParserError as e:
-            if isinstance(e.__context__, HeadersTooLarge):
-                self._close(431, str(e.__context__))
+            if isinstance(e.__context__, Refusal):
+                self._close(e.__context__.status, str(e.__context__))
             else:
                 self._close(400, "the request is not valid HTTP/1.1")
             return
@@ -156,7 +174,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.field_bytes += size
         self.header_count += fields
         if self.field_bytes > self.limits.max_header_bytes or self.header_count > self.limits.max_headers:
-            raise HeadersTooLarge(self._too_large())
+            raise Refusal(431, self._too_large())
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -177,6 +195,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel("header_timer")
         if self.cycle is None or self.cycle.response_complete:  # it is served now, not queued behind another
             self._start_request_timer()
+        elif len(self.pipeline) >= MAX_PIPELINED:
+            raise Refusal(429, f"over {MAX_PIPELINED} requests sent ahead of their answers; read the answers")
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -194,7 +214,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """The answer has not been sent (or read by the client) in time: close the connection."""
         self.request_timer = None
         self.waiting.pop(self, None)
-        self.transport.close()
+        self._end()
 
     def on_response_complete(self) -> None:
         pipelined = bool(self.pipeline)
@@ -245,3 +265,19 @@ def run(config: GuardedConfig, sock: socket.socket) -> bool:
     server = uvicorn.Server(config)
     server.run(sockets=[sock])
     return server.started
+
+
+@contextlib.contextmanager
+def run_in_thread(config: GuardedConfig, sock: socket.socket) -> Iterator[uvicorn.Server]:
+    """Serve on `sock` in a thread of this process while the block runs (tests and benchmarks); stops after."""
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    try:
+        while not server.started and thread.is_alive():
+            threading.Event().wait(0.01)
+        yield server
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

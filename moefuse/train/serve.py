@@ -7,10 +7,11 @@
 The routes, the request formats and the errors: `moefuse.train.server`, the library this entry point runs; how
 connections are bounded: `moefuse.inference.connections`.
 
-Exit codes: 0 after a clean stop (SIGINT or SIGTERM); 2 when it cannot start, with one `moefuse serve: error:`
-line naming the cause: a bad flag or model folder, or an address it cannot listen on (the port in use, a host that
-is not an address or a known name, an address not of this machine, a port that needs privileges); 1 when the server
-failed after its start; 130 when interrupted while loading.
+Exit codes: 2 when it cannot start, with one `moefuse serve: error:` line naming the cause: a bad flag or model
+folder, or an address it cannot listen on (the port in use, a host that is neither an address nor a known name, an
+address not of this machine, a port that needs privileges), checked before the model loads; 1 when the server
+stopped before serving; after SIGINT, 130, and after SIGTERM, death by that signal (143 in a shell), each once the
+requests under way are answered (uvicorn's graceful shutdown).
 """
 
 from __future__ import annotations

@@ -352,7 +352,7 @@ ROUTES = "GET /health, GET /info and POST /predict"
 
 
 def refuse(status: int, message: str, field: str | None = None, close: bool = False) -> JSONResponse:
-    """The API's error answer; `close`: end the connection after it (its request was not read to the end)."""
+    """The API's error answer; `close`: end the connection after it."""
     headers = {"connection": "close"} if close else {}
     if status == 503:
         headers["retry-after"] = "1"
@@ -386,20 +386,19 @@ def create_app(server: ModelServer) -> FastAPI:
 
     @app.post("/predict", response_model=None)
     async def predict(request: Request) -> dict | JSONResponse:
-        limits, arrived = server.limits, False
+        limits = server.limits
         try:
             async with asyncio.timeout(limits.timeout_s):
-                body = await read_body(request, limits.max_upload_bytes)
-                arrived = True
+                body = await read_body(request, limits.max_upload_bytes)  # not yet served: it has not all come
                 with server.serving():
                     fields = await request_fields(request, body, server.files, limits.max_upload_bytes)
                     return await server.predict(fields)
-        except RequestError as e:
-            return refuse(e.status, e.message, e.field, close=not arrived)
+        except RequestError as e:  # the rest of a body not read is discarded as it comes, header_timeout_s at most
+            return refuse(e.status, e.message, e.field)
         except QueueFull as e:
             return refuse(503, f"the server is busy ({e}); retry later")
         except TimeoutError:
-            return refuse(504, f"no answer within {limits.timeout_s:g} s (timeout_s)", close=not arrived)
+            return refuse(504, f"no answer within {limits.timeout_s:g} s (timeout_s)")
         except ClientDisconnect:
             return refuse(400, "the client closed the connection before its request had arrived", close=True)
 
