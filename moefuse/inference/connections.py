@@ -232,9 +232,11 @@ def listen_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to host:port (not yet listening), or a UserError naming the address and the fix."""
     if not host.strip():
         raise UserError("--host is empty: give an address to listen on, e.g. 127.0.0.1 (this machine only)")
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port} is not a TCP port: give one in 1..65535 (0: any free port)")
+    try:  # a name with several addresses (localhost: ::1 and 127.0.0.1) is served on its IPv4 one, if any
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = min(found, key=lambda a: a[0] != socket.AF_INET)
     except (socket.gaierror, UnicodeError, ValueError) as e:
         raise UserError(f"--host {host!r} is neither an IP address nor a known host name ({e}): give one, e.g. "
                         f"127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None

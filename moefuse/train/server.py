@@ -318,11 +318,7 @@ class ModelServer:
                     data, filename = fields[f]  # type: ignore[misc]
                     suffix = Path(filename).suffix  # the client's: kept only if a plain extension (a format hint)
                     path = Path(tmp) / (f + (suffix if re.fullmatch(r"\.[A-Za-z0-9]{1,15}", suffix) else ""))
-                    try:
-                        path.write_bytes(data)
-                    except OSError:
-                        raise RequestError(503, "the server cannot store the upload now (its disk); retry later",
-                                           f) from None
+                    path.write_bytes(data)
                     inputs[f] = path
             try:
                 return load_media_sample(self.model, uuid.uuid4().hex, task, media=self.media,
@@ -334,9 +330,17 @@ class ModelServer:
                 raise RequestError(422, f"the sample cannot be read: {public(describe(e), tmp)}") from None
 
     async def predict(self, fields: dict[str, str | tuple[bytes, str]]) -> dict:
+        """The answer for one request's fields; whatever fails on this sample is a RequestError (its 4xx)."""
         task = self._check(fields)
         loop = asyncio.get_running_loop()
-        sample = await loop.run_in_executor(self.decoder, self._decode, fields, task)
+        try:
+            sample = await loop.run_in_executor(self.decoder, self._decode, fields, task)
+        except RequestError:
+            raise
+        except OSError:  # the temporary folder of the upload: the server's disk, not the request
+            raise RequestError(503, "the server cannot store the upload now (its disk); retry later") from None
+        except Exception as e:
+            raise RequestError(422, f"the sample cannot be read: {public(describe(e))}") from None
         try:
             result = await self.batcher.submit(sample)
         except (QueueFull, asyncio.CancelledError):
