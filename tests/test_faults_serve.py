@@ -600,6 +600,13 @@ class TestBodiesAreParsedWholeOrRefused:
         assert answer.status_code == 200 and set(answer.json()["modalities"].split("+")) == {"text", "image"}
 
 
+    def test_a_whole_json_body_with_base64_media_is_answered(self, served: tuple[str, int], image: bytes) -> None:
+        """The control for the JSON variants: a whole, valid JSON body with base64 media is answered."""
+        url, _ = served
+        answer = post_json(url, {"task": "digit", "image": base64.b64encode(image).decode()})
+        assert answer.status_code == 200 and answer.json()["modalities"] == "image"
+
+
 class TestNothingOfTheServerLeaks:
     """Answers show no path of the server and never echo a client's long field name whole."""
 
@@ -668,6 +675,16 @@ class TestStartUpFailures:
         err = capsys.readouterr().err
         assert err.startswith("moefuse serve: error:") and says in err and len(err.strip().splitlines()) == 1
 
+    @pytest.mark.parametrize("port", ["70000", "-1"])
+    def test_not_a_port(self, tmp_path: Path, capsys, port: str) -> None:
+        try:
+            code = cli(["serve", "--checkpoint", str(tmp_path / "none"), "--port", port])
+        except SystemExit as e:  # argparse may refuse it first, with its usage line
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2
+        assert "--port" in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2
+
     def test_help_renders(self, capsys) -> None:
         with pytest.raises(SystemExit) as done:
             cli(["serve", "--help"])
@@ -681,9 +698,3 @@ class TestStartUpFailures:
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("moefuse serve: error:")
 
-
-def test_media_body_in_base64_still_answers(served: tuple[str, int], image: bytes) -> None:
-    """A control for the JSON path: a whole, valid JSON body with base64 media is answered."""
-    url, _ = served
-    answer = post_json(url, {"task": "digit", "image": base64.b64encode(image).decode()})
-    assert answer.status_code == 200 and answer.json()["modalities"] == "image"

@@ -4,7 +4,7 @@ uvicorn bounds neither the time a client may take to send its request's headers 
 `limit_concurrency` counts every open connection, so silent sockets took the server from everyone else (64 of them
 made even /health answer 503 for as long as they were held). `GuardedHttpToolsProtocol` is uvicorn's httptools
 protocol with the guards a public server puts before its application (nginx's client_header_timeout,
-large_client_header_buffers and client_body_timeout, Apache's LimitRequestFields, RFC 9110 §15.5.9 and RFC 6585 §5):
+large_client_header_buffers and send_timeout, Apache's LimitRequestFields; RFC 9110 §15.5.9 408, RFC 6585 §5 431):
 
 * a connection waits for its request: from when it is opened, or from the end of its last answer, its request's
   headers must be complete within `header_timeout_s`, else it is closed (with a 408 if part of a request came);
@@ -13,8 +13,8 @@ large_client_header_buffers and client_body_timeout, Apache's LimitRequestFields
   connection, so a client cannot queue a request per 18 bytes it sends;
 * connections waiting for their request (its headers or its body) are at most `max_waiting`: one more closes
   the one that has waited longest, so a flood of silent or trickling sockets never blocks a new client;
-* a request holds its connection at most `request_timeout_s` (the app answers 504 before; this closes a client
-  that does not read its answer);
+* a request holds its connection at most `request_timeout_s` (the app answers 504 at its own timeout, the body
+  read or not; this cuts off a client that does not read its answer);
 * what the HTTP parser refuses is a 400, and every refusal here is the API's JSON `{"error", "field"}`.
 
 Requests being served (their body read) are counted by the application (`ModelServer.serving`), not here: a
