@@ -5,7 +5,8 @@ Placeholders in the README's commands are real there: `runs/x` is a trained run 
 `data/manifest.jsonl` its manifest (the README's
 build-shards line builds `data/shards` from it), `configs/x.yaml` configs/tiny.yaml, `clip.wav` a
 recording, `samples.jsonl` a manifest. Commands that would take minutes run shorter (`SHORTER`: fewer steps or
-samples, same flags). `accelerate launch` lines are run or mirrored by tests/test_faults_launch.py; `make` targets
+samples, same flags). `accelerate launch` and `torchrun` lines are run or mirrored by
+tests/test_faults_launch.py; `make` targets
 must exist in the Makefile (CI runs `make test` and `make lint`; `make demo` is mirrored by a short demo here).
 A command of a kind this file does not know fails the test: add a way to run it.
 """
@@ -67,13 +68,21 @@ def readme_commands() -> list[tuple[int, list[str]]]:
 
 
 COMMANDS = readme_commands()
-KINDS = {"moefuse", "make", "accelerate", "curl", "python"}
+KINDS = {"moefuse", "make", "accelerate", "torchrun", "curl", "python"}
 
 
 def test_the_readme_has_commands_and_python_and_every_command_is_of_a_known_kind() -> None:
     assert len(COMMANDS) > 20 and sum(b.lang == "python" for b in readme_blocks()) >= 2
     unknown = [f"line {n}: {shlex.join(a)}" for n, a in COMMANDS if a[0] not in KINDS]
     assert not unknown, f"README commands this test cannot run or mirror: {unknown}"
+
+
+def test_every_launch_line_is_one_that_the_launch_tests_run_or_mirror() -> None:
+    from test_faults_launch import readme_commands as launch_commands
+
+    covered = launch_commands()
+    launches = [(n, a) for n, a in COMMANDS if a[0] in ("accelerate", "torchrun")]
+    assert launches and all(a in covered for _, a in launches), [a for _, a in launches if a not in covered]
 
 
 def test_every_make_target_the_readme_names_exists() -> None:

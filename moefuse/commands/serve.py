@@ -4,7 +4,14 @@
     curl -s localhost:8000/info
     curl -s -F task=avqa -F "question=what digit is spoken?" -F audio=@clip.wav localhost:8000/predict
 
-The routes, the request formats and the errors: `moefuse.inference.server`, the library this entry point runs.
+The routes, the request formats and the errors: `moefuse.inference.server`, the library this entry point runs; how
+connections are bounded: `moefuse.inference.connections`.
+
+Exit codes: 2 when it cannot start, with one `moefuse serve: error:` line naming the cause: a bad flag or model
+folder, or an address it cannot listen on (the port in use, a host that is neither an address nor a known name, an
+address not of this machine, a port that needs privileges), checked before the model loads; 1 when the server
+stopped before serving; after SIGINT, 130, and after SIGTERM, death by that signal (143 in a shell), each once the
+requests under way are answered (uvicorn's graceful shutdown).
 With --workers N, uvicorn starts N processes that each build their app with `app_from_environment` below.
 """
 
@@ -15,6 +22,7 @@ import json
 import os
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,6 +30,7 @@ import torch
 from moefuse.configutil import field_docs
 from moefuse.errors import command, positive_int
 from moefuse.fusion.loading import load_inference_model
+from moefuse.inference.connections import ConnectionLimits, GuardedConfig, listen_socket, run
 from moefuse.inference.predict import export_media
 from moefuse.inference.server import ModelServer, ServeLimits, create_app
 
@@ -51,7 +60,7 @@ def app_from_environment() -> FastAPI:
     torch.set_num_threads(settings.threads)
     model = load_inference_model(settings.checkpoint, int8=settings.int8, cache_encoders=settings.cache_encoders)
     server = ModelServer(model, export_media(settings.checkpoint), ServeLimits(**(settings.limits or {})),
-                         name=settings.checkpoint)
+                         name=Path(settings.checkpoint).name)  # the folder's name, not its path
     return create_app(server)
 
 
@@ -81,28 +90,37 @@ def main(argv: list[str] | None = None) -> int:
     for name, kind in (("max_upload_mb", _number), ("max_audio_seconds", _number), ("max_image_pixels", positive_int),
                        ("max_text_chars", positive_int), ("timeout_s", _number), ("max_batch_size", positive_int),
                        ("max_wait_ms", _number), ("max_queue", positive_int), ("max_connections", positive_int),
-                       ("decode_threads", positive_int)):
+                       ("header_timeout_s", _number), ("decode_threads", positive_int)):
+        doc = docs.get(name, name).replace("%", "%%")  # argparse formats help with %: a literal one is %%
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=getattr(defaults, name),
-                       help=f"{docs.get(name, name)} (default {getattr(defaults, name)})")
+                       help=f"{doc} (default {getattr(defaults, name)})")
     args = p.parse_args(argv)
     limits = ServeLimits(**{k: getattr(args, k) for k in ServeLimits.__dataclass_fields__ if hasattr(args, k)})
+    sock = listen_socket(args.host, args.port)  # before the model loads: an address in use fails at once
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     torch.set_num_threads(threads)
     model = load_inference_model(args.checkpoint, int8=args.int8, cache_encoders=args.cache_encoders)  # checked here
-    import uvicorn  # imported here: `moefuse serve --help` stays fast
-
-    print(f"moefuse serve: {args.checkpoint} on http://{args.host}:{args.port} (tasks {', '.join(model.task_names)}; "
-          f"workers {args.workers}, torch threads {threads} each)", file=sys.stderr, flush=True)
-    options = dict(host=args.host, port=args.port, log_level="warning", limit_concurrency=limits.max_connections,
-                   timeout_keep_alive=5)
+    host, port = sock.getsockname()[:2]
+    print(f"moefuse serve: {args.checkpoint} on http://{host if ':' not in host else f'[{host}]'}:{port} (tasks "
+          f"{', '.join(model.task_names)}; workers {args.workers}, torch threads {threads} each)", file=sys.stderr,
+          flush=True)
+    connection_limits = ConnectionLimits(header_timeout_s=limits.header_timeout_s,
+                                         request_timeout_s=limits.timeout_s + limits.header_timeout_s,
+                                         max_waiting=limits.max_connections)
+    options = dict(host=host, port=port, log_level="warning", timeout_keep_alive=5, ws="none", lifespan="on",
+                   proxy_headers=False, server_header=False, limits=connection_limits)
     if args.workers == 1:  # this process serves, with the model it has loaded
-        server = ModelServer(model, export_media(args.checkpoint), limits, name=str(args.checkpoint))
-        uvicorn.run(create_app(server), **options)
-        return 0
-    del model  # each worker process loads its own
-    os.environ[SETTINGS_ENV] = json.dumps(asdict(ServeSettings(
-        checkpoint=str(args.checkpoint), int8=args.int8, cache_encoders=args.cache_encoders, threads=threads,
-        limits=asdict(limits))))
-    uvicorn.run("moefuse.commands.serve:app_from_environment", factory=True, workers=args.workers, **options)
+        server = ModelServer(model, export_media(args.checkpoint), limits, name=Path(args.checkpoint).name)
+        served = run(GuardedConfig(create_app(server), **options), sock)
+    else:
+        del model  # each worker process loads its own
+        os.environ[SETTINGS_ENV] = json.dumps(asdict(ServeSettings(
+            checkpoint=str(args.checkpoint), int8=args.int8, cache_encoders=args.cache_encoders, threads=threads,
+            limits=asdict(limits))))
+        served = run(GuardedConfig("moefuse.commands.serve:app_from_environment", factory=True, workers=args.workers,
+                                   **options), sock)
+    if not served:
+        print("moefuse serve: error: the server stopped before it served (its log above says why)", file=sys.stderr)
+        return 1
     return 0
 

@@ -21,6 +21,7 @@ from moefuse.configutil import ConfigError
 from moefuse.datasets.collate import has_value
 from moefuse.datasets.manifest import read_manifest
 from moefuse.datasets.media import MediaError
+from moefuse.errors import UserError
 from moefuse.inference.records import records_from_output
 from moefuse.pretrained.folder import read_export_info
 
@@ -84,11 +85,32 @@ def load_media_sample(model: MultimodalMoEModel, sid: str, task: str, *, media: 
     for f, value in given.items():
         if f not in owner or owner[f] not in model.encoders:
             raise _of_field(ConfigError(f"this model has no {owner.get(f, f)} encoder; drop {spell(f)}"), f)
+        if isinstance(value, str) and not is_utf8(value):  # the tokenizers refuse them later, with a TypeError
+            raise _of_field(ConfigError(f"{spell(f)} is not valid UTF-8 text (it holds an unpaired surrogate or "
+                                        f"undecodable bytes)"), f)
         try:
             sample[f] = model.encoders[owner[f]].read_input(f, value, media or DEFAULT_MEDIA)
-        except MediaError as e:
+        except UserError as e:
             raise _of_field(e, f) from None
+        except Exception as e:  # any other failure of a reader is this input's, never the caller's crash
+            raise _of_field(MediaError(f"{spell(f)} cannot be read: {describe(e)}"), f) from None
     return sample
+
+
+def is_utf8(text: str) -> bool:
+    """Whether `text` encodes as UTF-8: False for lone surrogates (from JSON escapes such as \\ud800, or from
+    undecodable bytes that Python keeps as surrogates, e.g. in argv)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def describe(error: BaseException, limit: int = 300) -> str:
+    """`Type: message` of an unexpected exception, for the one sample it is about, cut to `limit` characters."""
+    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _of_field(error: Exception, field: str) -> Exception:
@@ -162,12 +184,12 @@ def predict_samples(model: MultimodalMoEModel, samples: list[dict], batch_size: 
         chunk = samples[i : i + batch_size]
         try:
             results += _predict_batch(model, collator, chunk, min_confidence)
-        except (ValueError, RuntimeError):
+        except Exception:  # whatever failed (collation, a tokenizer, the model): find the samples it was about
             for sample in chunk:
                 try:
                     results += _predict_batch(model, collator, [sample], min_confidence)
-                except (ValueError, RuntimeError) as e:
-                    results.append({"id": sample["id"], "task": sample["task"], "error": f"{type(e).__name__}: {e}"})
+                except Exception as e:
+                    results.append({"id": sample["id"], "task": sample["task"], "error": describe(e)})
     position = {s["id"]: k for k, s in enumerate(samples)}
     return sorted(results, key=lambda r: position[r["id"]])
 
@@ -185,7 +207,7 @@ def manifest_samples(model: MultimodalMoEModel, manifest: Path, media: dict | No
         try:
             sample = load_media_sample(model, row.id, row.task, media=media, target=target, meta=row.meta,
                                        text=row.text, question=row.question, image=row.image, audio=row.audio)
-        except (MediaError, ConfigError) as e:
+        except UserError as e:
             bad.append({"line": row.line, "id": row.id, "task": row.task, "error": str(e)})
             continue
         samples.append({**sample, "line": row.line})
