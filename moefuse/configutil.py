@@ -126,12 +126,13 @@ _BY_ORIGIN = {Union: _convert_union, types.UnionType: _convert_union, Literal: _
               list: _convert_sequence, tuple: _convert_sequence, dict: _convert_mapping}
 """Converters of the generic annotations, by `get_origin(annotation)`."""
 _SCALARS = {
-    float: ("a number", lambda v: _is_int(v) or isinstance(v, float), float),
+    float: ("a finite number", lambda v: _is_int(v) or (isinstance(v, float) and math.isfinite(v)), float),
     int: ("an integer", _is_int, None),
     bool: ("true or false", lambda v: isinstance(v, bool), None),
     str: ("a string", lambda v: isinstance(v, str), None),
 }
-"""Scalar annotation -> (what the error says is expected, the check, the conversion or None)."""
+"""Scalar annotation -> (what the error says is expected, the check, the conversion or None). A float must be
+finite: no setting means "unlimited" by inf, and nan compares false with every bound its __post_init__ checks."""
 
 
 def _convert_scalar(value: Any, tp: Any, key: str) -> Any:
@@ -139,7 +140,7 @@ def _convert_scalar(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: null is not allowed, expected {_type_name(tp)}")
     if tp is float and isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string; take what float() does
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
     if tp not in _SCALARS:
