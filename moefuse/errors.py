@@ -49,14 +49,30 @@ def os_error_message(e: OSError) -> str:
 
 
 @contextmanager
-def naming(path: str | Path) -> Iterator[None]:
-    """Re-raise an OSError that names no file (a failed write() or flush()) as one that names `path`."""
+def naming(path: str | Path, temp: str | Path | None = None) -> Iterator[None]:
+    """Re-raise an OSError that names no file (a failed write() or flush()) as one that names `path`. With `temp`,
+    the temporary file or folder an atomic write goes through before its rename to `path`, an error that names
+    `temp` or a file in it names the same place under `path` instead: the user asked for `path`, and `temp` is
+    gone by the time they read the message."""
     try:
         yield
     except OSError as e:
-        if e.filename is None:
-            raise type(e)(e.errno, e.strerror or str(e), str(path)) from e
+        final = str(path) if e.filename is None else final_name(e.filename, temp, path)
+        if final is not None:
+            raise type(e)(e.errno, e.strerror or str(e), final) from e
         raise
+
+
+def final_name(name: str | bytes | int, temp: str | Path | None, path: str | Path) -> str | None:
+    """`name` with its `temp` part replaced by `path` (`run/.model.tmp/x.bin` -> `run/model/x.bin`), or None when
+    `name` is not `temp` or under it."""
+    if temp is None or not isinstance(name, str):
+        return None
+    try:
+        below = Path(name).relative_to(temp)
+    except ValueError:
+        return None
+    return str(Path(path) / below) if below.parts else str(path)
 
 
 EXIT_STDOUT_CLOSED = 128 + 13
@@ -210,6 +226,6 @@ def help_text(text: str) -> str:
     return text.replace("%", "%%")
 
 
-__all__ = ["EXIT_STDOUT_CLOSED", "MAX_PROCESSES", "Number", "UserError", "command", "detach_stdout", "flush_stdout",
-           "fraction", "help_text", "naming", "non_negative_int", "os_error_message", "port", "positive_float",
-           "positive_int", "probability", "process_count", "seed", "stdout_closed"]
+__all__ = ["EXIT_STDOUT_CLOSED", "MAX_PROCESSES", "Number", "UserError", "command", "detach_stdout", "final_name",
+           "flush_stdout", "fraction", "help_text", "naming", "non_negative_int", "os_error_message", "port",
+           "positive_float", "positive_int", "probability", "process_count", "seed", "stdout_closed"]

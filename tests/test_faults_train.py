@@ -128,6 +128,7 @@ def test_full_disk_during_a_checkpoint_leaves_no_temp_and_keeps_config(fault_dat
     assert done.returncode == 2, done.stderr
     no_traceback(done.stderr)
     assert "moefuse train: error:" in done.stderr and str(out / "checkpoints") in done.stderr
+    assert ".tmp" not in done.stderr  # the error names the checkpoint, not the temp folder that is gone
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
     assert (out / "config.yaml").is_file()
 
@@ -195,6 +196,7 @@ def test_full_disk_during_moefuse_export_keeps_the_old_export(copy_run: Path) ->
     assert done.returncode == 2, done.stderr
     no_traceback(done.stderr)
     assert "moefuse export: error:" in done.stderr and str(copy_run / "model") in done.stderr
+    assert ".tmp" not in done.stderr  # the error names the export folder, not the temp folder that is gone
     assert not [p for p in copy_run.iterdir() if p.name.startswith(".model")]
     assert (copy_run / "model" / "model.safetensors").read_bytes() == before
 

@@ -82,7 +82,7 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, trainer_state: dict
     final = ckpt_root / f"step-{step:07d}"
     tmp = ckpt_root / f".tmp-step-{step:07d}"
     try:
-        with naming(tmp):
+        with naming(final, temp=tmp):
             if accelerator.is_main_process:
                 if tmp.exists():
                     shutil.rmtree(tmp)
@@ -104,7 +104,7 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, trainer_state: dict
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise
-        raise OSError(errno.EIO, f"cannot write checkpoint {final.name}: {e}", str(tmp)) from e
+        raise OSError(errno.EIO, f"cannot write checkpoint {final.name}: {e}", str(final)) from e
     if accelerator.is_main_process:
         best = (ckpt_root / "best").read_text().strip() if (ckpt_root / "best").exists() else None
         steps = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
@@ -179,7 +179,7 @@ def export_model(model: MultimodalMoEModel, out_dir: str | Path, extra: dict | N
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     try:
-        with naming(tmp):
+        with naming(out_dir, temp=tmp):
             if out_dir.exists() and not out_dir.is_dir():
                 raise NotADirectoryError(errno.ENOTDIR, "a file is in the way of the export folder", str(out_dir))
             if tmp.exists():
