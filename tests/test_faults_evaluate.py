@@ -190,3 +190,12 @@ def test_model_with_fewer_tasks_counts_the_other_samples(fault_run: Path, fault_
     assert evaluate_cli(out / "model", fault_data["shards"], "--json", str(report)) == 0
     data = json.loads(report.read_text())
     assert list(data["tasks"]) == ["digit"] and data["data"]["skipped_other_task"] > 0
+
+
+@pytest.mark.parametrize("drop", [["text", "image", "audio"], ["audio", "image", "text", "audio"]])
+def test_dropping_every_modality_is_refused(fault_run: Path, fault_data: dict, drop: list[str], capsys) -> None:
+    """`--drop` of every modality the model reads leaves no input: one line, nothing evaluated."""
+    assert evaluate_cli(fault_run / "model", fault_data["shards"], "--drop", *drop) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("moefuse evaluate: error: dropping text, image, audio (--drop, data.drop_modalities) removes every "
+                   "modality the model reads, so no sample would have an input: keep at least one"), err

@@ -45,6 +45,7 @@ from moefuse.train.optim import build_optimizer, build_scheduler
 from moefuse.train.plots import save_routing_heatmap
 from moefuse.train.preflight import (
     check_metric,
+    check_modalities,
     check_output_dir,
     check_parallel_layout,
     check_resume_config,
@@ -76,6 +77,7 @@ def prepare_run(cfg: ExperimentConfig, resume: bool, main: bool) -> ExperimentCo
         raise ConfigError(f"--resume: no checkpoint under {ckpt_root}; start the run without --resume")
     tasks = resolve_tasks(cfg)
     check_metric(cfg, tasks)
+    check_modalities(cfg)
     cfg = replace(cfg, tasks=tasks)
     if resume:
         check_resume_config(out, cfg)
