@@ -127,12 +127,13 @@ _BY_ORIGIN = {Union: _convert_union, types.UnionType: _convert_union, Literal: _
               list: _convert_sequence, tuple: _convert_sequence, dict: _convert_mapping}
 """Converters of the generic annotations, by `get_origin(annotation)`."""
 _SCALARS = {
-    float: ("a number", lambda v: _is_int(v) or isinstance(v, float), float),
+    float: ("a finite number", lambda v: _is_int(v) or (isinstance(v, float) and math.isfinite(v)), float),
     int: ("an integer", _is_int, None),
     bool: ("true or false", lambda v: isinstance(v, bool), None),
     str: ("a string", lambda v: isinstance(v, str), None),
 }
-"""Scalar annotation -> (what the error says is expected, the check, the conversion or None)."""
+"""Scalar annotation -> (what the error says is expected, the check, the conversion or None). A float must be
+finite: no setting means "unlimited" by inf, and nan compares false with every bound its __post_init__ checks."""
 
 
 def _convert_scalar(value: Any, tp: Any, key: str) -> Any:
@@ -140,7 +141,7 @@ def _convert_scalar(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: null is not allowed, expected {_type_name(tp)}")
     if tp is float and isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string; take what float() does
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
     if tp not in _SCALARS:
@@ -275,6 +276,11 @@ def replace_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+TEMP_NAME_CHARS = 100
+"""An atomic write's temp file is `.NAME.XXXXXXXX.tmp` with NAME cut to this many characters, so that any name the
+file system takes for the file itself (up to 255 bytes) also fits its temp file."""
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write to a temp file in the same folder, then rename: readers never see a half-written file."""
     atomic_write_bytes(path, text.encode("utf-8"))
@@ -287,23 +293,32 @@ def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> Non
     A failure (full disk, a folder or file in the way) raises an OSError that names `path`, and leaves no temp
     file behind and any earlier `path` as it was."""
     path = Path(path)
-    with naming(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_dir():
-            raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                if fsync:
-                    os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the permissions open() would
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+    prefix = f".{path.name[:TEMP_NAME_CHARS]}."
+    try:
+        with naming(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_dir():
+                raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
+            fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    if fsync:
+                        os.fsync(f.fileno())
+                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the permissions open() would
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+    except OSError as e:  # mkstemp, chmod or replace failed on the temp file: the user asked for `path`
+        said = e.filename
+        if isinstance(said, str) and os.path.dirname(said) == str(path.parent) and \
+                os.path.basename(said).startswith(prefix) and said.endswith(".tmp"):
+            raise type(e)(e.errno, e.strerror or str(e), str(path)) from e
+        raise
+
 
 
 def sha256_file(path: str | Path) -> str:

@@ -17,7 +17,8 @@ from pathlib import Path
 from moefuse.config import load_config
 from moefuse.configutil import ConfigError, atomic_write_text, dumps_json
 from moefuse.datasets import BuildOptions, build_shards, make_demo_data, read_manifest
-from moefuse.errors import command
+from moefuse.datasets.demo import MAX_COUNT, MIN_COUNT
+from moefuse.errors import Number, command, seed
 from moefuse.evaluation.report import evaluate, format_summary
 from moefuse.fusion.loading import load_inference_model
 from moefuse.inference.predict import export_media, load_media_sample, predict_samples
@@ -47,8 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="moefuse demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("outputs/demo"), help="folder for every demo output")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="training config (default configs/tiny.yaml)")
-    p.add_argument("--count", type=int, default=2000, help="demo samples to generate")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--count", type=Number(int, MIN_COUNT, MAX_COUNT), default=2000,
+                   help=f"demo samples to generate, {MIN_COUNT}-{MAX_COUNT} (default 2000)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the data, the splits and training, 0 to 2**32 - 1")
     p.add_argument("overrides", nargs="*", help="extra config overrides, e.g. train.max_steps=50")
     return p.parse_args(argv)
 

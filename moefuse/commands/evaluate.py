@@ -11,7 +11,7 @@ from pathlib import Path
 
 from moefuse.configutil import ConfigError, atomic_write_text, dumps_json
 from moefuse.datasets.corruption import Corruption
-from moefuse.errors import command, non_negative_int, os_error_message, positive_int
+from moefuse.errors import MAX_PROCESSES, Number, command, os_error_message, positive_int
 from moefuse.evaluation.report import evaluate, format_summary
 
 
@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heatmap", type=Path, help="write the modality x expert routing heatmap (PNG) here")
     p.add_argument("--plots", type=Path, metavar="DIR",
                    help="write each task's reliability diagram and risk-coverage curve (confidence-TASK.png) here")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--num-workers", type=non_negative_int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="samples per batch, >= 1 (default 64)")
+    p.add_argument("--num-workers", type=Number(int, 0, MAX_PROCESSES), default=0,
+                   help=f"data-loading processes, 0 (in this process) to {MAX_PROCESSES} (default 0)")
     p.add_argument("--int8", action="store_true", help="evaluate the dynamic-int8 quantised model")
     p.add_argument("--drop", nargs="*", metavar="MODALITY", default=None,
                    help="modalities to remove from every sample, e.g. audio (default: those the model was trained "

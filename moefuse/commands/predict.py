@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", type=Path, help="image file")
     p.add_argument("--audio", type=Path, help="audio file (wav/flac/ogg; resampled as needed)")
     p.add_argument("--out", type=Path, help="write JSON Lines here (default: stdout)")
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="samples per batch, >= 1 (default 32)")
     p.add_argument("--min-confidence", type=probability, metavar="P",
                    help="mark answers whose calibrated probability is below P (in [0, 1]) as abstentions "
                         "(\"abstain\": true; the prediction is still the best guess)")

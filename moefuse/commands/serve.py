@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from moefuse.configutil import field_docs
-from moefuse.errors import command, positive_int
+from moefuse.errors import Number, command, help_text, positive_int, process_count
+from moefuse.errors import port as port_number
 from moefuse.fusion.loading import load_inference_model
 from moefuse.inference.connections import ConnectionLimits, GuardedConfig, listen_socket, run
 from moefuse.inference.predict import export_media
@@ -64,11 +65,15 @@ def app_from_environment() -> FastAPI:
     return create_app(server)
 
 
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+_LIMIT_TYPES = {
+    "max_upload_mb": Number(float, 0, 2**20, low_open=True, unit="MiB"), "max_image_pixels": positive_int,
+    "max_audio_seconds": Number(float, 0, 86400, low_open=True, unit="s"), "max_text_chars": positive_int,
+    "timeout_s": Number(float, 0, 3600, low_open=True, unit="s"), "max_batch_size": positive_int,
+    "max_wait_ms": Number(float, 0, 60_000, unit="ms"), "max_queue": positive_int, "max_connections": positive_int,
+    "header_timeout_s": Number(float, 0, 600, low_open=True, unit="s"), "decode_threads": process_count,
+}
+"""The argparse type of each ServeLimits flag: finite, in range (a day of audio, an hour per request, a TiB per
+upload at most), so nan, inf and typos are refused before the model is loaded."""
 
 
 @command("moefuse serve")
@@ -76,25 +81,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="moefuse serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="exported model folder (a run's model/)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port to listen on, 1-65535 (default 8000)")
     p.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of every linear layer and expert")
     p.add_argument("--cache-encoders", nargs="*", metavar="MODALITY", default=None,
                    help="modalities whose encoder outputs are reused for inputs seen before, e.g. a repeated question "
                         "(default: the encoders frozen in training; the flag alone turns the cache off)")
-    p.add_argument("--workers", type=positive_int, default=1,
+    p.add_argument("--workers", type=process_count, default=1,
                    help="server processes, each with its own model and batcher, sharing the port: for throughput on "
-                        "several cores (one process's GIL serialises its requests' Python); default 1")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch threads per worker (default: the cores divided among the workers)")
+                        "several cores (one process's GIL serialises its requests' Python); 1-256, default 1")
+    p.add_argument("--threads", type=process_count, default=None,
+                   help="torch threads per worker, 1-256 (default: the cores divided among the workers)")
     defaults, docs = ServeLimits(), field_docs(ServeLimits)
-    for name, kind in (("max_upload_mb", _number), ("max_audio_seconds", _number), ("max_image_pixels", positive_int),
-                       ("max_text_chars", positive_int), ("timeout_s", _number), ("max_batch_size", positive_int),
-                       ("max_wait_ms", _number), ("max_queue", positive_int), ("max_connections", positive_int),
-                       ("header_timeout_s", _number), ("decode_threads", positive_int)):
-        doc = docs.get(name, name).replace("%", "%%")  # argparse formats help with %: a literal one is %%
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=getattr(defaults, name),
-                       help=f"{doc} (default {getattr(defaults, name)})")
+    for name, kind in _LIMIT_TYPES.items():
+        default = getattr(defaults, name)
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=default,
+                       help=help_text(f"{docs.get(name, name)} ({kind.range_text()}; default {default})"))
     args = p.parse_args(argv)
+    if args.max_wait_ms >= args.timeout_s * 1000:  # every request would wait out its timeout: a server of 504s
+        p.error(f"argument --max-wait-ms: must be under --timeout-s ({args.timeout_s:g} s), got {args.max_wait_ms:g}")
     limits = ServeLimits(**{k: getattr(args, k) for k in ServeLimits.__dataclass_fields__ if hasattr(args, k)})
     sock = listen_socket(args.host, args.port)  # before the model loads: an address in use fails at once
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -103,9 +104,10 @@ class BuildOptions:
             _choice("--image-fit", self.image_fit, ImageFit),
             _choice("--image-format", self.image_format, ImageFormat),
             (self.sample_rate >= 1000, f"--sample-rate must be >= 1000 Hz, got {self.sample_rate}"),
-            (self.max_file_mb > 0, f"--max-file-mb must be > 0, got {self.max_file_mb}"),
+            (0 < self.max_file_mb < math.inf, f"--max-file-mb must be a finite number > 0, got {self.max_file_mb}"),
             (self.max_image_pixels > 0, f"--max-image-pixels must be > 0, got {self.max_image_pixels}"),
-            (self.max_audio_seconds > 0, f"--max-audio-seconds must be > 0, got {self.max_audio_seconds}"),
+            (0 < self.max_audio_seconds < math.inf,
+             f"--max-audio-seconds must be a finite number > 0, got {self.max_audio_seconds}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -126,7 +128,10 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", text.lower())
     if not m:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 256MB, 1G or 1000000")
-    return int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2) or "_"))
+    size = int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2) or "_"))
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return size
 
 
 def describe(row: ManifestRow) -> str:

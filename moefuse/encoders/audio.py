@@ -54,6 +54,7 @@ class AudioEncoderConfig(EncoderConfig):
     modality = "audio"
     sample_fields = ("audio",)
     file_fields = ("audio",)
+    architecture_files = ("config.json",)
 
     preset: str = "tiny"
     """One of AUDIO_PRESETS: tiny | small (random init) or local (`path`, a saved Wav2Vec2 checkpoint)."""

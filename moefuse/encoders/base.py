@@ -71,6 +71,11 @@ class EncoderConfig(Config):
     file_fields: ClassVar[tuple[str, ...]] = ()
     """Those of sample_fields whose raw input is a file (a path for `predict`, an upload for `serve`); the others
     are text."""
+    architecture_files: ClassVar[tuple[str | tuple[str, ...], ...]] = ()
+    """The files `save_architecture` writes and `build(arch_dir)` needs in the modality's folder of an export; a
+    tuple in it is "one of these" (a tokenizer saved as tokenizer.json or as vocab.txt). Checked by
+    `check_architecture` before the folder is handed to transformers or timm, which take a missing local folder
+    for a hub id ("Repo id must be in the form ...") and a missing file for "use the defaults"."""
 
     finetune: Finetune = "full"
     """full: train all weights; frozen: no gradients; lora: train peft LoRA adapters only."""
@@ -99,6 +104,19 @@ class EncoderConfig(Config):
         """The encoder; with `arch_dir` (this modality's folder of an export) the saved architecture with random
         init, for the exported state dict to be loaded into."""
         raise NotImplementedError
+
+    def check_architecture(self, arch_dir: Path) -> None:
+        """ConfigError naming the missing folder or file, and the fix, when `arch_dir` (this modality's folder of
+        an export) lacks what `build(arch_dir)` reads (`architecture_files`)."""
+        fix = ("copy the whole model folder, or write it again from its training run with `moefuse export RUN_DIR`")
+        if not arch_dir.is_dir():
+            raise ConfigError(f"{arch_dir} is missing: the model's {self.modality} encoder keeps its architecture in "
+                              f"this folder; {fix}")
+        for need in self.architecture_files:
+            names = (need,) if isinstance(need, str) else need
+            if not any((arch_dir / name).is_file() for name in names):
+                what = arch_dir / names[0] if len(names) == 1 else f"{arch_dir}/{' or '.join(names)}"
+                raise ConfigError(f"{what} is missing: the {self.modality} encoder's architecture needs it; {fix}")
 
 
 class Preprocessor(Protocol):

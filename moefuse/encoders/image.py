@@ -121,6 +121,7 @@ class ImageEncoderConfig(EncoderConfig):
     modality = "image"
     sample_fields = ("image",)
     file_fields = ("image",)
+    architecture_files = ("data_config.json",)
 
     preset: str = "tiny"
     """One of IMAGE_PRESETS (tiny | small | vit_tiny | vit_small | vit_base)."""

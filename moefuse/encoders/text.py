@@ -51,6 +51,7 @@ def tiny_vocab() -> dict[str, int]:
 class TextEncoderConfig(EncoderConfig):
     modality = "text"
     sample_fields = ("text", "question")
+    architecture_files = ("config.json", "tokenizer_config.json", ("tokenizer.json", "vocab.txt"))
 
     preset: str = "tiny"
     """One of TEXT_PRESETS: tiny | small (random init, offline), minilm (pretrained, offline), local (`path`)."""

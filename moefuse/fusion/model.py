@@ -342,8 +342,13 @@ class MultimodalMoEModel(nn.Module):
 
 def build_encoders(cfg: EncodersConfig, arch_dir: str | Path | None = None) -> dict[str, ModalityEncoder]:
     """The configured encoders; with `arch_dir` (an exported model folder) each is built from the architecture
-    saved in `arch_dir/<modality>/` with random init, ready for the exported state dict."""
-    return {m: enc_cfg.build(Path(arch_dir) / m if arch_dir else None) for m, enc_cfg in cfg.configured().items()}
+    saved in `arch_dir/<modality>/` with random init, ready for the exported state dict (each folder is checked
+    first: a missing one is named, never handed on to transformers or timm)."""
+    if arch_dir is None:
+        return {m: enc_cfg.build() for m, enc_cfg in cfg.configured().items()}
+    for m, enc_cfg in cfg.configured().items():
+        enc_cfg.check_architecture(Path(arch_dir) / m)
+    return {m: enc_cfg.build(Path(arch_dir) / m) for m, enc_cfg in cfg.configured().items()}
 
 
 def build_model(cfg: ModelConfig, arch_dir: str | Path | None = None) -> MultimodalMoEModel:

@@ -44,7 +44,7 @@ def export_model(model: nn.Module, out_dir: str | Path, extra: dict | None = Non
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     try:
-        with naming(tmp):
+        with naming(out_dir, temp=tmp):
             if out_dir.exists() and not out_dir.is_dir():
                 raise NotADirectoryError(errno.ENOTDIR, "a file is in the way of the export folder", str(out_dir))
             if tmp.exists():

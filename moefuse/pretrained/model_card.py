@@ -40,6 +40,9 @@ def _calibration(extra: dict) -> list[str]:
         return ["Not calibrated: temperature 1 and the vote weights as trained."]
     lines = []
     for task, c in calibration.items():
+        if c.get("skipped"):
+            lines.append(f"- {task}: not calibrated (temperature 1, vote weights as trained): {c['skipped']}")
+            continue
         weights = c.get("vote_weights")
         lines.append(f"- {task}: temperature {c['temperature']:.3f} (validation NLL {c['nll_before']:.4f} -> "
                      f"{c['nll_after']:.4f}, {c['samples']} samples)"

@@ -58,7 +58,7 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, trainer_state: dict
     final = ckpt_root / f"step-{step:07d}"
     tmp = ckpt_root / f".tmp-step-{step:07d}"
     try:
-        with naming(tmp):
+        with naming(final, temp=tmp):
             if accelerator.is_main_process:
                 if tmp.exists():
                     shutil.rmtree(tmp)
@@ -80,7 +80,7 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, trainer_state: dict
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise
-        raise OSError(errno.EIO, f"cannot write checkpoint {final.name}: {e}", str(tmp)) from e
+        raise OSError(errno.EIO, f"cannot write checkpoint {final.name}: {e}", str(final)) from e
     if accelerator.is_main_process:
         best = (ckpt_root / "best").read_text().strip() if (ckpt_root / "best").exists() else None
         steps = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())

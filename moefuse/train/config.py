@@ -69,6 +69,7 @@ class TrainConfig(Config):
     """Write the ids each process trained on, per epoch, to output_dir/sample_ids/ (to audit data splitting)."""
 
     def __post_init__(self) -> None:
+        self.check(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32 - 1] (numpy's seed range), got {self.seed}")
         self.check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         for name in ("lr_encoders", "lr_fusion", "lr_heads"):
             self.check(getattr(self, name) >= 0, f"{name}", f"must be >= 0, got {getattr(self, name)}")

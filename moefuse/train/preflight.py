@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from moefuse.config import ExperimentConfig
 from moefuse.configutil import ConfigError, load_yaml, to_dict
 from moefuse.datasets import DataError, collect_tasks
 from moefuse.datasets.collate import IGNORE_INDEX
+from moefuse.datasets.loader import load_dataset_info
 from moefuse.errors import naming
 from moefuse.evaluation.loop import DATA_COUNTS
 from moefuse.evaluation.metrics import metric_names
@@ -199,6 +201,37 @@ def resolve_tasks(cfg: ExperimentConfig) -> list[TaskConfig]:
     return tasks
 
 
+def held_modalities(info: dict, split: str) -> Counter:
+    """{modality: samples that hold it} in one split of a dataset.json (its `counts`: task -> "text+image" -> n)."""
+    held: Counter = Counter()
+    for combos in info.get("counts", {}).get(split, {}).values():
+        for combo, n in combos.items():
+            held.update({m: n for m in combo.split("+") if m})
+    return held
+
+
+def check_modalities(cfg: ExperimentConfig) -> None:
+    """Every modality the training and validation shards hold is read by an encoder or removed by
+    data.drop_modalities: otherwise the first batch that holds it stops training (the README's `encoders.audio=null`
+    on audio-visual shards). Counted from each dataset.json; shard patterns without one are checked batch by batch
+    by the collator, with the same advice."""
+    readable = set(cfg.encoders.configured()) | set(cfg.data.drop_modalities)
+    for key, split in (("train_shards", cfg.data.train_split), ("val_shards", cfg.data.val_split)):
+        for spec in getattr(cfg.data, key):
+            if not _is_dataset(spec):
+                continue
+            try:
+                held = held_modalities(load_dataset_info(spec), split)
+            except DataError:
+                continue  # a missing or damaged dataset.json is named where the data is resolved
+            unread = sorted(m for m in held if m not in readable)
+            if unread:
+                m, drop = unread[0], ", ".join([*cfg.data.drop_modalities, *unread])
+                raise ConfigError(f"data.{key}: {spec} ({split} split) holds {held[m]} samples with {m}, but "
+                                  f"encoders.{m} is null, so the model cannot read them: train without it with "
+                                  f"data.drop_modalities=[{drop}], or configure encoders.{m}")
+
+
 def check_metric(cfg: ExperimentConfig, tasks: list[TaskConfig]) -> None:
     """`train.metric` names a metric validation will compute; early stopping needs validation data."""
     t = cfg.train
@@ -247,6 +280,6 @@ def check_training_targets(batch: dict) -> None:
                             f"vocabulary are counted instead)")
 
 
-__all__ = ["LAUNCH_HINT", "RESUMABLE_KEYS", "check_launch", "check_metric", "check_output_dir",
+__all__ = ["LAUNCH_HINT", "RESUMABLE_KEYS", "check_launch", "check_metric", "check_modalities", "check_output_dir",
            "check_parallel_layout", "check_process_group", "check_resume_config", "check_training_targets",
-           "launch_world", "resolve_tasks"]
+           "held_modalities", "launch_world", "resolve_tasks"]

@@ -47,6 +47,7 @@ from moefuse.train.optim import build_optimizer, build_scheduler
 from moefuse.train.preflight import (
     check_launch,
     check_metric,
+    check_modalities,
     check_output_dir,
     check_parallel_layout,
     check_process_group,
@@ -80,6 +81,7 @@ def prepare_run(cfg: ExperimentConfig, resume: bool, main: bool) -> ExperimentCo
         raise ConfigError(f"--resume: no checkpoint under {ckpt_root}; start the run without --resume")
     tasks = resolve_tasks(cfg)
     check_metric(cfg, tasks)
+    check_modalities(cfg)
     cfg = replace(cfg, tasks=tasks)
     if resume:
         check_resume_config(out, cfg)
