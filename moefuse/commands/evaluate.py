@@ -12,7 +12,6 @@ from pathlib import Path
 from moefuse.configutil import ConfigError, atomic_write_text, dumps_json
 from moefuse.datasets.corruption import Corruption
 from moefuse.errors import MAX_PROCESSES, Number, command, os_error_message, positive_int
-from moefuse.evaluation.report import evaluate, format_summary
 
 
 def corruption(text: str) -> Corruption:
@@ -44,9 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corrupt", nargs="+", metavar="MODALITY:KIND", default=[], type=corruption,
                    help="corrupt a modality of every sample: MODALITY:noise[:SNR_DB] (white noise, default 0 dB) or "
                         "MODALITY:conflict (another sample's content), e.g. audio:noise:5 image:conflict")
+    p.add_argument("--quiet", action="store_true", help="no progress (bars on a terminal, lines in a log)")
     args = p.parse_args(argv)
+    # imported once the flags are checked, so that `--help` and flag errors answer at once
+    from moefuse.evaluation.report import evaluate, format_summary
+
     result = evaluate(args.checkpoint, args.shards, args.split, args.batch_size, args.num_workers, args.int8,
-                      args.heatmap, drop_modalities=args.drop, plots=args.plots, corrupt=args.corrupt)
+                      args.heatmap, progress=not args.quiet, drop_modalities=args.drop, plots=args.plots,
+                      corrupt=args.corrupt)
     failures = list(result["errors"])
     written = False
     if args.json is not None:  # written before anything is printed: a failed print never loses the report

@@ -14,8 +14,6 @@ from pathlib import Path
 
 from moefuse.configutil import ConfigError, atomic_write_text, dumps_json
 from moefuse.errors import command, positive_int, probability
-from moefuse.fusion.loading import load_inference_model
-from moefuse.inference.predict import export_media, load_media_sample, manifest_samples, predict_samples
 
 
 def write_lines(lines: str, out: Path | None) -> None:
@@ -52,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="modalities whose encoder outputs are reused for inputs seen before, e.g. a repeated question "
                         "(default: the encoders frozen in training; the flag alone turns the cache off)")
     args = p.parse_args(argv)
+    # imported once the flags are checked, so that `--help` and flag errors answer at once
+    from moefuse.fusion.loading import load_inference_model
+    from moefuse.inference.predict import export_media, load_media_sample, manifest_samples, predict_samples
+
     if args.manifest is not None and any([args.text, args.question, args.image, args.audio]):
         raise ConfigError("give either --manifest or single-sample inputs, not both")
     model = load_inference_model(args.checkpoint, int8=args.int8, cache_encoders=args.cache_encoders)

@@ -25,15 +25,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from moefuse.configutil import field_docs
 from moefuse.errors import Number, command, help_text, positive_int, process_count
 from moefuse.errors import port as port_number
-from moefuse.fusion.loading import load_inference_model
-from moefuse.inference.connections import ConnectionLimits, GuardedConfig, listen_socket, run
-from moefuse.inference.predict import export_media
-from moefuse.inference.server import ModelServer, ServeLimits, create_app
+from moefuse.inference.limits import ServeLimits
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -57,6 +52,12 @@ def app_from_environment() -> FastAPI:
     worker holds its own model and batcher: Python runs one thread at a time per process, so on several cores
     processes, not threads, serve more requests (one process's GIL serialises decoding, HTTP and the model's
     Python)."""
+    import torch
+
+    from moefuse.fusion.loading import load_inference_model
+    from moefuse.inference.predict import export_media
+    from moefuse.inference.server import ModelServer, create_app
+
     settings = ServeSettings(**json.loads(os.environ[SETTINGS_ENV]))
     torch.set_num_threads(settings.threads)
     model = load_inference_model(settings.checkpoint, int8=settings.int8, cache_encoders=settings.cache_encoders)
@@ -100,6 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_wait_ms >= args.timeout_s * 1000:  # every request would wait out its timeout: a server of 504s
         p.error(f"argument --max-wait-ms: must be under --timeout-s ({args.timeout_s:g} s), got {args.max_wait_ms:g}")
     limits = ServeLimits(**{k: getattr(args, k) for k in ServeLimits.__dataclass_fields__ if hasattr(args, k)})
+    # imported once the flags are checked, so that `moefuse serve --help` answers at once
+    import torch
+
+    from moefuse.fusion.loading import load_inference_model
+    from moefuse.inference.connections import ConnectionLimits, GuardedConfig, listen_socket, run
+    from moefuse.inference.predict import export_media
+    from moefuse.inference.server import ModelServer, create_app
+
     sock = listen_socket(args.host, args.port)  # before the model loads: an address in use fails at once
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     torch.set_num_threads(threads)

@@ -34,9 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO, get_args
-
-import webdataset as wds
+from typing import TYPE_CHECKING, Any, BinaryIO, get_args
 
 from moefuse.configutil import sha256_file
 from moefuse.datasets.manifest import SPLITS, ManifestRow, assign_splits, read_manifest
@@ -53,6 +51,9 @@ from moefuse.datasets.media import (
 )
 from moefuse.errors import UserError, naming
 from moefuse.progress import progress
+
+if TYPE_CHECKING:
+    import webdataset as wds
 
 BUILDER_VERSION = 2  # 2: sample.json lists the sample's members
 SHARD_MTIME = 0  # fixed member mtime: byte-identical rebuilds (webdataset's TarWriter uses time.time() otherwise)
@@ -221,6 +222,8 @@ class ShardSeries:
         temp = self.out / f".{name}.{os.getpid()}.tmp"
         self.temps.append(temp)
         self._file = open(temp, "wb")
+        import webdataset as wds  # here, not at the top: it imports torch, which `build-shards --help` need not
+
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=SHARD_MTIME)
         self.shards.append({"name": name})
         self._count = self._size = 0
