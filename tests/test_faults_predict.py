@@ -179,9 +179,10 @@ def test_model_folder_missing_an_encoder_part_names_it(copy_model: Path, missing
 
 def test_every_encoder_writes_the_architecture_files_it_needs(fault_run: Path) -> None:
     """What `check_architecture` asks of a folder is what each encoder's save_architecture wrote."""
-    from moefuse.train.checkpoint import read_model_config
+    from moefuse.fusion.model import ModelConfig
+    from moefuse.pretrained.folder import read_model_config
 
-    configured = read_model_config(fault_run / "model").encoders.configured()
+    configured = read_model_config(fault_run / "model", ModelConfig).encoders.configured()
     assert set(configured) == {"text", "image", "audio"}
     for modality, enc_cfg in configured.items():
         assert enc_cfg.architecture_files, modality

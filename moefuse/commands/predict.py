@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-encoders", nargs="*", metavar="MODALITY", default=None,
                    help="modalities whose encoder outputs are reused for inputs seen before, e.g. a repeated question "
                         "(default: the encoders frozen in training; the flag alone turns the cache off)")
+    p.add_argument("--quiet", action="store_true", help="no progress over a manifest (bars on a terminal, lines in a "
+                   "log)")
     args = p.parse_args(argv)
     # imported once the flags are checked, so that `--help` and flag errors answer at once
     from moefuse.fusion.loading import load_inference_model
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             task = model.task_names[0]
         samples = [load_media_sample(model, args.id, task, media=media, text=args.text, question=args.question,
                                      image=args.image, audio=args.audio)]
-    results = predict_samples(model, samples, args.batch_size, args.min_confidence) if samples else []
+    results = (predict_samples(model, samples, args.batch_size, args.min_confidence,
+                               progress=args.manifest is not None and not args.quiet) if samples else [])
     for r, s in zip(results, samples):
         r.setdefault("line", s.get("line"))
     rows = sorted(results + bad, key=lambda r: r.get("line") or 0)

@@ -24,6 +24,7 @@ from moefuse.datasets.media import MediaError
 from moefuse.errors import UserError
 from moefuse.inference.records import records_from_output
 from moefuse.pretrained.folder import read_export_info
+from moefuse.progress import track
 
 if TYPE_CHECKING:
     from moefuse.fusion.model import ModelOutput, MultimodalMoEModel
@@ -170,17 +171,19 @@ def _predict_batch(model: MultimodalMoEModel, collator, samples: list[dict], min
 
 
 def predict_samples(model: MultimodalMoEModel, samples: list[dict], batch_size: int = 32,
-                    min_confidence: float | None = None) -> list[dict]:
+                    min_confidence: float | None = None, progress: bool = False) -> list[dict]:
     """One result per sample, in order. A batch that fails is retried sample by sample, so one sample the model
     cannot take becomes one line with an `error` field and every other sample is still predicted. With
-    `min_confidence` in [0, 1], each result says whether it is an abstention (`abstain`)."""
+    `min_confidence` in [0, 1], each result says whether it is an abstention (`abstain`). `progress`: per batch
+    (`moefuse.progress`)."""
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
         raise ConfigError(f"the minimum confidence must be in [0, 1], got {min_confidence}")
     collator = model.collator(train=False)
     results = []
-    for i in range(0, len(samples), batch_size):
+    starts = range(0, len(samples), batch_size)
+    for i in track(starts, "predict", total=len(starts), enabled=progress):
         chunk = samples[i : i + batch_size]
         try:
             results += _predict_batch(model, collator, chunk, min_confidence)
