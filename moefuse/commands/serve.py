@@ -50,7 +50,7 @@ def app_from_environment() -> FastAPI:
     settings = ServeSettings(**json.loads(os.environ[SETTINGS_ENV]))
     torch.set_num_threads(settings.threads)
     model = load_inference_model(settings.checkpoint, int8=settings.int8, cache_encoders=settings.cache_encoders)
-    server = ModelServer(model, export_media(settings.checkpoint), ServeLimits(**(settings.limits or {})),
+    server = ModelServer(model, export_media(model), ServeLimits(**(settings.limits or {})),
                          name=settings.checkpoint)
     return create_app(server)
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     options = dict(host=args.host, port=args.port, log_level="warning", limit_concurrency=limits.max_connections,
                    timeout_keep_alive=5)
     if args.workers == 1:  # this process serves, with the model it has loaded
-        server = ModelServer(model, export_media(args.checkpoint), limits, name=str(args.checkpoint))
+        server = ModelServer(model, export_media(model), limits, name=str(args.checkpoint))
         uvicorn.run(create_app(server), **options)
         return 0
     del model  # each worker process loads its own

@@ -22,7 +22,7 @@ from moefuse.datasets.collate import has_value
 from moefuse.datasets.manifest import read_manifest
 from moefuse.datasets.media import MediaError
 from moefuse.inference.records import records_from_output
-from moefuse.pretrained.folder import read_export_info
+from moefuse.pretrained.export_info import read_export_record
 
 if TYPE_CHECKING:
     from moefuse.fusion.model import ModelOutput, MultimodalMoEModel
@@ -32,10 +32,12 @@ if TYPE_CHECKING:
 DEFAULT_MEDIA = {"max_file_bytes": 1 << 30, "max_image_pixels": 100_000_000, "max_audio_seconds": 3600.0}
 
 
-def export_media(checkpoint: str | Path) -> dict:
+def export_media(source: MultimodalMoEModel | str | Path) -> dict:
     """The media settings predict applies to raw inputs: the export's record of the training shards' build
-    settings over DEFAULT_MEDIA."""
-    return {**DEFAULT_MEDIA, **(read_export_info(Path(checkpoint)).get("media") or {})}
+    settings over DEFAULT_MEDIA. `source`: a loaded model (the record of the folder or Hub repository it came from,
+    `model.export_info`; none for a model built in code) or a model folder."""
+    info = source.export_info if hasattr(source, "export_info") else read_export_record(Path(source))
+    return {**DEFAULT_MEDIA, **(info.media.settings() if info is not None and info.media is not None else {})}
 
 
 def load_media_sample(model: MultimodalMoEModel, sid: str, task: str, *, media: dict | None = None,

@@ -214,7 +214,7 @@ def export_run(model: MultimodalMoEModel, out: Path, state: dict, cfg: Experimen
     extra = {"step": step, "result": result, "final_val_metrics": state.get("last_val_metrics"),
              "calibration": calibration,
              "drop_modalities": list(cfg.data.drop_modalities), "train_shards": list(cfg.data.train_shards),
-             "media": training_media(cfg.data.train_shards)}
+             "media": training_media(cfg.data.train_shards), "license": cfg.train.license}
     try:
         export_model(model, out / "model", extra)
         result.update(model_dir=str(out / "model"), final_val_metrics=state.get("last_val_metrics"))
