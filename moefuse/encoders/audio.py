@@ -220,8 +220,9 @@ class LogMelFrontEnd(nn.Module):
 
     def __init__(self, sample_rate: int, window: int, hop: int, n_mels: int):
         super().__init__()
-        self.mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=window, hop_length=hop, n_mels=n_mels,
-                                                        center=False)
+        with torch.device("cpu"):  # a fixed filterbank, computed with .item(): on CPU even in a meta-device build
+            self.mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=window, hop_length=hop, n_mels=n_mels,
+                                                            center=False)
 
     def forward(self, input_values: torch.Tensor) -> torch.Tensor:
         with torch.autocast(input_values.device.type, enabled=False):  # the STFT wants float32
