@@ -410,7 +410,7 @@ class TestHubIds:
                        "HF_HUB_OFFLINE")
 
     @pytest.mark.parametrize("name, message", [
-        ("moefuse-tests/no-such-model", "cannot be fetched from the Hub"),
+        ("moefuse-tests/no-such-model", "not in the Hub cache"),
         ("runs/typo/model", "is not a folder, nor a Hub repository id"),
         ("../model", "is not a folder, nor a Hub repository id"),
     ])

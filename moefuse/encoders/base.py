@@ -2,8 +2,9 @@
 model, the export and `predict` only loop over the encoders a model has.
 
     EncoderConfig          a modality's config: the fine-tuning fields every encoder shares, `build(arch_dir)`,
-                           `sample_fields`, the fields of a decoded sample that belong to the modality, and
-                           `file_fields`, those given as files
+                           `check_architecture(folder)` (its files in a model folder, checked before a build
+                           reads them), `sample_fields`, the fields of a decoded sample that belong to the
+                           modality, and `file_fields`, those given as files
     ModalityEncoder        `encoder(**inputs) -> EncoderOutput(tokens [B, T, D_enc], mask [B, T])`, plus
         .preprocessor(train)     a picklable `Preprocessor` that turns B decoded samples into those inputs
         .save_architecture(dir)  its part of an exported model folder (weights are in model.safetensors)

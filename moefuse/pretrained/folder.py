@@ -27,6 +27,7 @@ and the architecture files (`model_class.from_config(cfg, arch_dir)`), as transf
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 from importlib import metadata
 from pathlib import Path
@@ -71,6 +72,8 @@ def export_model(model: nn.Module, out_dir: str | Path, extra: ExportInfo | dict
     holds, checked first as loading checks it (a ConfigError names the field, and nothing is written). A failed
     write removes the temp folder and raises an OSError naming the export; an earlier export stays as it was."""
     out_dir = Path(out_dir)
+    if isinstance(extra, dict):  # as it will be written: JSON types, non-finite numbers null (with a warning)
+        extra = json.loads(dumps_json(extra, f"{out_dir / EXPORT_JSON}"))
     info = export_info(extra, f"the export record of {out_dir}")
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     try:

@@ -132,10 +132,12 @@ def download(repo_id: str, **options: Any) -> Path:
         raise ConfigError(f"{repo_id} is not a folder, nor a Hub repository id (owner/name); give the model/ folder "
                           f"a training run wrote") from None
     except Exception as e:  # huggingface_hub's errors (offline, HTTP, not found, gated) and the network's
-        offline = " (HF_HUB_OFFLINE is set: the Hub is not asked)" if constants.HF_HUB_OFFLINE else ""
-        raise ConfigError(f"{repo_id} is not a local folder, and cannot be fetched from the Hub{offline}: "
-                          f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}; give a model "
-                          f"folder, or a Hub id that is in the cache or reachable") from None
-
+        if constants.HF_HUB_OFFLINE:
+            raise ConfigError(f"{repo_id} is not a local folder, and not in the Hub cache (HF_HUB_OFFLINE is set: the "
+                              f"Hub is not asked); give a model folder, or unset HF_HUB_OFFLINE to download "
+                              f"it") from None
+        said = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise ConfigError(f"{repo_id} is not a local folder, and cannot be fetched from the Hub: {type(e).__name__}: "
+                          f"{said}; give a model folder, or a Hub id you can reach") from None
 
 __all__ = ["PretrainedMixin", "download"]

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from moefuse.configutil import ConfigError, atomic_write_text, dumps_json, replace_dir, sha256_file
 from moefuse.errors import UserError, naming
 from moefuse.fusion.model import MultimodalMoEModel, build_model
+from moefuse.pretrained.export_info import MediaInfo
 from moefuse.pretrained.folder import export_model
 from moefuse.train import fsdp
 from moefuse.train.calibrate import calibrate_run
@@ -162,8 +163,9 @@ def training_media(sources: list[str]) -> dict | None:
         except DataError:
             continue  # a shard pattern: no dataset.json
         limits = {k: v for k, v in (info.get("build") or {}).items() if k in ("max_image_pixels", "max_audio_seconds")}
-        if isinstance(info.get("media"), dict):
-            found.append((spec, {**info["media"], **limits}))
+        if isinstance(info.get("media"), dict):  # the settings a model folder records (MediaInfo's fields)
+            media = {k: v for k, v in {**info["media"], **limits}.items() if k in MediaInfo.__dataclass_fields__}
+            found.append((spec, media))
     if not found:
         return None
     others = [spec for spec, media in found[1:] if media != found[0][1]]
