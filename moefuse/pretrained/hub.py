@@ -54,7 +54,8 @@ class PretrainedMixin(ModelHubMixin, library_name="moefuse", tags=["moefuse", "m
         model card with the Hub's metadata, atomically; what `from_pretrained` and `moefuse predict / evaluate /
         serve` load. Nothing is pickled. `license` (a Hub license id) and `datasets` (Hub dataset ids) go into the
         card and export.json. Returns the folder, or with `push_to_hub` the commit URL of the upload to `repo_id`
-        (default: the folder's name)."""
+        (default: the folder's name). `model_card_kwargs` is taken for the mixin's signature and unused: moefuse's
+        card is written from the model and its record, not from a template."""
         if config is not None:
             raise ConfigError("save_pretrained writes config.json from the model's own config; do not pass config=")
         info = (self.export_info or ExportInfo()).with_card(license, datasets)
