@@ -158,6 +158,12 @@ def _conv_stem(model: Path) -> tuple[str, str]:
     return "model.safetensors", "encoders.image.vit"
 
 
+def _oversized_config(model: Path) -> tuple[str, str]:
+    with open(model / "config.yaml", "r+b") as f:
+        f.truncate(65 << 20)  # sparse: no disk written
+    return "config.yaml", "limit of a model config"
+
+
 CONFIG_VARIANTS = {
     "fusion layers 100000": _config("fusion.num_layers", 100000),
     "experts 10^6": _config("fusion.num_experts", 10**6),
@@ -168,6 +174,7 @@ CONFIG_VARIANTS = {
     "an unknown key": _config("fusion.num_layer", 2),
     "a duplicate label": _duplicate_label,
     "a conv stem the weights do not have": _conv_stem,
+    "a 65 MiB config": _oversized_config,
 }
 
 

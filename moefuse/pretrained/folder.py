@@ -58,6 +58,8 @@ if TYPE_CHECKING:
 WEIGHTS, CONFIG_YAML, CONFIG_JSON, EXPORT_JSON = "model.safetensors", "config.yaml", "config.json", "export.json"
 MODEL_TYPE = "moefuse"
 """config.json's `model_type` when the class names none (`model_class.model_type`)."""
+MAX_CONFIG_BYTES = 64 << 20
+"""The largest config.yaml or config.json read (a vocabulary of a million answers is about 20 MiB)."""
 HUB_KEYS = ("model_type", "architectures", "moefuse_version")
 """The keys of config.json that are not the model config."""
 
@@ -132,6 +134,9 @@ def read_model_config(path: Path, config_type: type) -> Any:
 
 
 def _config_from_yaml(where: Path, config_type: type) -> Any:
+    if where.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where} is {where.stat().st_size} bytes, over the {MAX_CONFIG_BYTES >> 20} MiB limit of a "
+                          f"model config: it was replaced or damaged")
     try:
         data = yaml.safe_load(where.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:
@@ -146,7 +151,7 @@ def _config_from_yaml(where: Path, config_type: type) -> Any:
 
 def _config_from_json(where: Path, config_type: type, model_type: str | None) -> tuple[Any, dict]:
     """config.json -> (the model config, the Hub fields); `model_type`: what it must say (None: any)."""
-    data = read_json_file(where)
+    data = read_json_file(where, MAX_CONFIG_BYTES)
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must hold a JSON object (the model config), got {type(data).__name__}")
     hub = {k: data.pop(k) for k in HUB_KEYS if k in data}
