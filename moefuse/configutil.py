@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import types
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -54,6 +55,12 @@ class Config:
     def check(self, cond: bool, name: str, msg: str) -> None:
         """Validation for `__post_init__`: ConfigError `<key(name)>: <msg>` when `cond` is false."""
         check(cond, self.key(name), msg)
+
+    def check_range(self, name: str, low: float, high: float) -> None:
+        """Validation for `__post_init__`: field `name` is a finite number in [low, high], or None (not set)."""
+        value = getattr(self, name)
+        self.check(value is None or (math.isfinite(value) and low <= value <= high), name,
+                   f"must be in [{low}, {high}], got {value}")
 
 
 def _type_name(tp: Any) -> str:
@@ -292,6 +299,14 @@ def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> Non
 
     A failure (full disk, a folder or file in the way) raises an OSError that names `path`, and leaves no temp
     file behind and any earlier `path` as it was."""
+    atomic_write_file(path, lambda tmp: tmp.write_bytes(data), fsync)
+
+
+def atomic_write_file(path: str | Path, write: Callable[[Path], None], fsync: bool = True) -> None:
+    """`write(tmp)` writes the whole file at a temp path in the same folder (a library's own writer, e.g.
+    safetensors' `save_file`); then it is flushed to disk, given the permissions `open()` would give (0666 less the
+    umask: readable like any other file, whatever mode the writer or `mkstemp` used) and renamed to `path`, so
+    readers never see a half-written file. Failures as `atomic_write_bytes`."""
     path = Path(path)
     prefix = f".{path.name[:TEMP_NAME_CHARS]}."
     try:
@@ -300,25 +315,55 @@ def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> Non
             if path.is_dir():
                 raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
             fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+            os.close(fd)
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    if fsync:
-                        os.fsync(f.fileno())
-                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the permissions open() would
+                write(Path(tmp))
+                if fsync:
+                    fd = os.open(tmp, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files (so do some writers); open() would not
                 os.replace(tmp, path)
             except BaseException:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
                 raise
-    except OSError as e:  # mkstemp, chmod or replace failed on the temp file: the user asked for `path`
+    except OSError as e:  # mkstemp, the writer, chmod or replace failed on the temp file: the user asked for `path`
         said = e.filename
         if isinstance(said, str) and os.path.dirname(said) == str(path.parent) and \
                 os.path.basename(said).startswith(prefix) and said.endswith(".tmp"):
             raise type(e)(e.errno, e.strerror or str(e), str(path)) from e
         raise
 
+
+def read_json_file(path: str | Path, max_bytes: int = 64 << 20) -> Any:
+    """A JSON file a user may have edited, read strictly: UTF-8, at most `max_bytes`, no NaN or Infinity (not
+    JSON, RFC 8259 section 6) and no key given twice in one object (RFC 8259 section 4 leaves the meaning open;
+    Python would keep the last). Anything else is a ConfigError naming the file."""
+    path = Path(path)
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON number (RFC 8259); write a finite number or null")
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict:
+        seen: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in seen:
+                raise ValueError(f"the key {k[:80]!r} is given twice in one object")
+            seen[k] = v
+        return seen
+
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ConfigError(f"{path} is {size} bytes, over the {max_bytes >> 20} MiB limit of a JSON file here")
+        return json.loads(path.read_bytes().decode("utf-8"), parse_constant=constant, object_pairs_hook=unique)
+    except ConfigError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ConfigError(f"{path} cannot be read as JSON: {str(e)[:300]}") from None
 
 
 def sha256_file(path: str | Path) -> str:
@@ -365,6 +410,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "apply_overrides",
+    "atomic_write_file",
     "atomic_write_text",
     "check",
     "dumps_json",
@@ -372,6 +418,7 @@ __all__ = [
     "from_dict",
     "load_yaml",
     "parse_override",
+    "read_json_file",
     "save_yaml",
     "sha256_file",
     "to_dict",

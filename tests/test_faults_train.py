@@ -185,7 +185,7 @@ def test_export_without_its_validation_data_still_exports_uncalibrated(copy_run:
 
 
 def test_python_m_moefuse_train_reports_errors_without_traceback(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "moefuse.train", str(tmp_path / "missing.yaml")],
+    done = subprocess.run([sys.executable, "-m", "moefuse", "train", str(tmp_path / "missing.yaml")],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 2 and "missing.yaml" in done.stderr
     no_traceback(done.stderr)

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.manifest is not None and any([args.text, args.question, args.image, args.audio]):
         raise ConfigError("give either --manifest or single-sample inputs, not both")
     model = load_inference_model(args.checkpoint, int8=args.int8, cache_encoders=args.cache_encoders)
-    media = export_media(args.checkpoint)
+    media = export_media(model)
     bad: list[dict] = []
     if args.manifest is not None:
         samples, bad = manifest_samples(model, args.manifest, media)

@@ -61,7 +61,7 @@ def app_from_environment() -> FastAPI:
     settings = ServeSettings(**json.loads(os.environ[SETTINGS_ENV]))
     torch.set_num_threads(settings.threads)
     model = load_inference_model(settings.checkpoint, int8=settings.int8, cache_encoders=settings.cache_encoders)
-    server = ModelServer(model, export_media(settings.checkpoint), ServeLimits(**(settings.limits or {})),
+    server = ModelServer(model, export_media(model), ServeLimits(**(settings.limits or {})),
                          name=Path(settings.checkpoint).name)  # the folder's name, not its path
     return create_app(server)
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     options = dict(host=host, port=port, log_level="warning", timeout_keep_alive=5, ws="none", lifespan="on",
                    proxy_headers=False, server_header=False, limits=connection_limits)
     if args.workers == 1:  # this process serves, with the model it has loaded
-        server = ModelServer(model, export_media(args.checkpoint), limits, name=Path(args.checkpoint).name)
+        server = ModelServer(model, export_media(model), limits, name=Path(args.checkpoint).name)
         served = run(GuardedConfig(create_app(server), **options), sock)
     else:
         del model  # each worker process loads its own

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, get_args
 from moefuse.configutil import sha256_file
 from moefuse.datasets.manifest import SPLITS, ManifestRow, assign_splits, read_manifest
 from moefuse.datasets.media import (
+    MAX_IMAGE_SIZE,
     ImageFit,
     ImageFormat,
     MediaError,
@@ -101,7 +102,8 @@ class BuildOptions:
             (0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
             (0 <= self.test_fraction < 1, f"--test-fraction must be in [0, 1), got {self.test_fraction}"),
             (self.val_fraction + self.test_fraction < 1, "--val-fraction + --test-fraction must be < 1"),
-            (self.image_size >= 8, f"--image-size must be >= 8 pixels, got {self.image_size}"),
+            (8 <= self.image_size <= MAX_IMAGE_SIZE, f"--image-size must be in [8, {MAX_IMAGE_SIZE}] pixels, got "
+                                                     f"{self.image_size}"),
             _choice("--image-fit", self.image_fit, ImageFit),
             _choice("--image-format", self.image_format, ImageFormat),
             (self.sample_rate >= 1000, f"--sample-rate must be >= 1000 Hz, got {self.sample_rate}"),

@@ -19,8 +19,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
-"""The search interval of T: wide enough for any sane model, bounded so that a degenerate set cannot run off."""
+# The search interval of T (MIN_TEMPERATURE, MAX_TEMPERATURE): wide enough for any sane model, bounded so that a
+# degenerate set cannot run off. The model folder format owns it: a folder's temperatures are checked against it.
+from moefuse.pretrained.export_info import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 
 def fit_problem(probs: torch.Tensor, targets: torch.Tensor, min_samples: int) -> str | None:

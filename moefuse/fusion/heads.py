@@ -65,10 +65,11 @@ class HeadsConfig(Config):
     (benchmarks/calibration_samples.py)."""
 
     def __post_init__(self) -> None:
-        self.check(self.num_heads >= 1, "num_heads", f"must be >= 1, got {self.num_heads}")
+        self.check_range("num_heads", 1, 64)
         self.check(self.calibration_min_samples >= 1, "calibration_min_samples",
                    f"must be >= 1, got {self.calibration_min_samples}")
-        self.check(self.hidden >= 0, "hidden", f"must be >= 0, got {self.hidden}")
+        self.check_range("hidden", 0, 65536)
+        self.check(len(self.views) <= 64, "views", f"at most 64 voters, got {len(self.views)}")
         self.check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         self.check(all(isinstance(v, str) and v for v in self.views), "views",
                    f"must list view names (cls, mean, modalities or a modality), got {self.views}")
@@ -89,6 +90,8 @@ class TaskConfig(Config):
         self.check(bool(self.name), "name", "must be a non-empty string")
         self.check(self.labels is None or len(self.labels) >= 2, "labels",
                    f"needs at least 2 entries, got {self.labels}")
+        self.check(self.labels is None or len(self.labels) <= 1_000_000, "labels",
+                   f"at most 1000000 entries, got {len(self.labels or [])}")
         self.check(self.labels is None or len(set(self.labels)) == len(self.labels), "labels", "has duplicates")
         self.check(self.loss_weight >= 0, "loss_weight", f"must be >= 0, got {self.loss_weight}")
 

@@ -20,7 +20,7 @@ def load_inference_model(path: str | Path, device: str | torch.device = "cpu", i
     """`from_pretrained`, then with `int8` the dynamic-int8 quantised model (CPU only), as evaluate, predict and
     serve use. `cache_encoders`: the modalities whose encoder outputs are reused for inputs seen before (None: those
     whose encoder was frozen in training, a fixed feature extractor that mostly sees repeated prompts)."""
-    model = MultimodalMoEModel.from_pretrained(path, device)
+    model = MultimodalMoEModel.from_pretrained(path, device=device)
     if cache_encoders is None:
         cache_encoders = [m for m, enc in model.encoders.items() if enc.cfg.finetune == "frozen"]
     model.cache_encoders(cache_encoders)

@@ -23,7 +23,7 @@ from moefuse.datasets.manifest import read_manifest
 from moefuse.datasets.media import MediaError
 from moefuse.errors import UserError
 from moefuse.inference.records import records_from_output
-from moefuse.pretrained.folder import read_export_info
+from moefuse.pretrained.export_info import read_export_record
 from moefuse.progress import track
 
 if TYPE_CHECKING:
@@ -34,28 +34,25 @@ if TYPE_CHECKING:
 DEFAULT_MEDIA = {"max_file_bytes": 1 << 30, "max_image_pixels": 100_000_000, "max_audio_seconds": 3600.0}
 
 
-def export_media(checkpoint: str | Path) -> dict:
+def export_media(source: MultimodalMoEModel | str | Path) -> dict:
     """The media settings predict applies to raw inputs: the export's record of the training shards' build
-    settings over DEFAULT_MEDIA."""
-    return media_settings(read_export_info(Path(checkpoint)))
-
-
-def media_settings(export_info: dict) -> dict:
-    """The media settings of a model folder's export.json (`export_info`) over DEFAULT_MEDIA."""
-    return {**DEFAULT_MEDIA, **(export_info.get("media") or {})}
+    settings over DEFAULT_MEDIA. `source`: a loaded model (the record of the folder or Hub repository it came from,
+    `model.export_info`; none for a model built in code) or a model folder."""
+    info = source.export_info if hasattr(source, "export_info") else read_export_record(Path(source))
+    return {**DEFAULT_MEDIA, **(info.media.settings() if info is not None and info.media is not None else {})}
 
 
 def predict_one(model: MultimodalMoEModel, task: str | None = None, *, media: dict | None = None,
                 min_confidence: float | None = None, sid: str = "sample", **inputs: object) -> dict:
     """One sample's result, the record `moefuse predict` writes: raw inputs by field name (a path, a PIL image or an
-    array for files), prepared with `media` (default: the model folder's, `model.export_info`). `task` may be left
+    array for files), prepared with `media` (default: the model folder's, `export_media(model)`). `task` may be left
     out when the model has one task. A sample the model cannot take raises the error its result line would carry
     (ConfigError, MediaError, or a ValueError for a non-finite output)."""
     if task is None:
         if len(model.task_names) != 1:
             raise ConfigError(f"this model has several tasks; choose one with task= ({', '.join(model.task_names)})")
         task = model.task_names[0]
-    media = media if media is not None else media_settings(model.export_info)
+    media = media if media is not None else export_media(model)
     fields = {f: None for names in model.sample_fields.values() for f in names}
     unknown = sorted(set(inputs) - set(fields))
     if unknown:

@@ -27,10 +27,11 @@ from moefuse.fusion.heads import TaskConfig
 
 RESUMABLE_KEYS = ("train.output_dir", "train.max_steps", "train.eval_every", "train.save_every", "train.log_every",
                   "train.keep_last", "train.early_stopping_patience", "train.tensorboard", "train.eval_max_batches",
-                  "train.record_sample_ids", "data.num_workers", "data.eval_batch_size", "data.val_shards",
-                  "data.val_split")
+                  "train.record_sample_ids", "train.license", "data.num_workers", "data.eval_batch_size",
+                  "data.val_shards", "data.val_split")
 """Config keys a `--resume` may change (where the run folder is now, how long to train, how to validate, log and
-keep checkpoints); any other difference from the run's saved config.yaml is refused before anything is written."""
+keep checkpoints, the export's license); any other difference from the run's saved config.yaml is refused before
+anything is written."""
 
 
 LAUNCH_HINT = ("start N processes with `accelerate launch --multi_gpu --num_processes N -m moefuse.train ...` "
