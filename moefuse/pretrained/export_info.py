@@ -134,6 +134,8 @@ class TaskCalibration(Config):
     nll_before: float | None = None
     nll_after: float | None = None
     vote_weights: list[float] | None = None
+    skipped: str | None = None
+    """Why no fit was made (too few samples, none wrong): the task keeps temperature 1 and its trained weights."""
 
     def check_values(self, key: str) -> None:
         """Ranges, naming `key` (calibration.<task>) in the error."""
@@ -143,6 +145,9 @@ class TaskCalibration(Config):
             raise ConfigError(f"{key}.temperature: must be in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {t}")
         if not 0 <= self.samples <= MAX_COUNT:
             raise ConfigError(f"{key}.samples: must be in [0, {MAX_COUNT}], got {self.samples}")
+        if self.skipped is not None and (len(self.skipped) > 1000 or t != 1.0):
+            raise ConfigError(f"{key}.skipped: a task not calibrated keeps temperature 1 and says why in at most 1000 "
+                              f"characters")
         for name in ("nll_before", "nll_after"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
@@ -201,10 +206,14 @@ class ExportInfo(Config):
                    f"owner/name), at most 100; got {bad[0] if bad else self.datasets[:3]!r}")
 
     def to_json(self) -> dict:
-        """The export.json object: every field, media without the settings that are not set."""
+        """The export.json object: every field, media without the settings that are not set, and a task's
+        calibration without `skipped` when it was fit."""
         data = to_dict(self)
         if self.media is not None:
             data["media"] = self.media.settings()
+        for entry in (data.get("calibration") or {}).values():
+            if entry.get("skipped") is None:
+                entry.pop("skipped", None)
         return data
 
     def with_card(self, license: str | None = None, datasets: list[str] | None = None) -> ExportInfo:
