@@ -429,7 +429,8 @@ class TestSilentAndSlowClients:
 
     def test_a_flood_of_half_requests(self, served: tuple[str, int]) -> None:
         """More connections waiting for their request than --max-connections: the longest waiting is closed, with
-        a 503 since part of its request came, as soon as a new one arrives."""
+        a 408 since part of its request came (the server will not wait for it: not a failure of the server, so no
+        5xx), as soon as a new one arrives."""
         url, port = served
         half = sockets(MAX_CONNECTIONS, port, b"GET /health HTTP/1.1\r\nHost: x\r\n")
         time.sleep(0.2)  # their bytes have come
@@ -437,7 +438,7 @@ class TestSilentAndSlowClients:
         try:
             for sock in half[:3]:
                 data, took = read_to_close(sock, HEADER_TIMEOUT / 2)
-                assert raw_error(data)[0] == 503 and "room" in raw_error(data)[1]["error"]
+                assert raw_error(data)[0] == 408 and "room" in raw_error(data)[1]["error"]
             assert httpx.get(f"{url}/health", timeout=2).status_code == 200
         finally:
             close_all(half)
@@ -570,6 +571,29 @@ class TestBodiesAreParsedWholeOrRefused:
         url, _ = served
         answer = httpx.post(f"{url}/predict", content=body, headers={"content-type": "application/json"}, timeout=30)
         is_api_error(answer, 422)
+
+    @pytest.mark.parametrize("text", [b"\xed\xa0\x80", b"a\xff", b"\xc3", b"ok \xe2\x82"],
+                             ids=["surrogate-utf8", "ff", "cut-sequence", "cut-3-byte"])
+    @pytest.mark.parametrize("kind", ["multipart", "urlencoded"])
+    def test_text_that_is_not_utf8(self, served: tuple[str, int], text: bytes, kind: str) -> None:
+        """A form field that is not UTF-8 is a 422 naming it (starlette would read it as latin-1, or replace the
+        bad bytes, and the model would answer text the client never sent)."""
+        url, _ = served
+        if kind == "multipart":
+            body, ctype = multipart({"task": "digit", "text": "placeholder"}, {"image": ("x.png", b"not parsed")})
+            assert ctype.startswith("multipart/form-data")
+            body = body.replace(b"placeholder", text)
+        else:
+            body, ctype = b"task=digit&text=" + b"".join(b"%%%02X" % c for c in text), \
+                "application/x-www-form-urlencoded"
+        answer = httpx.post(f"{url}/predict", content=body, headers={"content-type": ctype}, timeout=30)
+        assert is_api_error(answer, 422)["field"] == "text"
+
+    def test_a_urlencoded_form_is_answered(self, served: tuple[str, int]) -> None:
+        url, _ = served
+        answer = httpx.post(f"{url}/predict", content=b"task=avqa&question=what+digit%3F&text=seven+%C3%A9",
+                            headers={"content-type": "application/x-www-form-urlencoded"}, timeout=30)
+        assert answer.status_code == 200, answer.text
 
     @pytest.mark.parametrize("cut", ["in-the-image", "before-the-closing-boundary", "after-a-part-header",
                                      "empty"])

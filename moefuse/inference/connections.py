@@ -104,7 +104,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._wait()
         while len(self.waiting) > self.limits.max_waiting:  # make room: close the one that has waited longest
-            next(iter(self.waiting))._close(503, "the server closed this connection, which sent no complete request, "
+            # 408 (RFC 9110 §15.5.9): the server will not wait longer for this request; it is not the server failing
+            next(iter(self.waiting))._close(408, "the server closed this connection, which sent no complete request, "
                                                  "to make room for others; send the request at once")
 
     def _wait(self) -> None:

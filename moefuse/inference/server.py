@@ -38,13 +38,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import unquote_to_bytes
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
-from starlette.formparsers import FormParser, MultiPartParser
+from starlette.formparsers import MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from moefuse.datasets.media import MediaError, MediaTooLarge
@@ -110,12 +111,43 @@ def public(message: str, tmp: str | None = None) -> str:
 
 class _MultiPartParser(MultiPartParser):
     """starlette's multipart parser, noting whether the closing boundary came (python-multipart accepts a body cut
-    short, and the part it was in would be dropped without a word)."""
+    short, and the part it was in would be dropped without a word), and refusing a text field that is not valid
+    UTF-8 (starlette would read it as latin-1: an answer on input the client did not send)."""
 
     ended = False
 
     def on_end(self) -> None:
         self.ended = True
+
+    def on_part_end(self) -> None:
+        if self._current_part.file is None:
+            _strict_text(bytes(self._current_part.data), self._current_part.field_name)
+        super().on_part_end()
+
+
+def _strict_text(data: bytes, field: str) -> str:
+    """A form field's bytes as text, or a 422 naming the field when they are not valid UTF-8 (RFC 7578 §5.1)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(422, f"field {shown(field)} is not valid UTF-8 text (byte {e.start}); send UTF-8",
+                           field) from None
+
+
+def _urlencoded_fields(body: bytes) -> list[tuple[str, str]]:
+    """An application/x-www-form-urlencoded body, strictly: every name and value valid UTF-8 once unquoted
+    (starlette would replace bad bytes with U+FFFD and answer on the altered text), at most 16 fields."""
+    try:
+        pairs = [pair.split(b"=", 1) if b"=" in pair else [pair, b""] for pair in body.split(b"&") if pair]
+    except ValueError:
+        raise RequestError(422, "the form body cannot be parsed") from None
+    if len(pairs) > 16:
+        raise RequestError(422, f"the form body has {len(pairs)} fields, over the limit of 16")
+    fields = []
+    for raw_name, raw_value in pairs:
+        name = _strict_text(unquote_to_bytes(raw_name.replace(b"+", b" ")), "a field name")
+        fields.append((name, _strict_text(unquote_to_bytes(raw_value.replace(b"+", b" ")), name)))
+    return fields
 
 
 async def _form_fields(request: Request, body: bytes, files: set[str], limit: int
@@ -136,7 +168,7 @@ async def _form_fields(request: Request, body: bytes, files: set[str], limit: in
                 raise RequestError(422, "the multipart body ends before its closing boundary: it was cut short; "
                                         "send the whole body")
         else:
-            form = await FormParser(request.headers, stream(), max_fields=16, max_part_size=limit).parse()
+            form = FormData(_urlencoded_fields(body))
     except RequestError:
         raise
     except Exception as e:  # starlette and python-multipart raise on malformed bodies and on too many parts
