@@ -10,10 +10,11 @@ from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, load_balancing_loss_func
 
 from moefuse.configutil import ConfigError
+from moefuse.fusion.kernels import mkl_grouped_mm_available
 from moefuse.fusion.moe import MoEConfig, SparseMoE
 from moefuse.fusion.stack import FusionConfig, FusionStack
 
-BACKENDS = ["native", "loop"]
+BACKENDS = ["native", "loop"] + (["mkl"] if mkl_grouped_mm_available(torch.empty(1), torch.empty(1)) else [])
 
 
 def mixtral_block(d: int = 32, h: int = 48, e: int = 8, k: int = 2) -> MixtralSparseMoeBlock:

@@ -83,8 +83,8 @@ class ExpertsConfig(Config):
         for name in ("router_jitter", "router_noise_std", "balance_coef", "z_coef", "local_entropy_coef",
                      "global_entropy_coef"):
             self.check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
-        self.check(self.backend in ("auto", "native", "loop"), "backend",
-                   f"must be 'auto', 'native' or 'loop', got {self.backend!r}")
+        self.check(self.backend in ("auto", "native", "loop", "mkl"), "backend",
+                   f"must be 'auto', 'native', 'loop' or 'mkl', got {self.backend!r}")
 
     def experts_fields(self) -> dict[str, Any]:
         """The `ExpertsConfig` fields of this config, by name (what a MoEConfig is built from)."""
