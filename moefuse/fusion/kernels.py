@@ -57,6 +57,73 @@ def activate(h: torch.Tensor, activation: Activation) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# moving tokens to their experts and back (dropless top-k)
+#
+# A dropless top-k dispatch is a permutation of the N*K (token, slot) pairs: sorted position p holds flat slot
+# order[p] = n*K + j, and slot n*K + j sits at position[n*K + j]. So both directions, and both their backwards, are
+# row gathers; torch's own autograd would scatter instead (index_add_ for the backward of index_select), whose CPU
+# kernel for an expanded index (a parallel radix sort) took 0.8 ms on one thread but 70 ms on two threads of the
+# 2-core dev VM while other processes competed for the cores: each of its many barriers waits for a preempted
+# thread. Gathers are one parallel loop each.
+
+
+class _GatherTokens(torch.autograd.Function):
+    """x [N, D] -> x[order // K] [N*K, D]: each token's row at its K sorted positions; backward: the gradient rows
+    of each token's K positions, gathered and summed."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(position)
+        ctx.n = x.shape[0]
+        return x.index_select(0, token)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (position,) = ctx.saved_tensors
+        n, d = ctx.n, grad.shape[-1]
+        k = position.numel() // max(n, 1)
+        slots = grad.index_select(0, position).view(n, k, d)  # [N, K, D]
+        return torch.bmm(slots.new_ones(n, 1, k), slots).view(n, d), None, None
+
+
+class _CombineSlots(torch.autograd.Function):
+    """y [N*K, D] in sorted order, weight [N, K] -> [N, D]: sum_j weight[n, j] * y[position[n*K + j]]; backward:
+    the weight gradient from the gathered rows, y's gradient gathered back into sorted order."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, weight: torch.Tensor, position: torch.Tensor, order: torch.Tensor
+                ) -> torch.Tensor:
+        (n, k), d = weight.shape, y.shape[-1]
+        slots = y.index_select(0, position).view(n, k, d)  # [N, K, D]
+        ctx.save_for_backward(slots, weight, order)
+        return torch.bmm(weight.unsqueeze(1), slots).view(n, d)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        slots, weight, order = ctx.saved_tensors
+        (n, k), d = weight.shape, grad.shape[-1]
+        grad = grad.view(n, 1, d)
+        grad_w = torch.bmm(grad, slots.transpose(1, 2)).view(n, k) if ctx.needs_input_grad[1] else None
+        grad_y = None
+        if ctx.needs_input_grad[0]:
+            grad_y = (weight.unsqueeze(2) * grad).view(n * k, d).index_select(0, order)  # [N*K, D]
+        return grad_y, grad_w, None, None
+
+
+def gather_tokens(x: torch.Tensor, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """x [N, D] -> x[token] [N*K, D], the rows of a dropless top-k dispatch in sorted order: token [N*K] is the
+    token at each sorted position (order // K), position [N*K] the sorted position of each flat slot n*K + j."""
+    return _GatherTokens.apply(x, token, position)
+
+
+def combine_slots(y: torch.Tensor, weight: torch.Tensor, order: torch.Tensor, position: torch.Tensor
+                  ) -> torch.Tensor:
+    """y [N*K, D] in the sorted order of a dropless top-k dispatch, weight [N, K] -> [N, D]: each token's K rows
+    weighted and summed. order [N*K] is the flat slot n*K + j at each sorted position, position its inverse."""
+    return _CombineSlots.apply(y, weight.to(y.dtype), position, order)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # grouped matmul
 
 
@@ -309,6 +376,8 @@ __all__ = [
     "activate",
     "activation_in_width",
     "auto_backend",
+    "combine_slots",
+    "gather_tokens",
     "grouped_mm",
     "mkl_grouped_mm_available",
     "native_grouped_mm_available",
