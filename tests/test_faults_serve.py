@@ -265,9 +265,9 @@ class TestPredictKeepsEveryOtherSample:
     @pytest.mark.parametrize("error", [TypeError("not a str"), KeyError("x"), ZeroDivisionError("zero")])
     def test_a_poisoned_row_is_one_error_line(self, fault_run: Path, model, monkeypatch, tmp_path: Path, capsys,
                                               error: Exception) -> None:
-        import moefuse.commands.predict as predict
+        import moefuse.fusion.loading as loading  # `moefuse predict` imports it from there once its flags are checked
 
-        monkeypatch.setattr(predict, "load_inference_model", lambda *args, **kwargs: model)
+        monkeypatch.setattr(loading, "load_inference_model", lambda *args, **kwargs: model)
         monkeypatch.setattr(model.encoders["text"], "tokenizer", Poisoned(model.encoders["text"].tokenizer, error))
         rows = [{"id": f"r{i}", "task": "digit", "text": f"digit {i}"} for i in range(5)]
         rows.insert(3, {"id": "bad", "task": "digit", "text": f"{Poisoned.POISON} pill"})
@@ -707,7 +707,8 @@ class TestStartUpFailures:
             code = e.code
         err = capsys.readouterr().err
         assert code == 2
-        assert "--port" in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2
+        assert "Traceback" not in err  # argparse's usage, then one error line naming the flag
+        assert err.strip().splitlines()[-1].startswith("moefuse serve: error: argument --port:")
 
     def test_help_renders(self, capsys) -> None:
         with pytest.raises(SystemExit) as done:
