@@ -183,8 +183,10 @@ class MultimodalMoEModel(nn.Module):
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write this model as a model folder (`moefuse.pretrained.folder`): safetensors weights, config.yaml, each
         encoder's architecture files and a model card (README.md), atomically; what `from_pretrained` and
-        `moefuse predict / evaluate / serve` load. Nothing is pickled."""
-        return export_model(self, folder)
+        `moefuse predict / evaluate / serve` load. Nothing is pickled. A model loaded from a folder writes that
+        folder's export.json record again (`export_info`: the media settings that decide how raw files are read, the
+        calibration and training record, a compression record)."""
+        return export_model(self, folder, self.export_info or None)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu",

@@ -47,6 +47,30 @@ def _calibration(extra: dict) -> list[str]:
     return lines
 
 
+def _compression(extra: dict) -> list[str]:
+    """What `moefuse compress` did to the model (export.json `compression`), or nothing."""
+    c = extra.get("compression")
+    if not c:
+        return []
+    lines = ["", "## Compression", "",
+             f"Expert pruning: each MoE layer keeps {c['num_experts_after']} of its {c['num_experts_before']} experts, "
+             f"those with the largest routing share (share of the layer's top-{c['top_k']} assignments) on split "
+             f"`{c['split']}` of {', '.join(f'`{s}`' for s in c['shards'])} ({c['samples']} samples); the router's "
+             "softmax runs over the kept experts" + (", and each dropped expert was merged into its most similar kept "
+                                                      "one, weighted by routing share" if c.get("merge") else "")
+             + f". Method: {c['method']}. Source model: `{c['source']}`.", "",
+             "| layer | kept (original ids; new id = position) | their routing share | dropped |", "|---|---|---:|---|"]
+    for i, layer in enumerate(c["layers"]):
+        share = sum(layer["share"][j] for j in layer["kept"])
+        lines.append(f"| {i} | {layer['kept']} | {share:.1%} | {layer['dropped']} |")
+    lines += ["", "Accuracy on that split (which also chose the experts: expect a little less elsewhere), before -> "
+              "after: " + ", ".join(f"{t} {a:.3f} -> {c['accuracy_after'].get(t, float('nan')):.3f}"
+                                    for t, a in sorted(c["accuracy_before"].items()))
+              + f"; the same answer as before on {c['same_answer']:.1%} of the samples. The validation metrics "
+              "below are the training run's, before compression."]
+    return lines
+
+
 def model_card(model: MultimodalMoEModel, extra: dict | None = None) -> str:
     """Markdown for the export's README.md; `extra` is what export.json holds (the run's record), if any."""
     extra = extra or {}
@@ -72,6 +96,7 @@ def model_card(model: MultimodalMoEModel, extra: dict | None = None) -> str:
               f"Voters per task: {', '.join(model.voter_names)}; combined by `{cfg.heads.combine}`. "
               "The full config is `config.yaml`.", "", "## Calibration", ""]
     lines += _calibration(extra)
+    lines += _compression(extra)
     lines += ["", "## Validation metrics", ""] + _metrics(extra)
     shards = extra.get("train_shards")
     lines += ["", "## Training data", "",
