@@ -24,6 +24,23 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
 
 
+def _check_count(checkpoint: Path, keep: int | None) -> None:
+    """A bad --keep-experts fails at once, from the folder's config.yaml, before torch is imported; anything odd
+    about the folder is left to the library, which names it."""
+    import yaml
+
+    try:
+        fusion = yaml.safe_load((checkpoint / "config.yaml").read_text(encoding="utf-8"))["fusion"]
+        experts, top_k, kind = int(fusion["num_experts"]), int(fusion["top_k"]), fusion.get("kind", "moe")
+    except Exception:  # no folder, no config, not a mapping: the library reports it
+        return
+    if keep is not None and kind == "moe" and not top_k <= keep <= experts:
+        from moefuse.configutil import ConfigError
+
+        raise ConfigError(f"--keep-experts must be in [top_k={top_k}, num_experts={experts}] for this model "
+                          f"(each token picks {top_k} experts among those kept), got {keep}")
+
+
 @command("moefuse compress")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="moefuse compress", description=__doc__.split("\n\n")[0])
@@ -42,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="merge each dropped expert into its most similar kept one (routing-share weighted average)")
     p.add_argument("--batch-size", type=positive_int, default=64)
     args = p.parse_args(argv)
+    _check_count(args.checkpoint, args.keep_experts)
     from moefuse.evaluation.compress import compress_model, format_record  # heavy: after the arguments are checked
 
     record = compress_model(args.checkpoint, args.out, args.shards, args.split, keep=args.keep_experts,

@@ -13,6 +13,7 @@ from moefuse.configutil import ConfigError, atomic_write_text, dumps_json
 from moefuse.datasets.corruption import Corruption
 from moefuse.errors import command, non_negative_int, os_error_message, positive_int
 from moefuse.evaluation.report import evaluate, format_summary
+from moefuse.fusion.loading import add_runtime_flags, runtime_options
 
 
 def corruption(text: str) -> Corruption:
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="write each task's reliability diagram and risk-coverage curve (confidence-TASK.png) here")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--num-workers", type=non_negative_int, default=0)
-    p.add_argument("--int8", action="store_true", help="evaluate the dynamic-int8 quantised model")
+    add_runtime_flags(p)
     p.add_argument("--drop", nargs="*", metavar="MODALITY", default=None,
                    help="modalities to remove from every sample, e.g. audio (default: those the model was trained "
                         "without)")
@@ -44,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="corrupt a modality of every sample: MODALITY:noise[:SNR_DB] (white noise, default 0 dB) or "
                         "MODALITY:conflict (another sample's content), e.g. audio:noise:5 image:conflict")
     args = p.parse_args(argv)
-    result = evaluate(args.checkpoint, args.shards, args.split, args.batch_size, args.num_workers, args.int8,
-                      args.heatmap, drop_modalities=args.drop, plots=args.plots, corrupt=args.corrupt)
+    result = evaluate(args.checkpoint, args.shards, args.split, args.batch_size, args.num_workers,
+                      heatmap=args.heatmap, drop_modalities=args.drop, plots=args.plots, corrupt=args.corrupt,
+                      **runtime_options(args))
     failures = list(result["errors"])
     written = False
     if args.json is not None:  # written before anything is printed: a failed print never loses the report

@@ -21,7 +21,7 @@ import torch
 
 from moefuse.configutil import field_docs
 from moefuse.errors import command, positive_int
-from moefuse.fusion.loading import load_inference_model
+from moefuse.fusion.loading import add_runtime_flags, load_inference_model, runtime_options, say_startup
 from moefuse.inference.predict import export_media
 from moefuse.inference.server import ModelServer, ServeLimits, create_app
 
@@ -36,7 +36,8 @@ class ServeSettings:
     """What a worker process loads: the model folder and how, its torch threads, the limits."""
 
     checkpoint: str
-    int8: bool = False
+    runtime: str = "eager"
+    quantize: str = "none"
     cache_encoders: list[str] | None = None
     threads: int = 1
     limits: dict | None = None
@@ -49,7 +50,9 @@ def app_from_environment() -> FastAPI:
     Python)."""
     settings = ServeSettings(**json.loads(os.environ[SETTINGS_ENV]))
     torch.set_num_threads(settings.threads)
-    model = load_inference_model(settings.checkpoint, int8=settings.int8, cache_encoders=settings.cache_encoders)
+    model = load_inference_model(settings.checkpoint, cache_encoders=settings.cache_encoders,
+                                 runtime=settings.runtime, quantize=settings.quantize)
+    say_startup(model, f"moefuse serve (worker {os.getpid()})")
     server = ModelServer(model, export_media(settings.checkpoint), ServeLimits(**(settings.limits or {})),
                          name=settings.checkpoint)
     return create_app(server)
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="exported model folder (a run's model/)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of every linear layer and expert")
+    add_runtime_flags(p)
     p.add_argument("--cache-encoders", nargs="*", metavar="MODALITY", default=None,
                    help="modalities whose encoder outputs are reused for inputs seen before, e.g. a repeated question "
                         "(default: the encoders frozen in training; the flag alone turns the cache off)")
@@ -88,7 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     limits = ServeLimits(**{k: getattr(args, k) for k in ServeLimits.__dataclass_fields__ if hasattr(args, k)})
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     torch.set_num_threads(threads)
-    model = load_inference_model(args.checkpoint, int8=args.int8, cache_encoders=args.cache_encoders)  # checked here
+    options = runtime_options(args)
+    if args.workers > 1:  # each worker compiles its own: here only the folder and the flags are checked
+        options["warm"] = False
+    model = load_inference_model(args.checkpoint, cache_encoders=args.cache_encoders, **options)
+    if args.workers == 1:
+        say_startup(model, "moefuse serve")
     import uvicorn  # imported here: `moefuse serve --help` stays fast
 
     print(f"moefuse serve: {args.checkpoint} on http://{args.host}:{args.port} (tasks {', '.join(model.task_names)}; "
@@ -101,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     del model  # each worker process loads its own
     os.environ[SETTINGS_ENV] = json.dumps(asdict(ServeSettings(
-        checkpoint=str(args.checkpoint), int8=args.int8, cache_encoders=args.cache_encoders, threads=threads,
+        checkpoint=str(args.checkpoint), runtime=options["runtime"], quantize=options["quantize"],
+        cache_encoders=args.cache_encoders, threads=threads,
         limits=asdict(limits))))
     uvicorn.run("moefuse.commands.serve:app_from_environment", factory=True, workers=args.workers, **options)
     return 0
