@@ -19,6 +19,7 @@ from moefuse.evaluation.loop import DATA_COUNTS, evaluate_loader
 from moefuse.evaluation.metrics import compute_metrics
 from moefuse.fusion.model import MultimodalMoEModel, build_collator
 from moefuse.fusion.prune import experts_to_keep, moe_layers, prune_experts, routing_share
+from moefuse.fusion.runtime import bf16_storage
 from moefuse.pretrained.folder import read_export_info, read_model_config
 
 
@@ -52,34 +53,47 @@ def same_answers(before: list[dict], after: list[dict]) -> float:
 
 def compress_model(checkpoint: str | Path, out: str | Path, shards: list[str], split: str = "val",
                    keep: int | None = None, min_share: float | None = None, merge: bool = False,
-                   batch_size: int = 64) -> dict:
-    """Prune a model folder's experts by their routing share on `shards` at `split` and write the result to `out`
-    (save_pretrained) -> the record written to its export.json under `compression`. `keep`: experts kept per
-    layer; or `min_share`: keep every expert with at least this routing share in some layer (the layer that keeps
-    most sets the count for all; never fewer than top_k)."""
+                   batch_size: int = 64, weights_dtype: str = "float32") -> dict:
+    """Prune a model folder's experts by their routing share on `shards` at `split` and/or store its weight matrices
+    in bfloat16, and write the result to `out` (save_pretrained) -> the record written to its export.json under
+    `compression`. `keep`: experts kept per layer; or `min_share`: keep every expert with at least this routing
+    share in some layer (the layer that keeps most sets the count for all; never fewer than top_k); neither: no
+    pruning. `weights_dtype` bfloat16: half the file (`runtime.bf16_storage`); the folder loads in fp32 as any."""
     checkpoint, out = Path(checkpoint), Path(out)
     if out.resolve() == checkpoint.resolve():
         raise ConfigError(f"--out {out} is the model folder being compressed: write the compressed model elsewhere")
+    if weights_dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"--weights-dtype must be float32 or bfloat16, got {weights_dtype!r}")
+    prune = keep is not None or min_share is not None
+    if not prune and weights_dtype == "float32":
+        raise ConfigError("nothing to do: give --keep-experts N or --min-routing-share S (pruning) and/or "
+                          "--weights-dtype bfloat16")
     if (checkpoint / "config.yaml").is_file():  # a bad count fails before the model is built
         fusion = read_model_config(checkpoint, MultimodalMoEModel.config_class).fusion
         if fusion.kind == "moe" and keep is not None:
             experts_to_keep(fusion.num_experts, fusion.top_k, torch.zeros(1, fusion.num_experts), keep=keep)
     model = MultimodalMoEModel.from_pretrained(checkpoint)
     layers = moe_layers(model)
-    if not layers:
+    if prune and not layers:
         raise ConfigError(f"{checkpoint} has no MoE layer to prune (fusion.kind is {model.cfg.fusion.kind!r})")
-    e, k = layers[0].num_experts, layers[0].top_k
+    e, k = (layers[0].num_experts, layers[0].top_k) if layers else (0, 0)
     drop = read_export_info(checkpoint).get("drop_modalities", [])
     before, stats = run_split(model, shards, split, batch_size, drop)
-    share = routing_share(stats["modality_expert_counts"])  # [L, E]
-    keep = experts_to_keep(e, k, share, keep=keep, min_share=min_share)
-    plans = prune_experts(model, share, keep, merge=merge)
+    plans = []
+    if prune:
+        share = routing_share(stats["modality_expert_counts"])  # [L, E]
+        keep = experts_to_keep(e, k, share, keep=keep, min_share=min_share)
+        plans = prune_experts(model, share, keep, merge=merge)
+    if weights_dtype == "bfloat16":
+        bf16_storage(model, keep_fp32=True)  # measured as it will load
     after, _ = run_split(model, shards, split, batch_size, drop)
+    method = ["expert pruning by routing share (Chen et al. 2022; Lu et al. 2024)"] if prune else []
+    method += ["dropped experts merged into the most similar kept one (Li et al. 2024)"] if prune and merge else []
+    method += ["weight matrices stored in bfloat16"] if weights_dtype == "bfloat16" else []
     record = {
-        "method": "expert pruning by routing share (Chen et al. 2022; Lu et al. 2024)"
-                  + ("; dropped experts merged into the most similar kept one (Li et al. 2024)" if merge else ""),
+        "method": "; ".join(method), "weights_dtype": weights_dtype,
         "source": str(checkpoint), "shards": list(shards), "split": split, "samples": len(before),
-        "num_experts_before": e, "num_experts_after": keep, "top_k": k, "merge": merge,
+        "num_experts_before": e, "num_experts_after": keep if prune else e, "top_k": k, "merge": prune and merge,
         **({"min_routing_share": min_share} if min_share is not None else {}),
         "layers": [p.as_dict() for p in plans],
         "accuracy_before": accuracies(model, before), "accuracy_after": accuracies(model, after),
@@ -88,15 +102,18 @@ def compress_model(checkpoint: str | Path, out: str | Path, shards: list[str], s
     if model.export_info.get("compression"):  # a model compressed before: keep that record too
         record["previous"] = model.export_info["compression"]
     model.export_info = {**model.export_info, "compression": record}
+    if weights_dtype == "bfloat16":
+        bf16_storage(model)  # the same values, held in bf16: half the file
     model.save_pretrained(out)
     return record
 
 
 def format_record(record: dict) -> str:
     """The text summary `moefuse compress` prints."""
-    lines = [f"kept {record['num_experts_after']} of {record['num_experts_before']} experts per MoE layer "
-             f"(routing share on {record['split']}, {record['samples']} samples"
-             + (", dropped experts merged" if record["merge"] else "") + ")"]
+    lines = [f"{record['method']} ({record['split']}, {record['samples']} samples)"]
+    if record["layers"]:
+        lines.append(f"kept {record['num_experts_after']} of {record['num_experts_before']} experts per MoE layer"
+                     + (", dropped experts merged" if record["merge"] else ""))
     for i, layer in enumerate(record["layers"]):
         kept_share = sum(layer["share"][j] for j in layer["kept"])
         lines.append(f"  layer {i}: kept {layer['kept']} ({kept_share:.1%} of the routing), dropped {layer['dropped']}")

@@ -151,6 +151,23 @@ def to_bf16(model: nn.Module) -> nn.Module:
     return model
 
 
+def bf16_storage(model: nn.Module, keep_fp32: bool = False) -> int:
+    """Round every weight matrix (a floating parameter of 2 or more dims: linear layers, convolutions, embeddings,
+    experts; routers excepted, whose near ties decide the routing) to bfloat16, in place -> parameters rounded.
+    `keep_fp32`: hold the rounded values in fp32 (what loading such a folder gives; to measure it), else in bf16
+    (to be saved: half the file). Norms, biases, buffers stay fp32."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Router):
+            continue
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point() and param.dim() >= 2:
+                rounded = param.detach().to(torch.bfloat16)
+                param.data = rounded.float() if keep_fp32 else rounded
+                count += param.numel()
+    return count
+
+
 def use_inference_moe(model: nn.Module) -> None:
     """Every SparseMoE of the model's fusion blocks becomes an InferenceMoE (the same parameters)."""
     for block in model.modules():
@@ -216,5 +233,5 @@ def prepare_inference(model: nn.Module, runtime: str = "eager", quantize: str = 
     return model
 
 
-__all__ = ["QUANTIZE", "RUNTIMES", "InferenceMoE", "compile_model", "experts_ffn", "prepare_inference",
-           "to_bf16", "use_inference_moe", "warm_up"]
+__all__ = ["QUANTIZE", "RUNTIMES", "InferenceMoE", "bf16_storage", "compile_model", "experts_ffn",
+           "prepare_inference", "to_bf16", "use_inference_moe", "warm_up"]

@@ -52,22 +52,29 @@ def _compression(extra: dict) -> list[str]:
     c = extra.get("compression")
     if not c:
         return []
-    lines = ["", "## Compression", "",
-             f"Expert pruning: each MoE layer keeps {c['num_experts_after']} of its {c['num_experts_before']} experts, "
-             f"those with the largest routing share (share of the layer's top-{c['top_k']} assignments) on split "
-             f"`{c['split']}` of {', '.join(f'`{s}`' for s in c['shards'])} ({c['samples']} samples); the router's "
-             "softmax runs over the kept experts" + (", and each dropped expert was merged into its most similar kept "
-                                                      "one, weighted by routing share" if c.get("merge") else "")
-             + f". Method: {c['method']}. Source model: `{c['source']}`.", "",
-             "| layer | kept (original ids; new id = position) | their routing share | dropped |", "|---|---|---:|---|"]
-    for i, layer in enumerate(c["layers"]):
-        share = sum(layer["share"][j] for j in layer["kept"])
-        lines.append(f"| {i} | {layer['kept']} | {share:.1%} | {layer['dropped']} |")
-    lines += ["", "Accuracy on that split (which also chose the experts: expect a little less elsewhere), before -> "
-              "after: " + ", ".join(f"{t} {a:.3f} -> {c['accuracy_after'].get(t, float('nan')):.3f}"
-                                    for t, a in sorted(c["accuracy_before"].items()))
-              + f"; the same answer as before on {c['same_answer']:.1%} of the samples. The validation metrics "
-              "below are the training run's, before compression."]
+    lines = ["", "## Compression", ""]
+    if c.get("weights_dtype") == "bfloat16":
+        lines += ["The weight matrices (linear layers, convolutions, embeddings, experts; not the routers, norms or "
+                  "biases) are stored in bfloat16: half the file. They load into fp32 as any weights.", ""]
+    if c["layers"]:
+        lines += [f"Expert pruning: each MoE layer keeps {c['num_experts_after']} of its {c['num_experts_before']} "
+                  f"experts, those with the largest routing share (share of the layer's top-{c['top_k']} "
+                  f"assignments) on split `{c['split']}` of {', '.join(f'`{s}`' for s in c['shards'])} "
+                  f"({c['samples']} samples); the router's softmax runs over the kept experts"
+                  + (", and each dropped expert was merged into its most similar kept one, weighted by routing "
+                     "share" if c.get("merge") else "") + f". Method: {c['method']}.", "",
+                  "| layer | kept (original ids; new id = position) | their routing share | dropped |",
+                  "|---|---|---:|---|"]
+        for i, layer in enumerate(c["layers"]):
+            share = sum(layer["share"][j] for j in layer["kept"])
+            lines.append(f"| {i} | {layer['kept']} | {share:.1%} | {layer['dropped']} |")
+        lines.append("")
+    lines.append(f"Source model: `{c['source']}`. Accuracy on split `{c['split']}` of the calibration data (which also "
+                 "chose any pruned experts: expect a little less elsewhere), before -> after: "
+                 + ", ".join(f"{t} {a:.3f} -> {c['accuracy_after'].get(t, float('nan')):.3f}"
+                             for t, a in sorted(c["accuracy_before"].items()))
+                 + f"; the same answer as before on {c['same_answer']:.1%} of the samples. The validation metrics "
+                 "below are the training run's, before compression.")
     return lines
 
 
