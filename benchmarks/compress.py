@@ -67,8 +67,10 @@ VARIANTS: dict[str, tuple[str, str, str]] = {
 KINDS = ("cold", "warm")
 
 
-def make_folders(checkpoint: Path, shards: Path, work: Path, keep: int | None, needed: set[str]) -> dict[str, Path]:
-    """The model folders the chosen variants need, made by compress_model from `checkpoint`."""
+def make_folders(checkpoint: Path, shards: Path, split: str, work: Path, keep: int, needed: set[str]
+                 ) -> dict[str, Path]:
+    """The model folders the chosen variants need, made by compress_model from `checkpoint` (routing share on
+    `split`)."""
     folders = {"full": checkpoint}
     specs = {"pruned": {"keep": keep}, "pruned-bf16": {"keep": keep, "weights_dtype": "bfloat16"},
              "bf16": {"weights_dtype": "bfloat16"}}
@@ -76,8 +78,30 @@ def make_folders(checkpoint: Path, shards: Path, work: Path, keep: int | None, n
         if name in needed:
             folders[name] = work / name
             with contextlib.redirect_stdout(sys.stderr):
-                compress_model(checkpoint, folders[name], [str(shards)], "val", **options)
+                compress_model(checkpoint, folders[name], [str(shards)], split, **options)
     return folders
+
+
+def sweep(checkpoint: Path, shards: Path, split: str, work: Path, counts: list[int]) -> None:
+    """Accuracy on val against experts kept, with and without merging: compress_model with the routing share on
+    `split`, then evaluate() on val."""
+    from moefuse.evaluation.report import evaluate
+
+    print(f"\naccuracy on val against experts kept per layer (routing share measured on {split}):\n")
+    rows = []
+    for count in counts:
+        for merge in (False, True):
+            folder = work / f"sweep-{count}{'-merged' if merge else ''}"
+            with contextlib.redirect_stdout(sys.stderr):
+                compress_model(checkpoint, folder, [str(shards)], split, keep=count, merge=merge)
+            result = evaluate(folder, [str(shards)], split="val", batch_size=BATCH, progress=False)
+            rows.append((count, merge, {t: d["accuracy"] for t, d in result["tasks"].items()}, size_mb(folder)))
+    tasks = sorted(rows[0][2])
+    print("| experts kept | merged | " + " | ".join(tasks) + " | file MB |")
+    print("|---:|---|" + "---:|" * len(tasks) + "---:|")
+    for count, merge, acc, mb in rows:
+        print(f"| {count} | {'yes' if merge else 'no'} | " + " | ".join(f"{acc[t]:.4f}" for t in tasks)
+              + f" | {mb:.1f} |")
 
 
 def size_mb(folder: Path) -> float:
@@ -185,6 +209,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                         help="fp32 (the baseline) is always first")
     parser.add_argument("--keep-experts", type=int, help="experts kept by the pruned variants (default: half)")
+    parser.add_argument("--calibration-split", default="train",
+                        help="split whose routing share chooses the experts (default train: val stays unseen)")
+    parser.add_argument("--sweep", type=int, nargs="+", metavar="N",
+                        help="also tabulate val accuracy against these counts of experts kept (with and without "
+                             "--merge)")
     parser.add_argument("--count", type=int, default=1200, help="demo samples without --shards (default 1200)")
     parser.add_argument("--steps", type=int, default=150, help="training steps without --checkpoint (default 150)")
     parser.add_argument("--rounds", type=int, default=5)
@@ -206,7 +235,9 @@ def main(argv: list[str] | None = None) -> None:
         work.mkdir(parents=True, exist_ok=True)
         shards = args.shards or demo_shards(work, args.count, args.seed)
         checkpoint = args.checkpoint or train_tiny(work, shards, args.steps, args.seed)
-        folders = make_folders(checkpoint, shards, work, args.keep_experts, {VARIANTS[v][0] for v in chosen})
+        experts = load_inference_model(checkpoint).cfg.fusion.num_experts
+        folders = make_folders(checkpoint, shards, args.calibration_split, work, args.keep_experts or experts // 2,
+                               {VARIANTS[v][0] for v in chosen})
         models, load_s = load_all(chosen, folders)
         sizes = {n: size_mb(folders[VARIANTS[n][0]]) for n in chosen}
         samples = val_samples(shards, models["fp32"])
@@ -217,11 +248,14 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"only {len(samples)} validation samples: need at least {BATCH}")
         acc = accuracy(models, samples)
         runs = measure(models, latency_set, samples[:full], args.rounds)
-        experts = {n: models[n].cfg.fusion.num_experts for n in chosen}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPU cores, load average "
-          f"{load:.1f} at start, {os.getloadavg()[0]:.1f} at the end; model {checkpoint} "
-          f"({experts['fp32']} experts; pruned: {min(experts.values())}); {len(samples)} validation samples")
-    print_report(runs, models, sizes, load_s, acc, k, full, args.rounds)
+        counts = {n: models[n].cfg.fusion.num_experts for n in chosen}
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPU cores, load "
+              f"average {load:.1f} at start, {os.getloadavg()[0]:.1f} at the end; model {checkpoint} "
+              f"({counts['fp32']} experts; pruned: {min(counts.values())}, routing share on "
+              f"{args.calibration_split}); {len(samples)} validation samples")
+        print_report(runs, models, sizes, load_s, acc, k, full, args.rounds)
+        if args.sweep:
+            sweep(checkpoint, shards, args.calibration_split, work, args.sweep)
 
 
 if __name__ == "__main__":
