@@ -91,10 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     limits = ServeLimits(**{k: getattr(args, k) for k in ServeLimits.__dataclass_fields__ if hasattr(args, k)})
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     torch.set_num_threads(threads)
-    options = runtime_options(args)
-    if args.workers > 1:  # each worker compiles its own: here only the folder and the flags are checked
-        options["warm"] = False
-    model = load_inference_model(args.checkpoint, cache_encoders=args.cache_encoders, **options)
+    how = runtime_options(args)
+    # With several workers each compiles its own model: here the folder and the flags are only checked.
+    model = load_inference_model(args.checkpoint, cache_encoders=args.cache_encoders, warm=args.workers == 1, **how)
     if args.workers == 1:
         say_startup(model, "moefuse serve")
     import uvicorn  # imported here: `moefuse serve --help` stays fast
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     del model  # each worker process loads its own
     os.environ[SETTINGS_ENV] = json.dumps(asdict(ServeSettings(
-        checkpoint=str(args.checkpoint), runtime=options["runtime"], quantize=options["quantize"],
+        checkpoint=str(args.checkpoint), runtime=how["runtime"], quantize=how["quantize"],
         cache_encoders=args.cache_encoders, threads=threads,
         limits=asdict(limits))))
     uvicorn.run("moefuse.commands.serve:app_from_environment", factory=True, workers=args.workers, **options)

@@ -179,6 +179,9 @@ def compile_model(model: nn.Module, backend: str = "inductor") -> nn.Module:
     """Compile (in place) each encoder and each fusion block with dynamic shapes; the first calls compile.
     `backend`: torch.compile's (the tests use "aot_eager", which traces the same graphs but runs them eagerly)."""
     use_inference_moe(model)
+    # Dynamo keeps at most `recompile_limit` graphs per function (8), counting every block and model of the process
+    # (batch 1, 2..15 and 16+ are three graphs each): past it, it would quietly run the function eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for encoder in model.encoders.values():
         encoder.compile(dynamic=True, backend=backend)
     for block in model.modules():
