@@ -207,3 +207,15 @@ def test_the_moe_layer_compiled_by_inductor_agrees_with_eager() -> None:
         torch.testing.assert_close(got.out, want.out, rtol=1e-5, atol=1e-6)
         for name in ("tokens_per_expert", "modality_expert_counts", "top_k_index"):
             assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+def test_predict_runs_bf16_and_refuses_compiled_int8_in_one_line(fault_run: Path, fault_data: dict) -> None:
+    image = next((fault_data["root"] / "data").rglob("*.png"))
+    ok = run_cli("predict", "--checkpoint", str(fault_run / "model"), "--task", "digit", "--image", str(image),
+                 "--quantize", "bf16")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["prediction"] in [str(i) for i in range(10)]
+    bad = run_cli("predict", "--checkpoint", str(fault_run / "model"), "--task", "digit", "--image", str(image),
+                  "--quantize", "int8", "--runtime", "compiled")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert bad.stderr.startswith("moefuse predict: error: --quantize int8 runs eager only"), bad.stderr
