@@ -4,13 +4,13 @@ precision of its weights (fp32, bf16, or torch.ao dynamic int8), as `evaluate`, 
 
 compiled: each encoder and each fusion block is compiled once per process with dynamic batch and sequence sizes
 (`torch.compile(dynamic=True)`, inductor's C++ kernels on CPU; Ansel et al. 2024, "PyTorch 2"), and warmed up at
-load on made-up inputs of two sizes, so the first request pays no compile. The glue between them (which samples
-have which modality, the encoder cache, the voting heads) stays eager. The MoE layers run `InferenceMoE`: the same
-routing and experts as `SparseMoE` with static shapes (padding tokens are routed to a sentinel expert past the last
-real one instead of being removed with `nonzero`), the experts one opaque custom op (`moefuse::experts_ffn`, the
-grouped matmul inductor cannot trace in fp32), and no router losses (inference has no use for them: they are 0).
-Inductor keeps what it compiled in its cache folder (TORCHINDUCTOR_CACHE_DIR, by default under the temp folder),
-so a second process on the same machine starts faster.
+load on made-up inputs (`warm_up`: two input sizes at batch 1, 2 and 32), so the first request pays no compile. The
+glue between them (which samples have which modality, the encoder cache, the voting heads) stays eager. The MoE
+layers run `InferenceMoE`: the same routing and experts as `SparseMoE` with static shapes (padding tokens are routed
+to a sentinel expert past the last real one instead of being removed with `nonzero`), the experts one opaque custom
+op (`moefuse::experts_ffn`, the grouped matmul inductor cannot trace in fp32), and no router losses (inference has
+no use for them: they are 0). Inductor keeps what it compiled in its cache folder (TORCHINDUCTOR_CACHE_DIR, by
+default under the temp folder), so a second process on the same machine starts faster.
 
 bf16: the weights of every linear layer, convolution and expert in bfloat16 (half the memory), the forward under
 CPU autocast, so matmuls run in bf16 (AMX or AVX512-BF16 where the CPU has them) and accumulate in fp32; norms,
@@ -214,7 +214,7 @@ def warm_up(model: nn.Module, batch_sizes: tuple[int, ...] = (1, 2, 32)) -> floa
     return time.perf_counter() - t0
 
 
-def prepare_inference(model: nn.Module, runtime: str = "eager", quantize: str = "none",
+def prepare_inference(model: nn.Module, runtime: Runtime = "eager", quantize: Quantize = "none",
                       warm: bool = True) -> nn.Module:
     """The loaded (CPU, eval-mode) model set up for `runtime` and `quantize` (see the module docstring), in place;
     a compiled model is warmed up (`warm`) and `model.startup_s` records the seconds it took."""
