@@ -20,9 +20,10 @@ one thread, CPU time, load average about 7 from other jobs): a Linear(384, 1536)
 (MiniLM's FFN), under torch.compile with inductor freezing, static shapes, against eager fp32: at 24 rows fp32
 compiled 0.92x, bf16 compiled 2.14x, torchao int8 weight-only 1.06x, torchao int8 dynamic 2.13x (relative error
 1.5e-2 against 3.5e-3 for bf16); at 1024 rows 1.26x, 6.40x, 1.20x and 1.86x. bf16 is at least as fast as int8
-there, twice as exact, and needs no new dependency (torch's own autocast and oneDNN kernels), so the fast 16-bit
-path is `--quantize bf16` (`moefuse.fusion.runtime`); torchao is not a dependency, and `--quantize int8` stays
-torch.ao's eager dynamic quantisation, kept for comparison.
+there, twice as exact, and needs no new dependency (torch's own autocast and oneDNN kernels), so the 16-bit path
+offered is `--quantize bf16` (`moefuse.fusion.runtime`; on whole models it pays only at batch 32 and compiled:
+README, Benchmarks, Compression); torchao is not a dependency, and `--quantize int8` stays torch.ao's eager dynamic
+quantisation, kept for comparison.
 """
 
 from __future__ import annotations
