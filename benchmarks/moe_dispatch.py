@@ -61,10 +61,11 @@ from torch import nn
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
+from moefuse.fusion.kernels import auto_backend
 from moefuse.fusion.moe import DenseFFN, SparseMoE
 
 MODES = ("fwd", "fwd+bwd")
-TARGET_RATIO = 1.3  # the issue's target for SparseMoE forward+backward, relative to the dense floor
+TARGET_RATIO = 1.4  # issue #27: SparseMoE forward+backward at E=64 at most this, relative to the dense floor
 
 
 @dataclass
@@ -125,6 +126,14 @@ def count_grouped_mm_calls(fn: Callable[[], object]) -> int:
     return calls
 
 
+def auto_choices(x: torch.Tensor, d_hidden: int, num_experts: int) -> tuple[str, str]:
+    """The grouped-matmul backend SparseMoE's "auto" runs for x's device and dtype: (forward alone, fwd+bwd)."""
+    w = torch.empty(num_experts, x.shape[-1], d_hidden, device=x.device, dtype=x.dtype, requires_grad=True)
+    with torch.no_grad():
+        fwd = auto_backend(x, w)
+    return fwd, auto_backend(x, w)
+
+
 def build_variants(d_model: int, d_hidden: int, num_experts: int, top_k: int, x: torch.Tensor,
                    seed: int) -> list[Variant]:
     """The dense floor, SparseMoE per backend and both transformers peers, sharing weights, on x's device and
@@ -144,7 +153,7 @@ def build_variants(d_model: int, d_hidden: int, num_experts: int, top_k: int, x:
         return lambda t: m(t)
 
     variants = [Variant("dense", dense, plain_run(dense))]
-    for backend in ("auto", "native", "loop"):
+    for backend in ("auto", "native", "loop"):  # auto = "mkl" where it has a kernel (printed in the header)
         moe = SparseMoE.from_mixtral(hf_eager, backend=backend).to(**place)
         variants.append(Variant(f"moe-{backend}", moe, moe_run(moe)))
     variants.append(Variant("hf-grouped_mm", hf_grouped, plain_run(hf_grouped)))
@@ -161,7 +170,7 @@ def build_variants(d_model: int, d_hidden: int, num_experts: int, top_k: int, x:
                 raise RuntimeError(f"{v.name} disagrees with hf-eager at E={num_experts}: max abs diff {diff:.2e}")
         n_grouped = count_grouped_mm_calls(lambda: hf_grouped(x))
         n_eager = count_grouped_mm_calls(lambda: hf_eager(x))
-        n_native = count_grouped_mm_calls(lambda: variants[2].run(x))
+        n_native = count_grouped_mm_calls(lambda: next(v for v in variants if v.name == "moe-native").run(x))
     if n_grouped == 0 or n_eager != 0 or n_native == 0:
         raise RuntimeError(f"dispatch check failed: grouped_mm calls hf-grouped_mm={n_grouped} (want > 0), "
                            f"hf-eager={n_eager} (want 0), moe-native={n_native} (want > 0)")
@@ -267,6 +276,54 @@ def measure(variants: list[Variant], x: torch.Tensor, g: torch.Tensor, rounds: i
                 v.clean[mode].append(CLOCK is time.process_time or worst <= max_foreign)
 
 
+def copy_bandwidth(device: str, mib: int = 256, reps: int = 5) -> float:
+    """Memory bandwidth in bytes/s by STREAM's "copy" kernel (McCalpin 1995): b[:] = a over two arrays far larger
+    than the caches, with this process's threads, best of `reps`; counted as STREAM counts it (bytes read + bytes
+    written, over wall time)."""
+    a = torch.ones(mib * 2**20 // 4, device=device)
+    b = torch.empty_like(a)
+    b.copy_(a)  # first touch: no page faults in the timed copies
+    best = float("inf")
+    for _ in range(reps):
+        SYNC()
+        t0 = time.perf_counter()
+        b.copy_(a)
+        SYNC()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.numel() * a.element_size() / best
+
+
+def weight_traffic(d_model: int, d_hidden: int, num_experts: int, top_k: int, itemsize: int) -> dict[str, int]:
+    """Bytes of expert weights a call moves beyond the dense floor's, per mode: the forward reads every weight once;
+    the backward reads them again (input gradient) and writes their gradient once (weight gradient). The SwiGLU
+    experts hold E * 3 * D * H weights, the floor 3 * D * k * H; the router's E * D are left out."""
+    extra = (num_experts - top_k) * 3 * d_model * d_hidden * itemsize
+    return {"fwd": extra, "fwd+bwd": 3 * extra}
+
+
+def profile_variants(variants: list[Variant], x: torch.Tensor, g: torch.Tensor, steps: int = 3,
+                     top: int = 14) -> None:
+    """torch.profiler over `steps` calls of the dense floor and moe-auto per mode: ops by self time (ms per call).
+
+    The MKL grouped GEMM is a ctypes call inside an autograd Function: its time is the self time of the
+    `_MKLGroupedMatmul` (forward) and `_MKLGroupedMatmulBackward` (both backward products) rows.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    for mode in MODES:
+        for v in (v for v in variants if v.name in ("dense", "moe-auto")):
+            time_call(v, x, g, mode)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    time_call(v, x, g, mode)
+            events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+            total = sum(e.self_cpu_time_total for e in events) / steps / 1e3
+            print(f"\n{v.name} {mode}: {total:.1f} ms per call (profiler self times, wall clock)")
+            for e in events[:top]:
+                ms = e.self_cpu_time_total / steps / 1e3
+                print(f"  {e.key[:44]:<44} {ms:8.2f} ms {ms / total:6.1%} {e.count // steps:6d} calls")
+
+
 def ratios_used(v: Variant, mode: str) -> tuple[list[float], bool]:
     """The clean rounds' ratios when at least half the rounds are clean, else all of them (flag False)."""
     clean = [r for r, ok in zip(v.ratios[mode], v.clean[mode]) if ok]
@@ -275,8 +332,8 @@ def ratios_used(v: Variant, mode: str) -> tuple[list[float], bool]:
     return v.ratios[mode], False
 
 
-
-def print_tables(results: dict[int, list[Variant]], experts: list[int]) -> None:
+def print_tables(results: dict[int, list[Variant]], experts: list[int], traffic: dict[int, dict[str, int]],
+                 bandwidth: float) -> None:
     names = [v.name for v in next(iter(results.values()))]
     cols = [(mode, e) for mode in MODES for e in experts]
     heads = [f"{mode} E={e}" for mode, e in cols]
@@ -309,6 +366,16 @@ def print_tables(results: dict[int, list[Variant]], experts: list[int]) -> None:
         bwd = statistics.median(floor.times["fwd+bwd"]) * 1e3
         print(f"dense floor at E={e} ({what.lower()}, absolute, noisy): fwd {fwd:.1f} ms, fwd+bwd {bwd:.1f} ms "
               f"over {len(floor.times['fwd'])} rounds")
+    print(f"\nWeight traffic beyond the floor's, at the measured copy bandwidth of {bandwidth / 1e9:.1f} GB/s "
+          "(a bound of 1 + this for a layer that does not overlap it with compute):")
+    for e in experts:
+        floor = results[e][0]
+        parts = []
+        for mode in MODES:
+            ms = traffic[e][mode] / bandwidth * 1e3
+            parts.append(f"{mode} {traffic[e][mode] / 1e6:.0f} MB = {ms:.1f} ms = "
+                         f"+{ms / (statistics.median(floor.times[mode]) * 1e3):.2f}x")
+        print(f"  E={e}: " + "; ".join(parts))
     print("\nOther processes' share of the CPUs our threads needed, during the samples (median; a round is clean when "
           "both its samples are below --max-foreign, or always with --cpu-time):")
     for e in experts:
@@ -324,8 +391,8 @@ def print_tables(results: dict[int, list[Variant]], experts: list[int]) -> None:
     print(f"\nTarget: SparseMoE fwd+bwd <= {TARGET_RATIO}x dense and <= hf-grouped_mm, at every E")
     for e in experts:
         by_name = {v.name: summary(ratios_used(v, "fwd+bwd")[0])[0] for v in results[e]}
-        peer = by_name["hf-grouped_mm"]
-        for name in ("moe-auto", "moe-native", "moe-loop"):
+        peer = by_name.get("hf-grouped_mm", float("inf"))
+        for name in (n for n in ("moe-auto", "moe-native", "moe-loop") if n in by_name):
             r = by_name[name]
             ok = r <= TARGET_RATIO and r <= peer
             print(f"  E={e:<3} {name:<11} {r:.2f}x (peer {peer:.2f}x): {'met' if ok else 'MISSED'}")
@@ -354,6 +421,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                         help="parameters and activations (the router runs in fp32 regardless; default fp32)")
+    parser.add_argument("--variants", nargs="+", default=[], metavar="NAME",
+                        help="time only these variants besides the dense floor (default: all), e.g. moe-auto "
+                             "hf-grouped_mm")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing, profile the dense floor and moe-auto (torch.profiler) at each E")
     parser.add_argument("--quick", action="store_true", help="smoke run: N=512, D=64, H=128, E <= 16, 5 rounds")
     args = parser.parse_args(argv)
     if args.quick:
@@ -374,17 +446,28 @@ def main(argv: list[str] | None = None) -> None:
           f"N={args.tokens} tokens, "
           f"D={args.d_model}, H={args.d_hidden}, k={args.top_k}, E={args.experts}, "
           f"{args.rounds} rounds after {args.warmup} warm-up")
+    fwd_auto, train_auto = auto_choices(torch.empty(1, args.d_model, device=args.device, dtype=dtype), args.d_hidden,
+                                        args.experts[0])
+    print(f"moe-auto runs the {fwd_auto!r} grouped matmul forward alone and {train_auto!r} for fwd+bwd")
     torch.manual_seed(args.seed)
     x = torch.randn(1, args.tokens, args.d_model, device=args.device, dtype=dtype, requires_grad=True)
     g = torch.randn(1, args.tokens, args.d_model, device=args.device, dtype=dtype)
     results: dict[int, list[Variant]] = {}
     for e in args.experts:
         t0 = time.perf_counter()
-        results[e] = build_variants(args.d_model, args.d_hidden, e, args.top_k, x.detach(), args.seed)
+        results[e] = [v for v in build_variants(args.d_model, args.d_hidden, e, args.top_k, x.detach(), args.seed)
+                      if v.name == "dense" or not args.variants or v.name in args.variants]
+        if args.profile:
+            print(f"\n--- E={e} ---")
+            profile_variants(results[e], x, g)
+            continue
         measure(results[e], x, g, args.rounds, args.warmup, args.min_sample_ms / 1e3, args.max_foreign,
                 args.wait_quiet)
         print(f"E={e}: done in {time.perf_counter() - t0:.0f} s", flush=True)
-    print_tables(results, args.experts)
+    if args.profile:
+        return
+    traffic = {e: weight_traffic(args.d_model, args.d_hidden, e, args.top_k, x.element_size()) for e in args.experts}
+    print_tables(results, args.experts, traffic, copy_bandwidth(args.device))
 
 
 if __name__ == "__main__":

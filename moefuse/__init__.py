@@ -20,48 +20,30 @@ Public API (imported on first use, so `import moefuse` and every `moefuse --help
     model.predict(task="digit", image="digit.png")      # the record `moefuse predict` writes
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from moefuse.lazy import lazy_exports
 
 __version__ = "0.2.0"
 
-# public name -> the module that defines it
-_API = {
-    # the model, its config and outputs
-    "MultimodalMoEModel": "moefuse.fusion.model", "ModelConfig": "moefuse.fusion.model",
-    "ModelOutput": "moefuse.fusion.model", "EncodersConfig": "moefuse.fusion.model",
-    "build_model": "moefuse.fusion.model", "build_collator": "moefuse.fusion.model",
-    "load_inference_model": "moefuse.fusion.loading",
+__getattr__, __dir__, _names = lazy_exports(__name__, {
+    # the model, its config and outputs, and a model folder ready for inference
+    "moefuse.fusion.model": ["MultimodalMoEModel", "ModelConfig", "ModelOutput", "EncodersConfig", "build_model",
+                             "build_collator"],
+    "moefuse.fusion.loading": ["load_inference_model"],
     # components
-    "FusionConfig": "moefuse.fusion.stack", "FusionStack": "moefuse.fusion.stack",
-    "MoEConfig": "moefuse.fusion.moe", "SparseMoE": "moefuse.fusion.moe",
-    "HeadsConfig": "moefuse.fusion.heads", "TaskConfig": "moefuse.fusion.heads", "VotingHeads": "moefuse.fusion.heads",
-    "TextEncoderConfig": "moefuse.encoders", "ImageEncoderConfig": "moefuse.encoders",
-    "AudioEncoderConfig": "moefuse.encoders",
+    "moefuse.fusion.stack": ["FusionConfig", "FusionStack"],
+    "moefuse.fusion.moe": ["MoEConfig", "SparseMoE"],
+    "moefuse.fusion.heads": ["HeadsConfig", "TaskConfig", "VotingHeads"],
+    "moefuse.encoders": ["TextEncoderConfig", "ImageEncoderConfig", "AudioEncoderConfig"],
     # experiment configs
-    "ExperimentConfig": "moefuse.config", "load_config": "moefuse.config", "DataConfig": "moefuse.datasets.config",
-    "TrainConfig": "moefuse.train.config",
+    "moefuse.config": ["ExperimentConfig", "load_config"],
+    "moefuse.datasets.config": ["DataConfig"],
+    "moefuse.train.config": ["TrainConfig"],
     # data
-    "build_shards": "moefuse.datasets", "BuildOptions": "moefuse.datasets", "read_manifest": "moefuse.datasets",
-    "make_demo_data": "moefuse.datasets", "build_train_loader": "moefuse.datasets",
-    "build_eval_loader": "moefuse.datasets", "make_loader": "moefuse.datasets", "Collator": "moefuse.datasets",
+    "moefuse.datasets": ["build_shards", "BuildOptions", "read_manifest", "make_demo_data", "build_train_loader",
+                         "build_eval_loader", "make_loader", "Collator"],
     # inference, training (`moefuse.train` is the package; TrainRecipe(cfg).run() trains), evaluation
-    "predict_samples": "moefuse.inference.predict", "load_media_sample": "moefuse.inference.predict",
-    "TrainRecipe": "moefuse.train.recipe", "evaluate": "moefuse.evaluation.report",
-}
-
-__all__ = ["__version__", *_API]
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _API:
-        raise AttributeError(f"module 'moefuse' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_API[name]), name)
-    globals()[name] = value  # once imported, a plain attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_API))
+    "moefuse.inference.predict": ["predict_samples", "load_media_sample"],
+    "moefuse.train.recipe": ["TrainRecipe"],
+    "moefuse.evaluation.report": ["evaluate"],
+})
+__all__ = ["__version__", *_names]

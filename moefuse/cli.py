@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from moefuse.errors import detach_stdout, flush_stdout, stdout_closed
+
 # command -> (module, one-line help). Each module defines `main(argv: list[str] | None) -> int | None`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "build-shards": ("moefuse.commands.build_shards", "validate a manifest and write webdataset tar shards"),
@@ -29,7 +31,21 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run `moefuse ARGV`. A reader of stdout that has gone (`moefuse --help | head -1`) ends any command quietly
+    with EXIT_STDOUT_CLOSED (141, as for a program SIGPIPE ended), never with a BrokenPipeError traceback."""
+    try:
+        try:
+            return dispatch(sys.argv[1:] if argv is None else argv)
+        finally:
+            flush_stdout()
+    except BrokenPipeError:
+        if not stdout_closed():
+            raise
+        return detach_stdout()
+
+
+def dispatch(argv: list[str]) -> int:
+    """The usage, or the named command's `main(rest)` (imported only now)."""
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0

@@ -29,6 +29,10 @@ class ExperimentConfig(ModelConfig):
         known = list(self.encoders.slots())
         self.check(set(self.data.drop_modalities) <= set(known), "data.drop_modalities",
                    f"must list only {', '.join(known)}; got {self.data.drop_modalities}")
+        read = list(self.encoders.configured())
+        self.check(not read or not set(read) <= set(self.data.drop_modalities), "data.drop_modalities",
+                   f"drops every modality the model reads ({', '.join(read)}), so no sample would have an input: "
+                   f"keep at least one")
 
     def model_config(self) -> ModelConfig:
         """The part of the config that the model is built from (and exported with)."""

@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import types
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -54,6 +55,12 @@ class Config:
     def check(self, cond: bool, name: str, msg: str) -> None:
         """Validation for `__post_init__`: ConfigError `<key(name)>: <msg>` when `cond` is false."""
         check(cond, self.key(name), msg)
+
+    def check_range(self, name: str, low: float, high: float) -> None:
+        """Validation for `__post_init__`: field `name` is a finite number in [low, high], or None (not set)."""
+        value = getattr(self, name)
+        self.check(value is None or (math.isfinite(value) and low <= value <= high), name,
+                   f"must be in [{low}, {high}], got {value}")
 
 
 def _type_name(tp: Any) -> str:
@@ -127,12 +134,13 @@ _BY_ORIGIN = {Union: _convert_union, types.UnionType: _convert_union, Literal: _
               list: _convert_sequence, tuple: _convert_sequence, dict: _convert_mapping}
 """Converters of the generic annotations, by `get_origin(annotation)`."""
 _SCALARS = {
-    float: ("a number", lambda v: _is_int(v) or isinstance(v, float), float),
+    float: ("a finite number", lambda v: _is_int(v) or (isinstance(v, float) and math.isfinite(v)), float),
     int: ("an integer", _is_int, None),
     bool: ("true or false", lambda v: isinstance(v, bool), None),
     str: ("a string", lambda v: isinstance(v, str), None),
 }
-"""Scalar annotation -> (what the error says is expected, the check, the conversion or None)."""
+"""Scalar annotation -> (what the error says is expected, the check, the conversion or None). A float must be
+finite: no setting means "unlimited" by inf, and nan compares false with every bound its __post_init__ checks."""
 
 
 def _convert_scalar(value: Any, tp: Any, key: str) -> Any:
@@ -140,7 +148,7 @@ def _convert_scalar(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: null is not allowed, expected {_type_name(tp)}")
     if tp is float and isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string; take what float() does
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
     if tp not in _SCALARS:
@@ -275,6 +283,11 @@ def replace_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+TEMP_NAME_CHARS = 100
+"""An atomic write's temp file is `.NAME.XXXXXXXX.tmp` with NAME cut to this many characters, so that any name the
+file system takes for the file itself (up to 255 bytes) also fits its temp file."""
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write to a temp file in the same folder, then rename: readers never see a half-written file."""
     atomic_write_bytes(path, text.encode("utf-8"))
@@ -286,24 +299,71 @@ def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> Non
 
     A failure (full disk, a folder or file in the way) raises an OSError that names `path`, and leaves no temp
     file behind and any earlier `path` as it was."""
+    atomic_write_file(path, lambda tmp: tmp.write_bytes(data), fsync)
+
+
+def atomic_write_file(path: str | Path, write: Callable[[Path], None], fsync: bool = True) -> None:
+    """`write(tmp)` writes the whole file at a temp path in the same folder (a library's own writer, e.g.
+    safetensors' `save_file`); then it is flushed to disk, given the permissions `open()` would give (0666 less the
+    umask: readable like any other file, whatever mode the writer or `mkstemp` used) and renamed to `path`, so
+    readers never see a half-written file. Failures as `atomic_write_bytes`."""
     path = Path(path)
-    with naming(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_dir():
-            raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
+    prefix = f".{path.name[:TEMP_NAME_CHARS]}."
+    try:
+        with naming(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_dir():
+                raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
+            fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            try:
+                write(Path(tmp))
                 if fsync:
-                    os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the permissions open() would
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+                    fd = os.open(tmp, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files (so do some writers); open() would not
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+    except OSError as e:  # mkstemp, the writer, chmod or replace failed on the temp file: the user asked for `path`
+        said = e.filename
+        if isinstance(said, str) and os.path.dirname(said) == str(path.parent) and \
+                os.path.basename(said).startswith(prefix) and said.endswith(".tmp"):
+            raise type(e)(e.errno, e.strerror or str(e), str(path)) from e
+        raise
+
+
+def read_json_file(path: str | Path, max_bytes: int = 64 << 20) -> Any:
+    """A JSON file a user may have edited, read strictly: UTF-8, at most `max_bytes`, no NaN or Infinity (not
+    JSON, RFC 8259 section 6) and no key given twice in one object (RFC 8259 section 4 leaves the meaning open;
+    Python would keep the last). Anything else is a ConfigError naming the file."""
+    path = Path(path)
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON number (RFC 8259); write a finite number or null")
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict:
+        seen: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in seen:
+                raise ValueError(f"the key {k[:80]!r} is given twice in one object")
+            seen[k] = v
+        return seen
+
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ConfigError(f"{path} is {size} bytes, over the {max_bytes >> 20} MiB limit of a JSON file here")
+        return json.loads(path.read_bytes().decode("utf-8"), parse_constant=constant, object_pairs_hook=unique)
+    except ConfigError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ConfigError(f"{path} cannot be read as JSON: {str(e)[:300]}") from None
 
 
 def sha256_file(path: str | Path) -> str:
@@ -350,6 +410,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "apply_overrides",
+    "atomic_write_file",
     "atomic_write_text",
     "check",
     "dumps_json",
@@ -357,6 +418,7 @@ __all__ = [
     "from_dict",
     "load_yaml",
     "parse_override",
+    "read_json_file",
     "save_yaml",
     "sha256_file",
     "to_dict",

@@ -6,18 +6,31 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, run_overrides
 from safetensors.torch import load_file, save_file
 
 from moefuse.cli import main as cli
 from moefuse.evaluation.metrics import error_detection_auroc, expected_calibration_error, risk_coverage
 from moefuse.evaluation.report import evaluate
-from moefuse.fusion.calibration import fit_temperature, fit_vote_weights, mixture_nll, temperature_nll
+from moefuse.fusion.calibration import (
+    MIN_TEMPERATURE,
+    fit_problem,
+    fit_temperature,
+    fit_vote_weights,
+    mixture_nll,
+    temperature_nll,
+)
 from moefuse.fusion.heads import HeadsConfig, VotingHeads
 from moefuse.fusion.model import MultimodalMoEModel
+
+
+def train_cli(shards: Path, out: Path, *extra: str) -> int:
+    return cli(["train", str(TINY), *run_overrides(shards, out, *extra)])
 
 
 def overconfident(n: int = 2000, classes: int = 5, sharpen: float = 4.0, seed: int = 0):
@@ -154,3 +167,50 @@ def test_predict_min_confidence_must_be_a_probability(fault_run: Path, value: st
         cli(["predict", "--checkpoint", str(fault_run / "model"), "--text", "x", "--min-confidence", value])
     assert e.value.code == 2
     assert "--min-confidence" in capsys.readouterr().err
+
+
+def test_fit_problem_names_too_few_samples_and_a_set_without_errors() -> None:
+    probs, targets = overconfident(n=60)
+    assert fit_problem(probs, targets, 50) is None
+    assert "only 49 validation samples, fewer than the 50" in fit_problem(probs[:49], targets[:49], 50)
+    unlabelled = targets.clone()
+    unlabelled[:20] = -1  # samples without a target do not count
+    assert "only 40 validation samples" in fit_problem(probs, unlabelled, 50)
+    right = probs.argmax(-1)
+    assert "all 60 validation answers are right" in fit_problem(probs, right, 50)
+    assert fit_temperature(probs, right) == pytest.approx(MIN_TEMPERATURE, rel=1e-2)  # what it would have fit
+
+
+def test_training_on_a_tiny_validation_split_succeeds_uncalibrated(fault_data: dict, tmp_path: Path) -> None:
+    """5 and 6 validation samples with a target (avqa, digit; the default minimum is 50): training succeeds, each
+    task is named with its count in a warning, keeps T = 1, and export.json and the model card say why."""
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning) as caught:
+        assert train_cli(fault_data["shards"], out, "heads.calibration_min_samples=50") == 0
+    said = [str(w.message) for w in caught]
+    for task, n in (("avqa", 5), ("digit", 6)):
+        assert any(f"task {task!r} is not calibrated" in m and f"only {n} validation samples" in m for m in said)
+    calibration = json.loads((out / "model" / "export.json").read_text())["calibration"]
+    assert {t: (c["temperature"], c["samples"]) for t, c in calibration.items()} == {"avqa": (1.0, 5),
+                                                                                     "digit": (1.0, 6)}
+    assert all("fewer than the 50" in c["skipped"] for c in calibration.values())
+    card = (out / "model" / "README.md").read_text()
+    assert "- digit: not calibrated (temperature 1, vote weights as trained): only 6 validation samples" in card
+    model = MultimodalMoEModel.from_pretrained(out / "model")
+    assert all(float(model.heads[t].temperature) == 1.0 for t in calibration)
+
+
+@pytest.mark.parametrize(("minimum", "skipped"), [(5, set()), (6, {"avqa"}), (7, {"avqa", "digit"})])
+def test_the_minimum_is_per_task_and_inclusive(copy_run: Path, minimum: int, skipped: set[str]) -> None:
+    """`moefuse export` recalibrates with the run's own heads.calibration_min_samples; avqa has 5 validation
+    samples with a target, digit 6: each task is fit or skipped on its own count."""
+    config = copy_run / "config.yaml"
+    config.write_text(config.read_text().replace("calibration_min_samples: 5", f"calibration_min_samples: {minimum}"))
+    assert f"calibration_min_samples: {minimum}" in config.read_text()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli(["export", str(copy_run)]) == 0
+    warned = {t for t in ("avqa", "digit") if any(f"task {t!r} is not calibrated" in str(w.message) for w in caught)}
+    calibration = json.loads((copy_run / "model" / "export.json").read_text())["calibration"]
+    assert warned == skipped == {t for t, c in calibration.items() if "skipped" in c}
+    assert {t for t, c in calibration.items() if c["temperature"] == 1.0} == skipped

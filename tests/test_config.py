@@ -68,7 +68,7 @@ def test_yaml_booleans_name_a_spelled_option() -> None:
     ("fusion.num_expert=4", "unknown config key fusion.num_expert"),
     ("fusoin.kind=moe", "unknown config key fusoin"),
     ("fusion.num_experts=many", "fusion.num_experts: expected an integer"),
-    ("fusion.dropout=true", "fusion.dropout: expected a number"),
+    ("fusion.dropout=true", "fusion.dropout: expected a finite number"),
     ("fusion.kind=sparse", "fusion.kind: 'sparse' is not one of 'moe', 'dense', 'concat'"),
     ("fusion.top_k=9", "fusion.top_k: must be in [1, num_experts=8]"),
     ("encoders.image.preset=huge", "unknown image preset 'huge'"),

@@ -58,7 +58,7 @@ def shards(tmp_path_factory) -> Path:
 
 def launch(shards: Path, out: Path, world: int, *overrides: str, resume: bool = False) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(world),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "moefuse.train",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "moefuse", "train",
            str(REPO / "configs" / "tiny.yaml"), f"data.train_shards=[{shards}]", f"data.val_shards=[{shards}]",
            f"train.output_dir={out}", "data.batch_size=8", "encoders.audio.max_seconds=0.5", "train.tensorboard=false",
            "train.log_every=1", "train.warmup_steps=4", "train.eval_every=3", "train.save_every=3",

@@ -86,6 +86,26 @@ def test_heatmap_under_a_file_still_writes_the_report(fault_run: Path, fault_dat
     assert json.loads(report.read_text())["errors"]
 
 
+@pytest.mark.parametrize("where", ["/sys/map.png", "/proc/map.png", "/proc/self/map.png"])
+def test_heatmap_that_cannot_be_created_names_its_own_path(fault_run: Path, fault_data: dict, where: str,
+                                                           capsys) -> None:
+    """A folder that takes no new file (sysfs, procfs refuse even root): the error names the heatmap path the user
+    gave, not the temporary file the atomic write went through (`/sys/.map.png.k3j2x9.tmp`)."""
+    if not Path(where).parent.is_dir():
+        pytest.skip(f"no {Path(where).parent} here")
+    assert evaluate_cli(fault_run / "model", fault_data["shards"], "--heatmap", where) == 1
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if "heatmap" in line)
+    assert f"the heatmap was not written: {where}: " in line and ".tmp" not in line, line
+
+
+def test_heatmap_with_the_longest_file_name_is_written(fault_run: Path, fault_data: dict, tmp_path: Path) -> None:
+    """A 250-character name (the file system takes 255) is written: its temp file's name is cut to fit."""
+    heatmap = tmp_path / ("h" * 246 + ".png")
+    assert evaluate_cli(fault_run / "model", fault_data["shards"], "--heatmap", str(heatmap)) == 0
+    assert heatmap.read_bytes().startswith(b"\x89PNG") and [p.name for p in tmp_path.iterdir()] == [heatmap.name]
+
+
 @pytest.mark.parametrize("size", ["0", "-1"])
 def test_batch_size_must_be_positive(fault_run: Path, fault_data: dict, size: str, capsys) -> None:
     with pytest.raises(SystemExit) as e:
@@ -170,3 +190,12 @@ def test_model_with_fewer_tasks_counts_the_other_samples(fault_run: Path, fault_
     assert evaluate_cli(out / "model", fault_data["shards"], "--json", str(report)) == 0
     data = json.loads(report.read_text())
     assert list(data["tasks"]) == ["digit"] and data["data"]["skipped_other_task"] > 0
+
+
+@pytest.mark.parametrize("drop", [["text", "image", "audio"], ["audio", "image", "text", "audio"]])
+def test_dropping_every_modality_is_refused(fault_run: Path, fault_data: dict, drop: list[str], capsys) -> None:
+    """`--drop` of every modality the model reads leaves no input: one line, nothing evaluated."""
+    assert evaluate_cli(fault_run / "model", fault_data["shards"], "--drop", *drop) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("moefuse evaluate: error: dropping text, image, audio (--drop, data.drop_modalities) removes every "
+                   "modality the model reads, so no sample would have an input: keep at least one"), err

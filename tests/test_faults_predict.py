@@ -4,6 +4,7 @@ error line (in manifest order) while every other row is still predicted, and not
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,29 @@ def test_predict_prepares_raw_files_as_the_shards_were_built(fault_run: Path, fa
     assert predict_cli(fault_run / "model", manifest) == 1
     line = read_lines(capsys.readouterr().out)[0]
     assert line["id"] == "long" and "long.wav" in line["error"]
+
+
+@pytest.mark.parametrize("missing", ["text", "audio", "image", "text/config.json", "text/tokenizer.json",
+                                     "audio/config.json", "image/data_config.json"])
+def test_model_folder_missing_an_encoder_part_names_it(copy_model: Path, missing: str, capsys) -> None:
+    """A part of a model folder that was not copied: named with the fix, never handed on to transformers (which
+    took a missing local folder for a hub id, "Repo id must be in the form 'repo_name'", and a missing
+    config.json or tokenizer.json for "build the default": a 30522-word BERT, a 5-token tokenizer)."""
+    target = copy_model / missing
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    assert cli(["predict", "--checkpoint", str(copy_model), "--task", "digit", "--text", "one"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("moefuse predict: error: "), err
+    assert str(target) in err and "is missing" in err and "moefuse export RUN_DIR" in err and "Repo id" not in err
+
+
+def test_every_encoder_writes_the_architecture_files_it_needs(fault_run: Path) -> None:
+    """What `check_architecture` asks of a folder is what each encoder's save_architecture wrote."""
+    from moefuse.fusion.model import ModelConfig
+    from moefuse.pretrained.folder import read_model_config
+
+    configured = read_model_config(fault_run / "model", ModelConfig).encoders.configured()
+    assert set(configured) == {"text", "image", "audio"}
+    for modality, enc_cfg in configured.items():
+        assert enc_cfg.architecture_files, modality
+        enc_cfg.check_architecture(fault_run / "model" / modality)

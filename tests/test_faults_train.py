@@ -128,6 +128,7 @@ def test_full_disk_during_a_checkpoint_leaves_no_temp_and_keeps_config(fault_dat
     assert done.returncode == 2, done.stderr
     no_traceback(done.stderr)
     assert "moefuse train: error:" in done.stderr and str(out / "checkpoints") in done.stderr
+    assert ".tmp" not in done.stderr  # the error names the checkpoint, not the temp folder that is gone
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
     assert (out / "config.yaml").is_file()
 
@@ -184,7 +185,7 @@ def test_export_without_its_validation_data_still_exports_uncalibrated(copy_run:
 
 
 def test_python_m_moefuse_train_reports_errors_without_traceback(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "moefuse.train", str(tmp_path / "missing.yaml")],
+    done = subprocess.run([sys.executable, "-m", "moefuse", "train", str(tmp_path / "missing.yaml")],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 2 and "missing.yaml" in done.stderr
     no_traceback(done.stderr)
@@ -196,6 +197,7 @@ def test_full_disk_during_moefuse_export_keeps_the_old_export(copy_run: Path) ->
     assert done.returncode == 2, done.stderr
     no_traceback(done.stderr)
     assert "moefuse export: error:" in done.stderr and str(copy_run / "model") in done.stderr
+    assert ".tmp" not in done.stderr  # the error names the export folder, not the temp folder that is gone
     assert not [p for p in copy_run.iterdir() if p.name.startswith(".model")]
     assert (copy_run / "model" / "model.safetensors").read_bytes() == before
 
@@ -269,3 +271,46 @@ def test_checkpoint_of_another_expert_layout_is_refused(tmp_path: Path) -> None:
     (ckpt / "experts-ep001-of-002.safetensors").unlink()
     with pytest.raises(ConfigError, match=r"lacks the expert shards of EP ranks \[1\]"):
         check_layout(ckpt, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# modalities the model cannot read: refused at start-up, naming the encoder and data.drop_modalities
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    (["encoders.audio=null"], ["encoders.audio is null", "data.drop_modalities=[audio]"]),  # the README's example
+    (["encoders.image=null", "encoders.text=null"], ["encoders.image is null", "data.drop_modalities=[image, text]"]),
+    (["encoders.audio=null", "data.drop_modalities=[image]"],
+     ["encoders.audio", "data.drop_modalities=[image, audio]"]),
+    (["data.drop_modalities=[audio, text, image]"], ["data.drop_modalities", "keep at least one"]),
+])
+def test_shards_holding_a_modality_the_model_cannot_read_are_refused_at_start(fault_data: dict, tmp_path: Path,
+                                                                              overrides: list[str],
+                                                                              named: list[str], capsys) -> None:
+    """A model without an audio encoder on shards with audio was a ValueError traceback at the first batch that
+    never said data.drop_modalities; now one line before the run folder exists (counted from dataset.json)."""
+    assert train_cli(fault_data["shards"], tmp_path / "run", *overrides) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("moefuse train: error: "), err
+    assert all(n in err for n in named), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_without_an_encoder_trains_with_the_fix_and_evaluate_names_drop(fault_data: dict, tmp_path: Path,
+                                                                               capsys) -> None:
+    """The fix the error gives works: `encoders.audio=null data.drop_modalities=[audio]` trains and evaluates (audio
+    dropped by default, from export.json); `evaluate --drop` with nothing dropped hands it audio again: one line
+    naming `--drop audio`; dropping both modalities it reads is refused."""
+    out, shards = tmp_path / "run", fault_data["shards"]
+    assert train_cli(shards, out, "encoders.audio=null", "data.drop_modalities=[audio]") == 0
+    evaluate = ["evaluate", "--checkpoint", str(out / "model"), "--shards", str(shards)]
+    assert cli(evaluate) == 0
+    capsys.readouterr()
+    for drop, says in ([[], ["has audio but the model has no audio encoder", "--drop audio"]],
+                       [["image", "text"], ["dropping text, image", "removes every modality the model reads"]]):
+        assert cli([*evaluate, "--drop", *drop]) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.replace("\r", "\n").splitlines() if "error" in line]
+        assert len(errors) == 1 and errors[0].startswith("moefuse evaluate: error: "), err
+        assert all(s in errors[0] for s in says), errors[0]
+        no_traceback(err)

@@ -18,7 +18,7 @@ PACKAGE = REPO / "moefuse"
 # format (pretrained) and the inference on raw inputs know no model class: the model class is passed in, so the
 # model (fusion) can offer save_pretrained / from_pretrained / predict without an import running upward.
 LAYERS = [
-    {"moefuse.errors", "moefuse.configutil", "moefuse.outputs", "moefuse.progress"},
+    {"moefuse.errors", "moefuse.configutil", "moefuse.outputs", "moefuse.progress", "moefuse.lazy"},
     {"moefuse.datasets"},
     {"moefuse.encoders"},
     {"moefuse.pretrained"},

@@ -140,3 +140,18 @@ def test_a_redirected_demo_data_log_has_no_carriage_returns(tmp_path: Path) -> N
     assert "\r" not in out.stderr and "demo-data: started" in out.stderr
     quiet = run_cli("demo-data", "--out", str(tmp_path / "q"), "--count", "30", "--quiet")
     assert quiet.returncode == 0 and "demo-data:" not in quiet.stderr
+
+
+def test_no_command_help_imports_torch() -> None:
+    """`moefuse COMMAND --help` answers at once: no command imports torch (seconds) before its flags are checked."""
+    from moefuse.cli import COMMANDS
+
+    code = ("import contextlib, io, sys\nfrom moefuse.cli import main\nheavy = {}\n"
+            "for name in sys.argv[1:]:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "        main([name, '--help'])\n"
+            "    heavy[name] = 'torch' in sys.modules\n"
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code, *COMMANDS], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(dict.fromkeys(COMMANDS, False))

@@ -234,7 +234,7 @@ def test_serve_refuses_a_bad_checkpoint_by_name(tmp_path: Path) -> None:
 
 
 def test_a_request_past_the_timeout_gets_a_504(fault_run: Path, files: dict) -> None:
-    proc, url = start(fault_run / "model", "--timeout-s", "0.001")
+    proc, url = start(fault_run / "model", "--timeout-s", "0.001", "--max-wait-ms", "0")  # the wait must be shorter
     try:
         answer = post(url, data={"task": "digit"}, files={"image": files["image"].open("rb")})
         assert answer.status_code == 504 and "timeout_s" in answer.json()["error"]

@@ -158,7 +158,7 @@ def test_accelerate_two_processes_see_every_sample_once(demo: dict, tmp_path: Pa
     # mpirun); `--multi_gpu` on a machine without GPUs starts 2 torch-elastic processes on gloo, on the CPU.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "moefuse.train", str(TINY),
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "moefuse", "train", str(TINY),
            f"data.train_shards=[{demo['shards']}]", f"data.val_shards=[{demo['shards']}]", f"train.output_dir={out}",
            "data.batch_size=16", "encoders.audio.max_seconds=0.5", "train.tensorboard=false",
            f"train.max_steps={steps_per_epoch + 2}", "train.eval_every=100", "train.record_sample_ids=true"]

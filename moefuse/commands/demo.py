@@ -14,14 +14,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from moefuse.config import load_config
 from moefuse.configutil import ConfigError, atomic_write_text, dumps_json
 from moefuse.datasets import BuildOptions, build_shards, make_demo_data, read_manifest
-from moefuse.errors import command
-from moefuse.evaluation.report import evaluate, format_summary
-from moefuse.fusion.loading import load_inference_model
-from moefuse.inference.predict import export_media, load_media_sample, predict_samples
-from moefuse.train.recipe import train
+from moefuse.datasets.demo import MAX_COUNT, MIN_COUNT
+from moefuse.errors import Number, command, seed
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
@@ -47,14 +43,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="moefuse demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("outputs/demo"), help="folder for every demo output")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="training config (default configs/tiny.yaml)")
-    p.add_argument("--count", type=int, default=2000, help="demo samples to generate")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--count", type=Number(int, MIN_COUNT, MAX_COUNT), default=2000,
+                   help=f"demo samples to generate, {MIN_COUNT}-{MAX_COUNT} (default 2000)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the data, the splits and training, 0 to 2**32 - 1")
+    p.add_argument("--quiet", action="store_true", help="no progress (bars on a terminal, lines in a log)")
     p.add_argument("overrides", nargs="*", help="extra config overrides, e.g. train.max_steps=50")
     return p.parse_args(argv)
 
 
 def predict_two(model_dir: Path, manifest: Path, out: Path) -> None:
     """Predict two test samples (the second without its audio) -> out/predictions.jsonl, and print them."""
+    from moefuse.fusion.loading import load_inference_model
+    from moefuse.inference.predict import export_media, load_media_sample, predict_samples
+
     model, media = load_inference_model(model_dir), export_media(model_dir)
     qa, full = pick_test_samples(manifest)
     samples = [
@@ -107,11 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moefuse demo: error: {run} exists from an earlier demo; remove {out} or pass --out", file=sys.stderr)
         return 2
 
+    # imported once the flags are checked, so that `--help` and flag errors answer at once
+    from moefuse.config import load_config
+    from moefuse.evaluation.report import evaluate, format_summary
+    from moefuse.train.recipe import train
+
     print(f"[1/5] demo data -> {data}")
-    manifest = make_demo_data(data, count=args.count, seed=args.seed, overwrite=True)
+    manifest = make_demo_data(data, count=args.count, seed=args.seed, overwrite=True, progress=not args.quiet)
     print(f"[2/5] build-shards -> {shards}")
     build_shards(manifest, shards, BuildOptions(overwrite=True, seed=args.seed, maxcount=200,
-                                                workers=min(8, os.cpu_count() or 1)))
+                                                workers=min(8, os.cpu_count() or 1), progress=not args.quiet))
     print(f"[3/5] train {args.config} -> {run}")
     try:
         cfg = load_config(args.config, [f"data.train_shards=[{shards}]", f"data.val_shards=[{shards}]",
@@ -119,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"moefuse demo: error: {e}", file=sys.stderr)
         return 2
-    train(cfg)
+    train(cfg, progress=not args.quiet)
     model_dir = run / "model"
 
     print(f"[4/5] evaluate {model_dir} on the validation and test splits")

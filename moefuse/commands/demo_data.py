@@ -11,8 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from moefuse.datasets.demo import DemoError, make_demo_data
-from moefuse.errors import command
+from moefuse.datasets.demo import MAX_COUNT, MIN_COUNT, DemoError, make_demo_data
+from moefuse.errors import Number, command, seed
 
 
 @command("demo-data")
@@ -21,8 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="moefuse demo-data", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="folder for manifest.jsonl and media/")
-    p.add_argument("--count", type=int, default=2000, help="samples in all, half per task")
-    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
+    p.add_argument("--count", type=Number(int, MIN_COUNT, MAX_COUNT), default=2000,
+                   help=f"samples in all, half per task, {MIN_COUNT}-{MAX_COUNT}")
+    p.add_argument("--seed", type=seed, default=0,
+                   help="random seed, 0 to 2**32 - 1; the same seed gives the same files")
     p.add_argument("--overwrite", action="store_true",
                    help="regenerate over an earlier demo-data run (files it did not write are never touched)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

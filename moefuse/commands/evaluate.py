@@ -11,9 +11,8 @@ from pathlib import Path
 
 from moefuse.configutil import ConfigError, atomic_write_text, dumps_json
 from moefuse.datasets.corruption import Corruption
-from moefuse.errors import command, non_negative_int, os_error_message, positive_int
-from moefuse.evaluation.report import evaluate, format_summary
-from moefuse.fusion.loading import add_runtime_flags, runtime_options
+from moefuse.errors import MAX_PROCESSES, Number, command, os_error_message, positive_int
+from moefuse.inference.options import add_runtime_flags, runtime_options
 
 
 def corruption(text: str) -> Corruption:
@@ -35,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heatmap", type=Path, help="write the modality x expert routing heatmap (PNG) here")
     p.add_argument("--plots", type=Path, metavar="DIR",
                    help="write each task's reliability diagram and risk-coverage curve (confidence-TASK.png) here")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--num-workers", type=non_negative_int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="samples per batch, >= 1 (default 64)")
+    p.add_argument("--num-workers", type=Number(int, 0, MAX_PROCESSES), default=0,
+                   help=f"data-loading processes, 0 (in this process) to {MAX_PROCESSES} (default 0)")
     add_runtime_flags(p)
     p.add_argument("--drop", nargs="*", metavar="MODALITY", default=None,
                    help="modalities to remove from every sample, e.g. audio (default: those the model was trained "
@@ -44,10 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corrupt", nargs="+", metavar="MODALITY:KIND", default=[], type=corruption,
                    help="corrupt a modality of every sample: MODALITY:noise[:SNR_DB] (white noise, default 0 dB) or "
                         "MODALITY:conflict (another sample's content), e.g. audio:noise:5 image:conflict")
+    p.add_argument("--quiet", action="store_true", help="no progress (bars on a terminal, lines in a log)")
     args = p.parse_args(argv)
+    # imported once the flags are checked, so that `--help` and flag errors answer at once
+    from moefuse.evaluation.report import evaluate, format_summary
+
     result = evaluate(args.checkpoint, args.shards, args.split, args.batch_size, args.num_workers,
-                      heatmap=args.heatmap, drop_modalities=args.drop, plots=args.plots, corrupt=args.corrupt,
-                      **runtime_options(args))
+                      heatmap=args.heatmap, progress=not args.quiet, drop_modalities=args.drop, plots=args.plots,
+                      corrupt=args.corrupt, **runtime_options(args))
     failures = list(result["errors"])
     written = False
     if args.json is not None:  # written before anything is printed: a failed print never loses the report

@@ -14,8 +14,7 @@ from pathlib import Path
 
 from moefuse.configutil import ConfigError, atomic_write_text, dumps_json
 from moefuse.errors import command, positive_int, probability
-from moefuse.fusion.loading import add_runtime_flags, load_inference_model, runtime_options, say_startup
-from moefuse.inference.predict import export_media, load_media_sample, manifest_samples, predict_samples
+from moefuse.inference.options import add_runtime_flags, runtime_options
 
 
 def write_lines(lines: str, out: Path | None) -> None:
@@ -43,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", type=Path, help="image file")
     p.add_argument("--audio", type=Path, help="audio file (wav/flac/ogg; resampled as needed)")
     p.add_argument("--out", type=Path, help="write JSON Lines here (default: stdout)")
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="samples per batch, >= 1 (default 32)")
     p.add_argument("--min-confidence", type=probability, metavar="P",
                    help="mark answers whose calibrated probability is below P (in [0, 1]) as abstentions "
                         "(\"abstain\": true; the prediction is still the best guess)")
@@ -51,12 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-encoders", nargs="*", metavar="MODALITY", default=None,
                    help="modalities whose encoder outputs are reused for inputs seen before, e.g. a repeated question "
                         "(default: the encoders frozen in training; the flag alone turns the cache off)")
+    p.add_argument("--quiet", action="store_true", help="no progress over a manifest (bars on a terminal, lines in a "
+                   "log)")
     args = p.parse_args(argv)
+    # imported once the flags are checked, so that `--help` and flag errors answer at once
+    from moefuse.fusion.loading import load_inference_model, say_startup
+    from moefuse.inference.predict import export_media, load_media_sample, manifest_samples, predict_samples
+
     if args.manifest is not None and any([args.text, args.question, args.image, args.audio]):
         raise ConfigError("give either --manifest or single-sample inputs, not both")
     model = load_inference_model(args.checkpoint, cache_encoders=args.cache_encoders, **runtime_options(args))
     say_startup(model, "moefuse predict")
-    media = export_media(args.checkpoint)
+    media = export_media(model)
     bad: list[dict] = []
     if args.manifest is not None:
         samples, bad = manifest_samples(model, args.manifest, media)
@@ -69,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             task = model.task_names[0]
         samples = [load_media_sample(model, args.id, task, media=media, text=args.text, question=args.question,
                                      image=args.image, audio=args.audio)]
-    results = predict_samples(model, samples, args.batch_size, args.min_confidence) if samples else []
+    results = (predict_samples(model, samples, args.batch_size, args.min_confidence,
+                               progress=args.manifest is not None and not args.quiet) if samples else [])
     for r, s in zip(results, samples):
         r.setdefault("line", s.get("line"))
     rows = sorted(results + bad, key=lambda r: r.get("line") or 0)

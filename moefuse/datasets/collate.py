@@ -28,6 +28,7 @@ from torch.utils.data import get_worker_info
 
 from moefuse.configutil import ConfigError
 from moefuse.datasets.corruption import Corruption, check_corruptions, corrupt_samples
+from moefuse.datasets.loader import DataError
 
 if TYPE_CHECKING:
     from moefuse.encoders.base import Preprocessor
@@ -62,6 +63,9 @@ class Collator:
         unknown = [m for m in (*self.preprocessors, *self.drop_modalities) if m not in self.sample_fields]
         if unknown:
             raise ConfigError(f"unknown modality {unknown[0]!r}; this model knows {', '.join(self.sample_fields)}")
+        if self.preprocessors and set(self.preprocessors) <= set(self.drop_modalities):
+            raise ConfigError(f"dropping {', '.join(self.preprocessors)} (--drop, data.drop_modalities) removes every "
+                              f"modality the model reads, so no sample would have an input: keep at least one")
         check_corruptions(self.corrupt, self.preprocessors, self.drop_modalities)
         self._rng = random.Random(self.seed)
         self._index = {t: {v: i for i, v in enumerate(vocab)} for t, vocab in zip(self.task_names, self.vocabularies)}
@@ -115,8 +119,9 @@ class Collator:
                 continue
             for s in samples:
                 if any(has_value(s.get(f)) for f in names):
-                    raise ValueError(f"sample {s['id']!r} has {m} but the model has no {m} encoder "
-                                     f"(encoders.{m} is null); configure one or drop that field")
+                    raise DataError(f"sample {s['id']!r} has {m} but the model has no {m} encoder (encoders.{m} is "
+                                    f"null): remove {m} from every sample with data.drop_modalities=[{m}] (training) "
+                                    f"or --drop {m} (evaluate), or configure encoders.{m}")
 
 
 def has_value(value: object) -> bool:

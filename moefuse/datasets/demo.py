@@ -57,6 +57,9 @@ SPLIT_SHARES = (("train", 0.8), ("val", 0.1), ("test", 0.1))
 RECORD = ".demo-data.json"  # what demo-data wrote under --out: {"files": {relative path: [sha256, ...]}}
 MANIFEST = "manifest.jsonl"
 FOLDERS = ("media", "media/image", "media/audio")
+MIN_COUNT, MAX_COUNT = 20, 1_000_000
+"""Samples demo-data writes: at least 20 (each task needs train, val and test samples), at most a million (more
+adds nothing to a synthetic demo and fills the disk with a few million files)."""
 CHUNK = 128  # samples rendered (and recorded) before their files are written
 
 
@@ -309,8 +312,11 @@ def make_demo_data(out: str | Path, count: int = 2000, seed: int = 0, overwrite:
     """Write `count` samples (half `digit`, half `avqa`) under `out`; returns the manifest path. See the module
     docstring for which files it may overwrite or remove."""
     out = Path(out)
-    if count < 20:
-        raise DemoError(f"--count must be >= 20 (each task needs train, val and test samples), got {count}")
+    if not MIN_COUNT <= count <= MAX_COUNT:
+        raise DemoError(f"--count must be in [{MIN_COUNT}, {MAX_COUNT}] (each task needs train, val and test samples; "
+                        f"a synthetic demo gains nothing from more), got {count}")
+    if not 0 <= seed < 2**32:
+        raise DemoError(f"--seed must be in [0, 2**32 - 1], got {seed}")
     _check_folders(out)
     record = _load_record(out)
     jobs = _jobs(count, seed)

@@ -31,6 +31,9 @@ from moefuse.errors import UserError
 
 ImageFit = Literal["pad", "crop"]
 ImageFormat = Literal["png", "jpg"]
+MAX_IMAGE_SIZE = 4096
+"""The largest square side images are fitted to (`build-shards --image-size`, a model folder's media settings):
+a 4096 x 4096 RGB image is 48 MiB, and every sample of a batch holds one."""
 JPEG_QUALITY = 95
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -33,13 +34,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO, get_args
-
-import webdataset as wds
+from typing import TYPE_CHECKING, Any, BinaryIO, get_args
 
 from moefuse.configutil import sha256_file
 from moefuse.datasets.manifest import SPLITS, ManifestRow, assign_splits, read_manifest
 from moefuse.datasets.media import (
+    MAX_IMAGE_SIZE,
     ImageFit,
     ImageFormat,
     MediaError,
@@ -52,6 +52,9 @@ from moefuse.datasets.media import (
 )
 from moefuse.errors import UserError, naming
 from moefuse.progress import progress
+
+if TYPE_CHECKING:
+    import webdataset as wds
 
 BUILDER_VERSION = 2  # 2: sample.json lists the sample's members
 SHARD_MTIME = 0  # fixed member mtime: byte-identical rebuilds (webdataset's TarWriter uses time.time() otherwise)
@@ -99,13 +102,15 @@ class BuildOptions:
             (0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}"),
             (0 <= self.test_fraction < 1, f"--test-fraction must be in [0, 1), got {self.test_fraction}"),
             (self.val_fraction + self.test_fraction < 1, "--val-fraction + --test-fraction must be < 1"),
-            (self.image_size >= 8, f"--image-size must be >= 8 pixels, got {self.image_size}"),
+            (8 <= self.image_size <= MAX_IMAGE_SIZE, f"--image-size must be in [8, {MAX_IMAGE_SIZE}] pixels, got "
+                                                     f"{self.image_size}"),
             _choice("--image-fit", self.image_fit, ImageFit),
             _choice("--image-format", self.image_format, ImageFormat),
             (self.sample_rate >= 1000, f"--sample-rate must be >= 1000 Hz, got {self.sample_rate}"),
-            (self.max_file_mb > 0, f"--max-file-mb must be > 0, got {self.max_file_mb}"),
+            (0 < self.max_file_mb < math.inf, f"--max-file-mb must be a finite number > 0, got {self.max_file_mb}"),
             (self.max_image_pixels > 0, f"--max-image-pixels must be > 0, got {self.max_image_pixels}"),
-            (self.max_audio_seconds > 0, f"--max-audio-seconds must be > 0, got {self.max_audio_seconds}"),
+            (0 < self.max_audio_seconds < math.inf,
+             f"--max-audio-seconds must be a finite number > 0, got {self.max_audio_seconds}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -126,7 +131,10 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", text.lower())
     if not m:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 256MB, 1G or 1000000")
-    return int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2) or "_"))
+    size = int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2) or "_"))
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return size
 
 
 def describe(row: ManifestRow) -> str:
@@ -216,6 +224,8 @@ class ShardSeries:
         temp = self.out / f".{name}.{os.getpid()}.tmp"
         self.temps.append(temp)
         self._file = open(temp, "wb")
+        import webdataset as wds  # here, not at the top: it imports torch, which `build-shards --help` need not
+
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=SHARD_MTIME)
         self.shards.append({"name": name})
         self._count = self._size = 0

@@ -24,7 +24,7 @@ import torchaudio
 from torch import nn
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-from moefuse.configutil import ConfigError
+from moefuse.configutil import Config, ConfigError
 from moefuse.datasets.media import audio_in_memory, check_file, load_audio
 from moefuse.encoders.audio_augment import (
     AudioAugmentConfig,
@@ -33,7 +33,16 @@ from moefuse.encoders.audio_augment import (
     draw_spec_masks,
     perturb_waveform,
 )
-from moefuse.encoders.base import EncoderConfig, EncoderOutput, ModalityEncoder, apply_finetune, load_init_file
+from moefuse.encoders.base import (
+    EncoderConfig,
+    EncoderOutput,
+    ModalityEncoder,
+    apply_finetune,
+    check_folder_files,
+    check_transformer_sizes,
+    load_init_file,
+    read_architecture_file,
+)
 
 # tiny/small: random init; 5 conv layers with total stride 320 (50 frames/s, like wav2vec2-base) but 32 channels.
 AUDIO_PRESETS: dict[str, dict] = {
@@ -50,10 +59,93 @@ AUDIO_PRESETS: dict[str, dict] = {
 
 
 @dataclass
+class Wav2Vec2Architecture(Config):
+    """The fields of an export's audio/config.json (a transformers Wav2Vec2Config) that size or change the encoder;
+    a field the file leaves out takes transformers' default. Bounds: `check_transformer_sizes`, and the fields
+    below."""
+
+    model_type: str | None = None
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    intermediate_size: int | None = None
+    hidden_act: str | None = None
+    layer_norm_eps: float | None = None
+    initializer_range: float | None = None
+    conv_dim: list[int] | None = None
+    """Channels of the feature encoder's conv layers, each in [1, 8192]; 1 to 16 layers."""
+    conv_stride: list[int] | None = None
+    """Their strides, each in [1, 1024], as many as conv_dim."""
+    conv_kernel: list[int] | None = None
+    """Their kernels, each in [1, 8192], as many as conv_dim."""
+    num_feat_extract_layers: int | None = None
+    """len(conv_dim)."""
+    conv_bias: bool | None = None
+    feat_extract_norm: str | None = None
+    """group or layer."""
+    feat_extract_activation: str | None = None
+    do_stable_layer_norm: bool | None = None
+    num_conv_pos_embeddings: int | None = None
+    """Kernel of the positional convolution, in [1, 1024]."""
+    num_conv_pos_embedding_groups: int | None = None
+    """Its groups, in [1, 1024], dividing hidden_size."""
+    hidden_dropout: float | None = None
+    activation_dropout: float | None = None
+    attention_dropout: float | None = None
+    feat_proj_dropout: float | None = None
+    layerdrop: float | None = None
+    apply_spec_augment: bool | None = None
+    add_adapter: bool | None = None
+    num_adapter_layers: int | None = None
+    """In [0, 16]."""
+    adapter_kernel_size: int | None = None
+    adapter_stride: int | None = None
+    output_hidden_size: int | None = None
+    dtype: str | None = None
+    torch_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        self.check(self.model_type in (None, "wav2vec2"), "model_type", f"must be wav2vec2, got {self.model_type!r}")
+        check_transformer_sizes(self)
+        convs = [(n, getattr(self, n), hi) for n, hi in (("conv_dim", 8192), ("conv_stride", 1024),
+                                                         ("conv_kernel", 8192))]
+        for name, values, high in convs:
+            self.check(values is None or (1 <= len(values) <= 16 and all(1 <= v <= high for v in values)), name,
+                       f"must be 1 to 16 integers in [1, {high}], got {values}")
+        lengths = {len(v) for _, v, _ in convs if v is not None}
+        self.check(len(lengths) <= 1, "conv_kernel", "conv_dim, conv_stride and conv_kernel must be as long")
+        self.check(self.num_feat_extract_layers is None or self.conv_dim is None
+                   or self.num_feat_extract_layers == len(self.conv_dim), "num_feat_extract_layers",
+                   f"must be len(conv_dim), got {self.num_feat_extract_layers}")
+        self.check(self.feat_extract_norm in (None, "group", "layer"), "feat_extract_norm",
+                   f"must be group or layer, got {self.feat_extract_norm!r}")
+        self.check_range("num_conv_pos_embeddings", 1, 1024)
+        self.check_range("num_conv_pos_embedding_groups", 1, 1024)
+        groups, width = self.num_conv_pos_embedding_groups, self.hidden_size
+        self.check(groups is None or width is None or width % groups == 0, "num_conv_pos_embedding_groups",
+                   f"must divide hidden_size ({width}), got {groups}")
+        for name in ("hidden_dropout", "activation_dropout", "attention_dropout", "feat_proj_dropout", "layerdrop"):
+            self.check_range(name, 0, 0.999)
+        self.check_range("num_adapter_layers", 0, 16)
+        self.check_range("adapter_kernel_size", 1, 64)
+        self.check_range("adapter_stride", 1, 64)
+        self.check_range("output_hidden_size", 1, 16384)
+
+
+def feature_frames(samples: int, kernels: Sequence[int], strides: Sequence[int]) -> int:
+    """Frames the wav2vec2 feature encoder makes of `samples` (each conv layer: (L - kernel) // stride + 1)."""
+    for k, st in zip(kernels, strides):
+        samples = (samples - k) // st + 1
+    return samples
+
+
+@dataclass
 class AudioEncoderConfig(EncoderConfig):
     modality = "audio"
     sample_fields = ("audio",)
     file_fields = ("audio",)
+    architecture_files = ("config.json",)
 
     preset: str = "tiny"
     """One of AUDIO_PRESETS: tiny | small (random init) or local (`path`, a saved Wav2Vec2 checkpoint)."""
@@ -86,7 +178,7 @@ class AudioEncoderConfig(EncoderConfig):
                    f"unknown audio preset {self.preset!r}; choose one of {', '.join(AUDIO_PRESETS)}")
         if self.preset == "local":
             self.check(self.path is not None, "path", "preset 'local' needs path: a local wav2vec2 folder")
-        self.check(self.sample_rate >= 1000, "sample_rate", f"must be >= 1000, got {self.sample_rate}")
+        self.check_range("sample_rate", 1000, 384_000)
         self.check(self.frontend in ("conv", "logmel"), "frontend",
                    f"must be conv or logmel, got {self.frontend!r}")
         self.check(not (self.frontend == "logmel" and self.preset == "local"), "frontend",
@@ -110,6 +202,18 @@ class AudioEncoderConfig(EncoderConfig):
     def build(self, arch_dir: Path | None = None) -> AudioEncoder:
         return build_audio_encoder(self, arch_dir)
 
+    def check_architecture(self, folder: Path) -> None:
+        """audio/config.json (`Wav2Vec2Architecture`) and every file's size; the conv feature encoder must make at
+        least one frame of a clip of max_seconds (a longer receptive field fails on every clip)."""
+        check_folder_files(folder)
+        arch, _ = read_architecture_file(folder / "config.json", Wav2Vec2Architecture)
+        default = Wav2Vec2Config()
+        kernels, strides = arch.conv_kernel or default.conv_kernel, arch.conv_stride or default.conv_stride
+        if feature_frames(self.max_samples, kernels, strides) < 1:
+            raise ConfigError(f"{folder / 'config.json'}: conv_kernel: the feature encoder (kernels {list(kernels)}, "
+                              f"strides {list(strides)}) makes no frame of a {self.max_seconds} s clip at "
+                              f"{self.sample_rate} Hz ({self.key('max_seconds')} in config.yaml)")
+
 
 class LogMelFrontEnd(nn.Module):
     """Waveform [B, S] -> log-mel frames [B, n_mels, F], a drop-in for Wav2Vec2FeatureEncoder. No centring or
@@ -118,8 +222,9 @@ class LogMelFrontEnd(nn.Module):
 
     def __init__(self, sample_rate: int, window: int, hop: int, n_mels: int):
         super().__init__()
-        self.mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=window, hop_length=hop, n_mels=n_mels,
-                                                        center=False)
+        with torch.device("cpu"):  # a fixed filterbank, computed with .item(): on CPU even in a meta-device build
+            self.mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=window, hop_length=hop, n_mels=n_mels,
+                                                            center=False)
 
     def forward(self, input_values: torch.Tensor) -> torch.Tensor:
         with torch.autocast(input_values.device.type, enabled=False):  # the STFT wants float32
@@ -256,6 +361,7 @@ def build_audio_encoder(cfg: AudioEncoderConfig, arch_dir: str | Path | None = N
     same architecture with random init, for a state dict to be loaded into."""
     preset = AUDIO_PRESETS[cfg.preset]
     if arch_dir is not None:
+        cfg.check_architecture(Path(arch_dir))
         model = Wav2Vec2Model(Wav2Vec2Config.from_pretrained(arch_dir, local_files_only=True))
     elif preset["source"] == "config":
         kwargs = {k: v for k, v in preset.items() if k != "source"}

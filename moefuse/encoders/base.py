@@ -2,8 +2,9 @@
 model, the export and `predict` only loop over the encoders a model has.
 
     EncoderConfig          a modality's config: the fine-tuning fields every encoder shares, `build(arch_dir)`,
-                           `sample_fields`, the fields of a decoded sample that belong to the modality, and
-                           `file_fields`, those given as files
+                           `check_architecture(folder)` (its files in a model folder, checked before a build
+                           reads them), `sample_fields`, the fields of a decoded sample that belong to the
+                           modality, and `file_fields`, those given as files
     ModalityEncoder        `encoder(**inputs) -> EncoderOutput(tokens [B, T, D_enc], mask [B, T])`, plus
         .preprocessor(train)     a picklable `Preprocessor` that turns B decoded samples into those inputs
         .save_architecture(dir)  its part of an exported model folder (weights are in model.safetensors)
@@ -20,18 +21,19 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from moefuse.configutil import Config, ConfigError, atomic_write_bytes
+from moefuse.configutil import Config, ConfigError, atomic_write_bytes, from_dict, read_json_file
 from moefuse.outputs import pytree_output
 
 Finetune = Literal["full", "frozen", "lora"]
+C = TypeVar("C", bound=Config)
 
 
 @pytree_output
@@ -71,6 +73,11 @@ class EncoderConfig(Config):
     file_fields: ClassVar[tuple[str, ...]] = ()
     """Those of sample_fields whose raw input is a file (a path for `predict`, an upload for `serve`); the others
     are text."""
+    architecture_files: ClassVar[tuple[str | tuple[str, ...], ...]] = ()
+    """The files `save_architecture` writes and `build(arch_dir)` needs in the modality's folder of an export; a
+    tuple in it is "one of these" (a tokenizer saved as tokenizer.json or as vocab.txt). Checked by
+    `check_architecture` before the folder is handed to transformers or timm, which take a missing local folder
+    for a hub id ("Repo id must be in the form ...") and a missing file for "use the defaults"."""
 
     finetune: Finetune = "full"
     """full: train all weights; frozen: no gradients; lora: train peft LoRA adapters only."""
@@ -86,8 +93,8 @@ class EncoderConfig(Config):
     def __post_init__(self) -> None:
         self.check(self.finetune in ("full", "frozen", "lora"), "finetune",
                    f"must be full, frozen or lora, got {self.finetune!r}")
-        self.check(self.lora_r >= 1, "lora_r", f"must be >= 1, got {self.lora_r}")
-        self.check(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        self.check(1 <= self.lora_r <= 1024, "lora_r", f"must be in [1, 1024], got {self.lora_r}")
+        self.check(0 < self.lora_alpha <= 1e6, "lora_alpha", f"must be in (0, 1e6], got {self.lora_alpha}")
         self.check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
 
     @property
@@ -99,6 +106,25 @@ class EncoderConfig(Config):
         """The encoder; with `arch_dir` (this modality's folder of an export) the saved architecture with random
         init, for the exported state dict to be loaded into."""
         raise NotImplementedError
+
+    def check_architecture_files(self, arch_dir: Path) -> None:
+        """ConfigError naming the missing folder or file, and the fix, when `arch_dir` (this modality's folder of
+        an export) lacks what `build(arch_dir)` reads (`architecture_files`); then `check_architecture` reads them."""
+        fix = ("copy the whole model folder, or write it again from its training run with `moefuse export RUN_DIR`")
+        if not arch_dir.is_dir():
+            raise ConfigError(f"{arch_dir} is missing: the model's {self.modality} encoder keeps its architecture in "
+                              f"this folder; {fix}")
+        for need in self.architecture_files:
+            names = (need,) if isinstance(need, str) else need
+            if not any((arch_dir / name).is_file() for name in names):
+                what = arch_dir / names[0] if len(names) == 1 else f"{arch_dir}/{' or '.join(names)}"
+                raise ConfigError(f"{what} is missing: the {self.modality} encoder's architecture needs it; {fix}")
+
+    def check_architecture(self, folder: Path) -> None:
+        """Check this modality's architecture files in a model folder (what `save_architecture` wrote) before
+        anything is built from them: every field that sizes or shapes the encoder, by type and range, and against
+        this config; a ConfigError names the file and the field. `build(arch_dir)` calls it first. The base class
+        has no files to check."""
 
 
 class Preprocessor(Protocol):
@@ -190,6 +216,67 @@ def apply_finetune(model: nn.Module, cfg: EncoderConfig) -> nn.Module:
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     return model
+
+
+MAX_ARCHITECTURE_FILE = 64 << 20
+"""The largest file a modality folder of a model folder may hold (a tokenizer.json of a 250k-word vocabulary is
+about 20 MiB)."""
+
+
+def read_architecture_file(path: Path, schema: type[C], strict: bool = False) -> tuple[C, dict]:
+    """An architecture file of a model folder (JSON, read strictly: `read_json_file`) -> (its fields that `schema`
+    declares, converted and range-checked by `from_dict` and the schema's `__post_init__`; the whole object).
+    `strict`: a key the schema does not declare is an error too (a file moefuse alone writes); otherwise it is left
+    to the library that reads the file (a transformers config carries many keys that size nothing). Every error is
+    a ConfigError naming the file and the field."""
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: the model folder is incomplete (copy the whole folder)")
+    data = read_json_file(path, MAX_ARCHITECTURE_FILE)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    known = {f.name for f in fields(schema)}  # type: ignore[arg-type]
+    try:
+        return from_dict(schema, data if strict else {k: v for k, v in data.items() if k in known}), data
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+"""The dtypes a transformers config.json may name for an encoder's weights."""
+
+
+def check_transformer_sizes(c: Any) -> None:
+    """The bounds every transformer encoder's architecture file shares (a transformers BertConfig or
+    Wav2Vec2Config read by `read_architecture_file` into a schema with these fields; None = not in the file, so
+    transformers' default): generous for any published checkpoint (BERT-large, wav2vec2-large: 24 layers of 1024),
+    tight enough that an edited file cannot make building the model allocate without end. Checked: hidden_size in
+    [1, 16384], num_hidden_layers in [1, 128], num_attention_heads in [1, 256] dividing hidden_size,
+    intermediate_size in [1, 65536], vocab_size in [1, 10^6], layer_norm_eps in (0, 0.1], initializer_range in
+    [0, 10], hidden_act one of transformers' activations, dtype (or torch_dtype) a float type."""
+    from transformers.activations import ACT2FN
+
+    c.check_range("hidden_size", 1, 16384)
+    c.check_range("num_hidden_layers", 1, 128)
+    c.check_range("num_attention_heads", 1, 256)
+    c.check_range("intermediate_size", 1, 65536)
+    c.check_range("vocab_size", 1, 1_000_000)
+    c.check_range("layer_norm_eps", 1e-30, 0.1)
+    c.check_range("initializer_range", 0, 10)
+    heads, width = c.num_attention_heads, c.hidden_size
+    c.check(heads is None or width is None or width % heads == 0, "num_attention_heads",
+            f"must divide hidden_size ({width}), got {heads}")
+    c.check(c.hidden_act is None or c.hidden_act in ACT2FN, "hidden_act",
+            f"must be one of transformers' activations ({', '.join(ACT2FN)}), got {c.hidden_act!r}")
+    dtype = c.dtype or c.torch_dtype
+    c.check(dtype is None or dtype in FLOAT_DTYPES, "dtype", f"must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
+
+
+def check_folder_files(folder: Path) -> None:
+    """Every file of a modality folder is within MAX_ARCHITECTURE_FILE (checked before a library reads one)."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.stat().st_size > MAX_ARCHITECTURE_FILE:
+            raise ConfigError(f"{path} is {path.stat().st_size} bytes, over the {MAX_ARCHITECTURE_FILE >> 20} MiB "
+                              f"limit of an architecture file: it was replaced or damaged")
 
 
 def save_init_file(module: nn.Module, path: str | Path) -> None:

@@ -29,15 +29,17 @@ from timm.layers import HybridEmbed
 from torch import nn
 from torchvision import transforms
 
-from moefuse.configutil import ConfigError, atomic_write_text
-from moefuse.datasets.media import check_file, image_in_memory, normalise_image, open_image
+from moefuse.configutil import Config, ConfigError, atomic_write_text, to_dict
+from moefuse.datasets.media import MAX_IMAGE_SIZE, check_file, image_in_memory, normalise_image, open_image
 from moefuse.encoders.base import (
     AugmentConfig,
     EncoderConfig,
     EncoderOutput,
     ModalityEncoder,
     apply_finetune,
+    check_folder_files,
     load_init_file,
+    read_architecture_file,
     seeded_global_rngs,
 )
 
@@ -121,6 +123,7 @@ class ImageEncoderConfig(EncoderConfig):
     modality = "image"
     sample_fields = ("image",)
     file_fields = ("image",)
+    architecture_files = ("data_config.json",)
 
     preset: str = "tiny"
     """One of IMAGE_PRESETS (tiny | small | vit_tiny | vit_small | vit_base)."""
@@ -145,10 +148,9 @@ class ImageEncoderConfig(EncoderConfig):
     def __post_init__(self) -> None:
         self.check(self.preset in IMAGE_PRESETS, "preset",
                    f"unknown image preset {self.preset!r}; choose one of {', '.join(IMAGE_PRESETS)}")
-        self.check(self.image_size is None or self.image_size >= 8, "image_size",
-                   f"must be >= 8, got {self.image_size}")
-        self.check(all(isinstance(c, int) and c >= 1 for c in self.conv_stem), "conv_stem",
-                   f"must be a list of positive channel counts, got {self.conv_stem}")
+        self.check_range("image_size", 8, MAX_IMAGE_SIZE)
+        self.check(len(self.conv_stem) <= 8 and all(isinstance(c, int) and 1 <= c <= 4096 for c in self.conv_stem),
+                   "conv_stem", f"must be at most 8 channel counts in [1, 4096], got {self.conv_stem}")
         self.check(not (self.conv_stem and self.checkpoint_file), "conv_stem",
                    "a conv stem replaces the pretrained patch embedding; set conv_stem: [] or drop checkpoint_file")
         self.check(not (self.init_file and self.checkpoint_file), "init_file",
@@ -157,6 +159,11 @@ class ImageEncoderConfig(EncoderConfig):
 
     def build(self, arch_dir: Path | None = None) -> ImageEncoder:
         return build_image_encoder(self, arch_dir)
+
+    def check_architecture(self, folder: Path) -> None:
+        """image/data_config.json (`DataConfigFile`) and every file's size."""
+        check_folder_files(folder)
+        read_data_config(folder / "data_config.json")
 
 
 @dataclass
@@ -253,35 +260,55 @@ def conv_stem(channels: list[int], in_chans: int = 3) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+"""timm's eval-transform interpolations (`timm.data.transforms.str_to_interp_mode`)."""
+
+
+@dataclass
+class DataConfigFile(Config):
+    """An export's image/data_config.json: timm's preprocessing of the model (`resolve_model_data_config`), which
+    the eval transform is built from. Written by moefuse alone, so every key must be one of these."""
+
+    input_size: list[int] = field(default_factory=list)
+    """[C, H, W], each in [1, MAX_IMAGE_SIZE] (the encoder's own input size, checked when it is built)."""
+    mean: list[float] = field(default_factory=list)
+    """Three finite numbers."""
+    std: list[float] = field(default_factory=list)
+    """Three positive finite numbers."""
+    interpolation: str | None = None
+    """One of INTERPOLATIONS."""
+    crop_pct: float | None = None
+    """In [0.5, 1]: the eval transform resizes to size / crop_pct, then crops to size."""
+    crop_mode: str | None = None
+    """center, squash or border."""
+
+    def __post_init__(self) -> None:
+        size = self.input_size
+        self.check(len(size) == 3 and all(1 <= x <= MAX_IMAGE_SIZE for x in size), "input_size",
+                   f"must be three integers [3, H, W] with H, W in [1, {MAX_IMAGE_SIZE}], got {size}")
+        self.check(len(self.mean) == 3 and all(math.isfinite(x) for x in self.mean), "mean",
+                   f"must be three finite numbers, got {self.mean}")
+        self.check(len(self.std) == 3 and all(math.isfinite(x) and x > 0 for x in self.std), "std",
+                   f"must be three positive numbers, got {self.std}")
+        self.check(self.interpolation in (None, *INTERPOLATIONS), "interpolation",
+                   f"must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+        self.check_range("crop_pct", 0.5, 1.0)
+        self.check(self.crop_mode in (None, "center", "squash", "border"), "crop_mode",
+                   f"must be center, squash or border, got {self.crop_mode!r}")
+
+
 def read_data_config(path: Path) -> dict:
-    """An export's image/data_config.json (timm preprocessing), checked: a ConfigError names the file and key."""
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ConfigError(f"{path} cannot be read as JSON: {e}") from None
-
-    def numbers(key: str, n: int, ok: Callable[[float], bool]) -> bool:
-        v = saved.get(key)
-        return (isinstance(v, list) and len(v) == n and all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                            and math.isfinite(x) and ok(x) for x in v))
-
-    if not isinstance(saved, dict):
-        raise ConfigError(f"{path} must hold a JSON object, got {type(saved).__name__}")
-    checks = [("input_size", numbers("input_size", 3, lambda x: float(x).is_integer() and 1 <= x <= 4096),
-               "three integers [3, H, W] with H, W in [1, 4096]"),
-              ("mean", numbers("mean", 3, lambda x: True), "three finite numbers"),
-              ("std", numbers("std", 3, lambda x: x > 0), "three positive numbers")]
-    for key, ok, expected in checks:
-        if not ok:
-            raise ConfigError(f"{path}: {key} must be {expected}, got {saved.get(key)!r}")
-    saved["input_size"] = [int(x) for x in saved["input_size"]]
-    return saved
+    """An export's image/data_config.json (timm preprocessing), checked (`DataConfigFile`): a ConfigError names the
+    file and key. Keys the file leaves out are not returned (the encoder's own resolved values stay)."""
+    saved, _ = read_architecture_file(path, DataConfigFile, strict=True)
+    return {k: v for k, v in to_dict(saved).items() if v is not None}
 
 
 def build_image_encoder(cfg: ImageEncoderConfig, arch_dir: str | Path | None = None) -> ImageEncoder:
     """Build from the preset; with `arch_dir` (an exported model's image/ folder) skip the pretrained file and
     build the same architecture with random init, for a state dict to be loaded into."""
     if arch_dir is not None:
+        cfg.check_architecture(Path(arch_dir))
         cfg = replace(cfg, checkpoint_file=None, init_file=None)
         saved = read_data_config(Path(arch_dir) / "data_config.json")
     kwargs = dict(IMAGE_PRESETS[cfg.preset])

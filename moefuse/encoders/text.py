@@ -15,8 +15,16 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertModel, BertTokenizer, PreTrainedTokenizerBase
 
-from moefuse.configutil import ConfigError
-from moefuse.encoders.base import EncoderConfig, EncoderOutput, ModalityEncoder, apply_finetune
+from moefuse.configutil import Config, ConfigError
+from moefuse.encoders.base import (
+    EncoderConfig,
+    EncoderOutput,
+    ModalityEncoder,
+    apply_finetune,
+    check_folder_files,
+    check_transformer_sizes,
+    read_architecture_file,
+)
 
 # Presets: "config" = random init from these BertConfig fields; "package" = a pip-installed model folder;
 # "folder" = the config's `path`.
@@ -48,9 +56,50 @@ def tiny_vocab() -> dict[str, int]:
 
 
 @dataclass
+class BertArchitecture(Config):
+    """The fields of an export's text/config.json (a transformers BertConfig) that size or change the BERT; a field
+    the file leaves out takes transformers' default. Bounds: `check_transformer_sizes`, and the fields below."""
+
+    model_type: str | None = None
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    intermediate_size: int | None = None
+    hidden_act: str | None = None
+    max_position_embeddings: int | None = None
+    """In [1, 65536]; at least the config's max_length."""
+    type_vocab_size: int | None = None
+    """In [1, 64]; at least 2 when the tokenizer makes segment ids (question, context pairs)."""
+    layer_norm_eps: float | None = None
+    initializer_range: float | None = None
+    hidden_dropout_prob: float | None = None
+    attention_probs_dropout_prob: float | None = None
+    pad_token_id: int | None = None
+    is_decoder: bool | None = None
+    """Must be false: the text encoder reads the whole text in both directions (a decoder would mask it)."""
+    add_cross_attention: bool | None = None
+    """Must be false: nothing is cross-attended."""
+    dtype: str | None = None
+    torch_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        self.check(self.model_type in (None, "bert"), "model_type", f"must be bert, got {self.model_type!r}")
+        check_transformer_sizes(self)
+        self.check_range("max_position_embeddings", 1, 65536)
+        self.check_range("type_vocab_size", 1, 64)
+        self.check_range("hidden_dropout_prob", 0, 0.999)
+        self.check_range("attention_probs_dropout_prob", 0, 0.999)
+        self.check_range("pad_token_id", 0, (self.vocab_size or 1_000_000) - 1)
+        self.check(not self.is_decoder, "is_decoder", "must be false: moefuse's text encoder is a BERT encoder")
+        self.check(not self.add_cross_attention, "add_cross_attention", "must be false: nothing is cross-attended")
+
+
+@dataclass
 class TextEncoderConfig(EncoderConfig):
     modality = "text"
     sample_fields = ("text", "question")
+    architecture_files = ("config.json", "tokenizer_config.json", ("tokenizer.json", "vocab.txt"))
 
     preset: str = "tiny"
     """One of TEXT_PRESETS: tiny | small (random init, offline), minilm (pretrained, offline), local (`path`)."""
@@ -71,6 +120,17 @@ class TextEncoderConfig(EncoderConfig):
 
     def build(self, arch_dir: Path | None = None) -> TextEncoder:
         return build_text_encoder(self, arch_dir)
+
+    def check_architecture(self, folder: Path) -> None:
+        """text/config.json (`BertArchitecture`: sizes bounded, max_position_embeddings >= max_length) and every
+        file's size; the tokenizer is checked against the vocabulary once loaded (`check_tokenizer`)."""
+        check_folder_files(folder)
+        arch, _ = read_architecture_file(folder / "config.json", BertArchitecture)
+        positions = arch.max_position_embeddings or BertConfig().max_position_embeddings
+        if positions < self.max_length:
+            raise ConfigError(f"{folder / 'config.json'}: max_position_embeddings: {positions} is less than "
+                              f"{self.key('max_length')} ({self.max_length}) in config.yaml: longer texts would index "
+                              f"past the position table")
 
 
 def resolve_text_folder(cfg: TextEncoderConfig) -> Path | None:
@@ -145,6 +205,18 @@ class TextEncoder(ModalityEncoder):
         self.tokenizer.save_pretrained(folder)
 
 
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, config: BertConfig, folder: Path) -> None:
+    """The tokenizer of a model folder fits its BERT: every token id it can make is a row of the embedding table,
+    and segment ids (made for question, context pairs) have rows too."""
+    if len(tokenizer) > config.vocab_size:
+        raise ConfigError(f"{folder}: the tokenizer has {len(tokenizer)} tokens but config.json's vocab_size is "
+                          f"{config.vocab_size}: its ids would index past the embedding table (the files come from "
+                          f"different models)")
+    if "token_type_ids" in tokenizer.model_input_names and config.type_vocab_size < 2:
+        raise ConfigError(f"{folder / 'config.json'}: type_vocab_size: must be >= 2 for a tokenizer that makes "
+                          f"segment ids (question, context pairs), got {config.type_vocab_size}")
+
+
 def build_text_encoder(cfg: TextEncoderConfig, arch_dir: str | Path | None = None) -> TextEncoder:
     """Build from the preset; with `arch_dir` (an exported model's text/ folder: config.json + tokenizer, no
     weights) build the same architecture with random init, for a state dict to be loaded into."""
@@ -152,8 +224,11 @@ def build_text_encoder(cfg: TextEncoderConfig, arch_dir: str | Path | None = Non
 
     folder = resolve_text_folder(cfg) if arch_dir is None else None
     if arch_dir is not None:
+        cfg.check_architecture(Path(arch_dir))
         tokenizer = AutoTokenizer.from_pretrained(arch_dir, local_files_only=True)
-        bert = BertModel(BertConfig.from_pretrained(arch_dir, local_files_only=True), add_pooling_layer=False)
+        config = BertConfig.from_pretrained(arch_dir, local_files_only=True)
+        check_tokenizer(tokenizer, config, Path(arch_dir))
+        bert = BertModel(config, add_pooling_layer=False)
     elif folder is None:
         preset = {k: v for k, v in TEXT_PRESETS[cfg.preset].items() if k != "source"}
         tokenizer = BertTokenizer(vocab=tiny_vocab())

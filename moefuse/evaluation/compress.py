@@ -9,18 +9,20 @@ result: on other data expect somewhat less.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from moefuse.configutil import ConfigError
+from moefuse.configutil import ConfigError, to_dict
 from moefuse.datasets import make_loader
 from moefuse.evaluation.loop import DATA_COUNTS, evaluate_loader
 from moefuse.evaluation.metrics import compute_metrics
 from moefuse.fusion.model import MultimodalMoEModel, build_collator
 from moefuse.fusion.prune import experts_to_keep, moe_layers, prune_experts, routing_share
 from moefuse.fusion.runtime import bf16_storage
-from moefuse.pretrained.folder import read_export_info, read_model_config
+from moefuse.pretrained.export_info import CompressionInfo, ExportInfo, PrunedLayer
+from moefuse.pretrained.folder import read_model_config
 
 
 def run_split(model: MultimodalMoEModel, shards: list[str], split: str, batch_size: int,
@@ -77,7 +79,8 @@ def compress_model(checkpoint: str | Path, out: str | Path, shards: list[str], s
     if prune and not layers:
         raise ConfigError(f"{checkpoint} has no MoE layer to prune (fusion.kind is {model.cfg.fusion.kind!r})")
     e, k = (layers[0].num_experts, layers[0].top_k) if layers else (0, 0)
-    drop = read_export_info(checkpoint).get("drop_modalities", [])
+    info = model.export_info or ExportInfo()
+    drop = list(info.drop_modalities)
     before, stats = run_split(model, shards, split, batch_size, drop)
     plans = []
     if prune:
@@ -90,22 +93,19 @@ def compress_model(checkpoint: str | Path, out: str | Path, shards: list[str], s
     method = ["expert pruning by routing share (Chen et al. 2022; Lu et al. 2024)"] if prune else []
     method += ["dropped experts merged into the most similar kept one (Li et al. 2024)"] if prune and merge else []
     method += ["weight matrices stored in bfloat16"] if weights_dtype == "bfloat16" else []
-    record = {
-        "method": "; ".join(method), "weights_dtype": weights_dtype,
-        "source": str(checkpoint), "shards": list(shards), "split": split, "samples": len(before),
-        "num_experts_before": e, "num_experts_after": keep if prune else e, "top_k": k, "merge": prune and merge,
-        **({"min_routing_share": min_share} if min_share is not None else {}),
-        "layers": [p.as_dict() for p in plans],
-        "accuracy_before": accuracies(model, before), "accuracy_after": accuracies(model, after),
-        "same_answer": same_answers(before, after),
-    }
-    if model.export_info.get("compression"):  # a model compressed before: keep that record too
-        record["previous"] = model.export_info["compression"]
-    model.export_info = {**model.export_info, "compression": record}
+    record = CompressionInfo(
+        method="; ".join(method), weights_dtype=weights_dtype, source=str(checkpoint), shards=list(shards),
+        split=split, samples=len(before), num_experts_before=e, num_experts_after=keep if prune else e, top_k=k,
+        merge=prune and merge, min_routing_share=min_share, layers=[PrunedLayer(**p.as_dict()) for p in plans],
+        accuracy_before=accuracies(model, before), accuracy_after=accuracies(model, after),
+        same_answer=same_answers(before, after))
+    record.check_values("compression")
+    # a model compressed before keeps those records too, oldest first
+    model.export_info = replace(info, compression=[*info.compression, record])
     if weights_dtype == "bfloat16":
         bf16_storage(model)  # the same values, held in bf16: half the file
     model.save_pretrained(out)
-    return record
+    return to_dict(record)
 
 
 def format_record(record: dict) -> str:

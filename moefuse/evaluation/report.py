@@ -26,7 +26,6 @@ from moefuse.evaluation.metrics import compute_metrics
 from moefuse.evaluation.plots import save_routing_heatmap
 from moefuse.fusion.loading import load_inference_model
 from moefuse.fusion.model import build_collator
-from moefuse.pretrained.folder import read_export_info
 
 
 def evaluate(checkpoint: str | Path, shards: list[str], split: str = "val", batch_size: int = 64,
@@ -42,7 +41,7 @@ def evaluate(checkpoint: str | Path, shards: list[str], split: str = "val", batc
     model = load_inference_model(checkpoint, int8=int8, cache_encoders=cache_encoders, runtime=runtime,
                                  quantize=quantize)
     if drop_modalities is None:
-        drop_modalities = read_export_info(Path(checkpoint)).get("drop_modalities", [])
+        drop_modalities = list(model.export_info.drop_modalities) if model.export_info is not None else []
     collator = build_collator(model, train=False, drop_modalities=drop_modalities, corrupt=corrupt)
     loader = make_loader(shards, collator, batch_size, split=split, num_workers=num_workers,
                          tasks=model.task_names, **model.decode_options())

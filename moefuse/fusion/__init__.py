@@ -1,36 +1,15 @@
 """Fusion: the expert kernels, the sparse MoE layer, the fusion stack, the voting heads and the top multimodal
-model."""
+model.
 
-from moefuse.fusion.heads import HeadsConfig, TaskConfig, TaskOutput, VotingHeads
-from moefuse.fusion.kernels import grouped_mm
-from moefuse.fusion.model import (
-    EncodersConfig,
-    ModelConfig,
-    ModelOutput,
-    MultimodalMoEModel,
-    build_collator,
-    build_model,
-)
-from moefuse.fusion.moe import DenseFFN, MoEConfig, MoEOutput, SparseMoE
-from moefuse.fusion.stack import FusionConfig, FusionOutput, FusionStack
+Names are imported from their modules on first use (`moefuse.lazy`)."""
 
-__all__ = [
-    "DenseFFN",
-    "EncodersConfig",
-    "FusionConfig",
-    "FusionOutput",
-    "FusionStack",
-    "HeadsConfig",
-    "ModelConfig",
-    "ModelOutput",
-    "MoEConfig",
-    "MoEOutput",
-    "MultimodalMoEModel",
-    "SparseMoE",
-    "TaskConfig",
-    "TaskOutput",
-    "VotingHeads",
-    "build_collator",
-    "build_model",
-    "grouped_mm",
-]
+from moefuse.lazy import lazy_exports
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "moefuse.fusion.heads": ["HeadsConfig", "TaskConfig", "TaskOutput", "VotingHeads"],
+    "moefuse.fusion.kernels": ["grouped_mm"],
+    "moefuse.fusion.model": ["EncodersConfig", "ModelConfig", "ModelOutput", "MultimodalMoEModel", "build_collator",
+                             "build_model"],
+    "moefuse.fusion.moe": ["DenseFFN", "MoEConfig", "MoEOutput", "SparseMoE"],
+    "moefuse.fusion.stack": ["FusionConfig", "FusionOutput", "FusionStack"],
+})

@@ -19,8 +19,23 @@ import math
 import torch
 import torch.nn.functional as F
 
-MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
-"""The search interval of T: wide enough for any sane model, bounded so that a degenerate set cannot run off."""
+# The search interval of T (MIN_TEMPERATURE, MAX_TEMPERATURE): wide enough for any sane model, bounded so that a
+# degenerate set cannot run off. The model folder format owns it: a folder's temperatures are checked against it.
+from moefuse.pretrained.export_info import MAX_TEMPERATURE, MIN_TEMPERATURE
+
+
+def fit_problem(probs: torch.Tensor, targets: torch.Tensor, min_samples: int) -> str | None:
+    """Why `probs` [N, C] and `targets` [N] cannot support a fit of T (or of vote weights), or None when they can:
+    fewer than `min_samples` usable samples (the fitted T strays far from the truth and often runs to a bound of
+    its search; see HeadsConfig.calibration_min_samples), or not one wrong answer among them (then the NLL falls
+    all the way as T -> 0, so the fit is the lower bound, which would make every answer near-certain)."""
+    keep = (targets >= 0) & probs.isfinite().all(-1)
+    n = int(keep.sum())
+    if n < min_samples:
+        return f"only {n} validation samples, fewer than the {min_samples} a fit needs (heads.calibration_min_samples)"
+    if bool((probs[keep].argmax(-1) == targets[keep]).all()):
+        return f"all {n} validation answers are right, so the fit has no error to calibrate against"
+    return None
 
 
 def temperature_nll(probs: torch.Tensor, targets: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
@@ -87,5 +102,5 @@ def fit_vote_weights(head_probs: torch.Tensor, targets: torch.Tensor, voted: tor
     return v.detach().float()
 
 
-__all__ = ["MAX_TEMPERATURE", "MIN_TEMPERATURE", "fit_temperature", "fit_vote_weights", "mixture_nll",
+__all__ = ["MAX_TEMPERATURE", "MIN_TEMPERATURE", "fit_problem", "fit_temperature", "fit_vote_weights", "mixture_nll",
            "temperature_nll"]

@@ -31,7 +31,8 @@ from moefuse.fusion.heads import HeadsConfig, TaskConfig, TaskOutput, VotingHead
 from moefuse.fusion.moe import MoEOutput
 from moefuse.fusion.stack import FusionConfig, FusionOutput, FusionStack, masked_mean
 from moefuse.inference.predict import predict_one
-from moefuse.pretrained.folder import export_model, load_exported
+from moefuse.pretrained.export_info import ExportInfo
+from moefuse.pretrained.hub import PretrainedMixin
 
 
 @dataclass
@@ -76,6 +77,7 @@ class ModelConfig(Config):
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.tasks]
+        self.check(len(names) <= 1000, "tasks", f"at most 1000 tasks, got {len(names)}")
         self.check(len(set(names)) == len(names), "tasks", f"task names must be unique, got {names}")
         rates = self.fusion.modality_dropout
         unknown = [m for m in rates if m not in self.encoders.slots()] if isinstance(rates, dict) else []
@@ -131,12 +133,16 @@ def voter_names(views: list[str]) -> list[str]:
     return names
 
 
-class MultimodalMoEModel(nn.Module):
+class MultimodalMoEModel(nn.Module, PretrainedMixin):
     """Encoders (one per configured modality) -> fusion stack -> voting heads per task.
 
     `modalities` are every modality the config knows (configured or not): modality m has id
     `modalities.index(m)` (its embedding row and routing-stats row) and the fusion token id M = len(modalities),
-    so a model's ids do not depend on which of them it has. `routing_rows` names the M + 1 rows."""
+    so a model's ids do not depend on which of them it has. `routing_rows` names the M + 1 rows.
+
+    `save_pretrained(folder)`, `from_pretrained(folder or "owner/name")` and `push_to_hub` come from
+    `moefuse.pretrained.hub.PretrainedMixin` (huggingface_hub's ModelHubMixin); a loaded model keeps its folder's
+    export record as `export_info` (media settings, calibration report, metrics, license)."""
 
     def __init__(self, cfg: ModelConfig, encoders: dict[str, ModalityEncoder]):
         super().__init__()
@@ -168,9 +174,8 @@ class MultimodalMoEModel(nn.Module):
                                     for t in cfg.tasks})
         self.task_names = [t.name for t in cfg.tasks]
         self.encoder_caches: dict[str, EncoderCache] = {}  # cache_encoders(); inference only
-        self.export_info: dict = {}  # a loaded model folder's export.json: media settings, calibration, metrics
 
-    # -- a folder others can load ---------------------------------------------------------------------------
+    # -- a folder others can load (save_pretrained, from_pretrained, push_to_hub: moefuse.pretrained.hub) ---------
 
     config_class = ModelConfig  # what config.yaml of a model folder is read as
 
@@ -180,21 +185,20 @@ class MultimodalMoEModel(nn.Module):
         is built from the architecture files saved there, ready for the folder's weights."""
         return cls(cfg, build_encoders(cfg.encoders, arch_dir))
 
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write this model as a model folder (`moefuse.pretrained.folder`): safetensors weights, config.yaml, each
-        encoder's architecture files and a model card (README.md), atomically; what `from_pretrained` and
-        `moefuse predict / evaluate / serve` load. Nothing is pickled. A model loaded from a folder writes that
-        folder's export.json record again (`export_info`: the media settings that decide how raw files are read, the
-        calibration and training record, a compression record)."""
-        return export_model(self, folder, self.export_info or None)
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu",
-                        config_type: type[ModelConfig] | None = None) -> MultimodalMoEModel:
-        """The model of a model folder (`save_pretrained`, or a training run's model/), in eval mode; a damaged
-        folder is a ConfigError naming the file. `config_type`: a ModelConfig subclass that declares more
-        modalities than `config_class`."""
-        return load_exported(folder, cls, device, config_type)
+    def check_export_info(self, info: ExportInfo) -> None:
+        """What a model folder's export.json says about this model fits it: the modalities it was trained without
+        are modalities of this model, the calibrated tasks are its tasks, and each task's vote weights are one per
+        voter. Called by `from_pretrained` on the model built on the meta device, before anything is allocated."""
+        unknown = [m for m in info.drop_modalities if m not in self.modalities]
+        if unknown:
+            raise ConfigError(f"drop_modalities: {unknown[0]!r} is not a modality of this model "
+                              f"({', '.join(self.modalities)})")
+        for task, c in (info.calibration or {}).items():
+            if task not in self.task_names:
+                raise ConfigError(f"calibration.{task}: not a task of this model ({', '.join(self.task_names)})")
+            if c.vote_weights is not None and len(c.vote_weights) != len(self.voter_views):
+                raise ConfigError(f"calibration.{task}.vote_weights: {len(c.vote_weights)} weights for "
+                                  f"{len(self.voter_views)} voters ({', '.join(self.voter_views)})")
 
     def collator(self, train: bool = False, **options) -> Collator:
         """`build_collator(self, train, **options)`: the collator that turns decoded samples into this model's
@@ -344,8 +348,13 @@ class MultimodalMoEModel(nn.Module):
 
 def build_encoders(cfg: EncodersConfig, arch_dir: str | Path | None = None) -> dict[str, ModalityEncoder]:
     """The configured encoders; with `arch_dir` (an exported model folder) each is built from the architecture
-    saved in `arch_dir/<modality>/` with random init, ready for the exported state dict."""
-    return {m: enc_cfg.build(Path(arch_dir) / m if arch_dir else None) for m, enc_cfg in cfg.configured().items()}
+    saved in `arch_dir/<modality>/` with random init, ready for the exported state dict (each folder is checked
+    first: a missing one is named, never handed on to transformers or timm)."""
+    if arch_dir is None:
+        return {m: enc_cfg.build() for m, enc_cfg in cfg.configured().items()}
+    for m, enc_cfg in cfg.configured().items():
+        enc_cfg.check_architecture_files(Path(arch_dir) / m)
+    return {m: enc_cfg.build(Path(arch_dir) / m) for m, enc_cfg in cfg.configured().items()}
 
 
 def build_model(cfg: ModelConfig, arch_dir: str | Path | None = None) -> MultimodalMoEModel:

@@ -26,7 +26,15 @@ from torch import nn
 
 from moefuse.configutil import Config
 from moefuse.fusion import expert_parallel
-from moefuse.fusion.kernels import Activation, Backend, activate, activation_in_width, grouped_mm
+from moefuse.fusion.kernels import (
+    Activation,
+    Backend,
+    activate,
+    activation_in_width,
+    combine_slots,
+    gather_tokens,
+    grouped_mm,
+)
 from moefuse.outputs import pytree_output
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -67,13 +75,16 @@ class ExpertsConfig(Config):
     global_entropy_coef: float = 0.0
     """Weight of the LIMoE global entropy loss (minus the entropy of a group's mean routing), averaged alike."""
     backend: Backend = "auto"
-    """Grouped-matmul kernel (`kernels.grouped_mm`): auto = torch._grouped_mm where it has a kernel (on CPU only
-    when no weight gradient is needed: the loop backward measured faster there), else the loop; native; loop."""
+    """Grouped-matmul kernel (`kernels.grouped_mm`): auto = MKL's grouped GEMM for fp32 on CPU where torch has it
+    (measured fastest), else torch._grouped_mm where it has a kernel (on CPU only when no weight gradient is
+    needed), else the loop; or one of mkl, native, loop."""
 
     def __post_init__(self) -> None:
-        self.check(self.d_model >= 1, "d_model", f"must be >= 1, got {self.d_model}")
-        self.check(self.d_expert >= 1, "d_expert", f"must be >= 1, got {self.d_expert}")
-        self.check(self.num_experts >= 1, "num_experts", f"must be >= 1, got {self.num_experts}")
+        # upper bounds far above any model this runs, so that a size edited in a model folder's config cannot make
+        # building the model allocate without end (the folder's weights then decide: moefuse.pretrained.folder)
+        self.check_range("d_model", 1, 65536)
+        self.check_range("d_expert", 1, 262144)
+        self.check_range("num_experts", 1, 4096)
         self.check(1 <= self.top_k <= self.num_experts, "top_k",
                    f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
         self.check(self.activation in ("swiglu", "gelu"), "activation",
@@ -83,8 +94,8 @@ class ExpertsConfig(Config):
         for name in ("router_jitter", "router_noise_std", "balance_coef", "z_coef", "local_entropy_coef",
                      "global_entropy_coef"):
             self.check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
-        self.check(self.backend in ("auto", "native", "loop"), "backend",
-                   f"must be 'auto', 'native' or 'loop', got {self.backend!r}")
+        self.check(self.backend in ("auto", "native", "loop", "mkl"), "backend",
+                   f"must be 'auto', 'native', 'loop' or 'mkl', got {self.backend!r}")
 
     def experts_fields(self) -> dict[str, Any]:
         """The `ExpertsConfig` fields of this config, by name (what a MoEConfig is built from)."""
@@ -104,9 +115,8 @@ class MoEConfig(ExpertsConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.check(self.num_groups >= 1, "num_groups", f"must be >= 1, got {self.num_groups}")
-        self.check(self.shared_expert_hidden >= 0, "shared_expert_hidden",
-                   f"must be >= 0, got {self.shared_expert_hidden}")
+        self.check_range("num_groups", 1, 4096)
+        self.check_range("shared_expert_hidden", 0, 262144)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -193,6 +203,11 @@ class Dispatch:
     weight: torch.Tensor  # [S] its combine weight
     tokens_per_expert: torch.Tensor  # [E] slice sizes
     offs: torch.Tensor  # [E] int32 cumulative slice ends, the grouped matmul's `offs`
+    # Dropless only (S = N*K, else None): the dispatch is a permutation of the N*K (token, slot) pairs, moved both
+    # ways by row gathers (`kernels.gather_tokens`, `kernels.combine_slots`).
+    order: torch.Tensor | None = None  # [S] flat slot n*K + j of each sorted assignment
+    position: torch.Tensor | None = None  # [N*K] sorted position of each flat slot (the inverse of order)
+    slot_weight: torch.Tensor | None = None  # [N, K] combine weights in slot order
 
 
 @dataclass
@@ -290,19 +305,31 @@ class SparseMoE(nn.Module):
             flat_e, flat_tok, flat_w = flat_e[kept], flat_tok[kept], flat_w[kept]  # [S]
         sorted_e, order = torch.sort(flat_e, stable=True)  # [S]
         tokens_per_expert = torch.bincount(sorted_e, minlength=self.cfg.num_experts)  # [E]
-        return Dispatch(token=flat_tok[order], expert=sorted_e, weight=flat_w[order],
+        plan = Dispatch(token=flat_tok[order], expert=sorted_e, weight=flat_w[order],
                         tokens_per_expert=tokens_per_expert,
                         offs=torch.cumsum(tokens_per_expert, 0).to(torch.int32))
+        if not self.cfg.capacity_factor:
+            plan.order, plan.slot_weight = order, routing.weights
+            positions = torch.arange(order.numel(), device=order.device)
+            plan.position = torch.empty_like(order).index_put_((order,), positions)
+        return plan
 
     def combine(self, tokens: torch.Tensor, plan: Dispatch) -> torch.Tensor:
         """tokens [N, D] -> [N, D]: each expert on its slice, the K weighted outputs of a token summed, + shared."""
-        x_sorted = tokens.index_select(0, plan.token)  # [S, D]
+        dropless = plan.position is not None
+        if dropless:  # gathers both ways (see kernels: torch's backward of index_select scatters)
+            x_sorted = gather_tokens(tokens, plan.token, plan.position)  # [S, D]
+        else:
+            x_sorted = tokens.index_select(0, plan.token)  # [S, D]
         if self.ep is None:
             y = self.experts(x_sorted, plan.offs, self.cfg.backend)  # [S, D]
         else:  # the experts live on the ranks of the EP group: tokens travel there and back
             y = expert_parallel.run_experts(self.experts, x_sorted, plan.tokens_per_expert, self.ep, self.cfg.backend)
-        y = y * plan.weight.to(y.dtype).unsqueeze(-1)
-        out = torch.zeros_like(tokens).index_add_(0, plan.token, y)  # [N, D]
+        if dropless:
+            out = combine_slots(y, plan.slot_weight, plan.order, plan.position)  # [N, D]
+        else:
+            y = y * plan.weight.to(y.dtype).unsqueeze(-1)
+            out = torch.zeros_like(tokens).index_add_(0, plan.token, y)  # [N, D]
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
         return out

@@ -34,12 +34,11 @@ from moefuse.fusion.kernels import activate, grouped_mm
 from moefuse.fusion.moe import Experts, MoEOutput, Router, SparseMoE
 from moefuse.fusion.quant import quantize_int8
 from moefuse.fusion.stack import FusionBlock
-from moefuse.inference.predict import load_media_sample, media_settings
+from moefuse.inference.options import QUANTIZE, RUNTIMES
+from moefuse.inference.predict import export_media, load_media_sample
 
 Runtime = Literal["eager", "compiled"]
 Quantize = Literal["none", "int8", "bf16"]
-RUNTIMES: tuple[str, ...] = ("eager", "compiled")
-QUANTIZE: tuple[str, ...] = ("none", "int8", "bf16")
 
 # ----------------------------------------------------------------------------------------------------------------
 # the MoE layer with static shapes
@@ -197,7 +196,7 @@ def warm_up(model: nn.Module, batch_sizes: tuple[int, ...] = (1, 2, 32)) -> floa
     rules guard the batch size: 2..15 and 16 or more were two graphs for wav2vec2's), hence three sizes. The encoder
     caches are emptied after."""
     t0 = time.perf_counter()
-    media = media_settings(model.export_info)
+    media = export_media(model)
 
     def sample(task: str, size: int) -> dict:
         inputs = {f: enc.example_input(f, size) for enc in model.encoders.values() for f in enc.cfg.sample_fields}

@@ -61,7 +61,7 @@ class FusionConfig(ExpertsConfig):
 
     def __post_init__(self) -> None:
         self.check(self.d_model >= 8, "d_model", f"must be >= 8, got {self.d_model}")
-        self.check(self.num_layers >= 1, "num_layers", f"must be >= 1, got {self.num_layers}")
+        self.check_range("num_layers", 1, 256)
         self.check(self.num_heads >= 1 and self.d_model % self.num_heads == 0, "num_heads",
                    f"must divide d_model={self.d_model}, got {self.num_heads}")
         self.check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")

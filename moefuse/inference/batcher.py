@@ -9,7 +9,9 @@ One background task takes the first waiting item, then whatever else arrives wit
 `max_batch_size`, and calls `run_batch(items) -> results` (one result per item, in order) in a single worker
 thread: the model runs in one place, one batch at a time, while the event loop keeps accepting and decoding
 requests. The queue is bounded: `submit` raises `QueueFull` when `max_queue` items wait, so a flood of requests
-is refused instead of held in memory (the same policy as Triton's and TorchServe's dynamic batchers).
+is refused instead of held in memory (the same policy as Triton's and TorchServe's dynamic batchers). A batch
+that fails is rerun item by item, so an item that cannot be run fails alone: every other caller of the batch
+still gets its result, and only that item's caller gets the exception.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class DynamicBatcher:
         self.executor.shutdown(wait=True)
 
     async def submit(self, item: Any) -> Any:
-        """The result of `item`, once its batch has run; the batch's exception if it failed."""
+        """The result of `item`, once its batch has run; the exception of running it alone if it failed."""
         future = asyncio.get_running_loop().create_future()
         try:
             self.queue.put_nowait((item, future))
@@ -82,12 +84,31 @@ class DynamicBatcher:
                 continue
             self.batch_sizes = [*self.batch_sizes[-999:], len(batch)]
             try:
-                results = await loop.run_in_executor(self.executor, self.run_batch, [item for item, _ in batch])
-            except Exception as e:  # the batch failed: every caller in it gets the error
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(e)
+                results = await loop.run_in_executor(self.executor, self._run, [item for item, _ in batch])
+            except Exception:  # one item may have failed it: rerun each alone, so only that item's caller fails
+                await self._one_by_one(batch)
                 continue
             for (_, fut), result in zip(batch, results):
                 if not fut.done():
                     fut.set_result(result)
+
+    async def _one_by_one(self, batch: list[tuple[Any, asyncio.Future]]) -> None:
+        loop = asyncio.get_running_loop()
+        for item, fut in batch:
+            if fut.done():  # its caller has gone (timed out)
+                continue
+            try:
+                result = (await loop.run_in_executor(self.executor, self._run, [item]))[0]
+            except Exception as e:
+                if not fut.done():
+                    fut.set_exception(e)
+            else:
+                if not fut.done():
+                    fut.set_result(result)
+
+    def _run(self, items: list[Any]) -> list[Any]:
+        """run_batch(items), held to its contract: one result per item."""
+        results = list(self.run_batch(items))
+        if len(results) != len(items):
+            raise RuntimeError(f"run_batch returned {len(results)} results for {len(items)} items")
+        return results

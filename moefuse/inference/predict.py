@@ -21,8 +21,10 @@ from moefuse.configutil import ConfigError
 from moefuse.datasets.collate import has_value
 from moefuse.datasets.manifest import read_manifest
 from moefuse.datasets.media import MediaError
+from moefuse.errors import UserError
 from moefuse.inference.records import records_from_output
-from moefuse.pretrained.folder import read_export_info
+from moefuse.pretrained.export_info import read_export_record
+from moefuse.progress import track
 
 if TYPE_CHECKING:
     from moefuse.fusion.model import ModelOutput, MultimodalMoEModel
@@ -32,28 +34,25 @@ if TYPE_CHECKING:
 DEFAULT_MEDIA = {"max_file_bytes": 1 << 30, "max_image_pixels": 100_000_000, "max_audio_seconds": 3600.0}
 
 
-def export_media(checkpoint: str | Path) -> dict:
+def export_media(source: MultimodalMoEModel | str | Path) -> dict:
     """The media settings predict applies to raw inputs: the export's record of the training shards' build
-    settings over DEFAULT_MEDIA."""
-    return media_settings(read_export_info(Path(checkpoint)))
-
-
-def media_settings(export_info: dict) -> dict:
-    """The media settings of a model folder's export.json (`export_info`) over DEFAULT_MEDIA."""
-    return {**DEFAULT_MEDIA, **(export_info.get("media") or {})}
+    settings over DEFAULT_MEDIA. `source`: a loaded model (the record of the folder or Hub repository it came from,
+    `model.export_info`; none for a model built in code) or a model folder."""
+    info = source.export_info if hasattr(source, "export_info") else read_export_record(Path(source))
+    return {**DEFAULT_MEDIA, **(info.media.settings() if info is not None and info.media is not None else {})}
 
 
 def predict_one(model: MultimodalMoEModel, task: str | None = None, *, media: dict | None = None,
                 min_confidence: float | None = None, sid: str = "sample", **inputs: object) -> dict:
     """One sample's result, the record `moefuse predict` writes: raw inputs by field name (a path, a PIL image or an
-    array for files), prepared with `media` (default: the model folder's, `model.export_info`). `task` may be left
+    array for files), prepared with `media` (default: the model folder's, `export_media(model)`). `task` may be left
     out when the model has one task. A sample the model cannot take raises the error its result line would carry
     (ConfigError, MediaError, or a ValueError for a non-finite output)."""
     if task is None:
         if len(model.task_names) != 1:
             raise ConfigError(f"this model has several tasks; choose one with task= ({', '.join(model.task_names)})")
         task = model.task_names[0]
-    media = media if media is not None else media_settings(model.export_info)
+    media = media if media is not None else export_media(model)
     fields = {f: None for names in model.sample_fields.values() for f in names}
     unknown = sorted(set(inputs) - set(fields))
     if unknown:
@@ -84,11 +83,32 @@ def load_media_sample(model: MultimodalMoEModel, sid: str, task: str, *, media: 
     for f, value in given.items():
         if f not in owner or owner[f] not in model.encoders:
             raise _of_field(ConfigError(f"this model has no {owner.get(f, f)} encoder; drop {spell(f)}"), f)
+        if isinstance(value, str) and not is_utf8(value):  # the tokenizers refuse them later, with a TypeError
+            raise _of_field(ConfigError(f"{spell(f)} is not valid UTF-8 text (it holds an unpaired surrogate or "
+                                        f"undecodable bytes)"), f)
         try:
             sample[f] = model.encoders[owner[f]].read_input(f, value, media or DEFAULT_MEDIA)
-        except MediaError as e:
+        except UserError as e:
             raise _of_field(e, f) from None
+        except Exception as e:  # any other failure of a reader is this input's, never the caller's crash
+            raise _of_field(MediaError(f"{spell(f)} cannot be read: {describe(e)}"), f) from None
     return sample
+
+
+def is_utf8(text: str) -> bool:
+    """Whether `text` encodes as UTF-8: False for lone surrogates (from JSON escapes such as \\ud800, or from
+    undecodable bytes that Python keeps as surrogates, e.g. in argv)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def describe(error: BaseException, limit: int = 300) -> str:
+    """`Type: message` of an unexpected exception, for the one sample it is about, cut to `limit` characters."""
+    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _of_field(error: Exception, field: str) -> Exception:
@@ -148,26 +168,28 @@ def _predict_batch(model: MultimodalMoEModel, collator, samples: list[dict], min
 
 
 def predict_samples(model: MultimodalMoEModel, samples: list[dict], batch_size: int = 32,
-                    min_confidence: float | None = None) -> list[dict]:
+                    min_confidence: float | None = None, progress: bool = False) -> list[dict]:
     """One result per sample, in order. A batch that fails is retried sample by sample, so one sample the model
     cannot take becomes one line with an `error` field and every other sample is still predicted. With
-    `min_confidence` in [0, 1], each result says whether it is an abstention (`abstain`)."""
+    `min_confidence` in [0, 1], each result says whether it is an abstention (`abstain`). `progress`: per batch
+    (`moefuse.progress`)."""
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
         raise ConfigError(f"the minimum confidence must be in [0, 1], got {min_confidence}")
     collator = model.collator(train=False)
     results = []
-    for i in range(0, len(samples), batch_size):
+    starts = range(0, len(samples), batch_size)
+    for i in track(starts, "predict", total=len(starts), enabled=progress):
         chunk = samples[i : i + batch_size]
         try:
             results += _predict_batch(model, collator, chunk, min_confidence)
-        except (ValueError, RuntimeError):
+        except Exception:  # whatever failed (collation, a tokenizer, the model): find the samples it was about
             for sample in chunk:
                 try:
                     results += _predict_batch(model, collator, [sample], min_confidence)
-                except (ValueError, RuntimeError) as e:
-                    results.append({"id": sample["id"], "task": sample["task"], "error": f"{type(e).__name__}: {e}"})
+                except Exception as e:
+                    results.append({"id": sample["id"], "task": sample["task"], "error": describe(e)})
     position = {s["id"]: k for k, s in enumerate(samples)}
     return sorted(results, key=lambda r: position[r["id"]])
 
@@ -185,7 +207,7 @@ def manifest_samples(model: MultimodalMoEModel, manifest: Path, media: dict | No
         try:
             sample = load_media_sample(model, row.id, row.task, media=media, target=target, meta=row.meta,
                                        text=row.text, question=row.question, image=row.image, audio=row.audio)
-        except (MediaError, ConfigError) as e:
+        except UserError as e:
             bad.append({"line": row.line, "id": row.id, "task": row.task, "error": str(e)})
             continue
         samples.append({**sample, "line": row.line})

@@ -3,14 +3,26 @@
 Tasks and vocabularies, modalities and encoders, the fusion stack and the voters, the calibration fit after
 training, the validation metrics the run recorded, the training data, how to load and run it, and its limits
 (Mitchell et al. 2019, "Model Cards for Model Reporting", trimmed to what a training run knows).
+
+It opens with the Hugging Face Hub's YAML metadata block (https://huggingface.co/docs/hub/model-cards), written by
+huggingface_hub's `ModelCardData`: `library_name` and `tags` (the class's, from its `ModelHubMixin` declaration, and
+the model's modalities), the `license` and `datasets` the user set (export.json), and the validation metrics with
+their values as a `model-index` (one result per task and metric).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from huggingface_hub import EvalResult, ModelCardData
 
 if TYPE_CHECKING:
     from moefuse.fusion.model import MultimodalMoEModel
+    from moefuse.pretrained.export_info import ExportInfo
+
+CARD_METRICS = (("acc", "accuracy", "accuracy"), ("macro_f1", "f1", "macro F1"),
+                ("exact_match", "exact_match", "exact match"))
+"""(metric suffix in the run's `val/<task>/<suffix>`, Hub metric id, name in the card) of the card's model-index."""
 
 
 def _vocabulary(labels: list[str], shown: int = 20) -> str:
@@ -40,6 +52,9 @@ def _calibration(extra: dict) -> list[str]:
         return ["Not calibrated: temperature 1 and the vote weights as trained."]
     lines = []
     for task, c in calibration.items():
+        if c.get("skipped"):
+            lines.append(f"- {task}: not calibrated (temperature 1, vote weights as trained): {c['skipped']}")
+            continue
         weights = c.get("vote_weights")
         lines.append(f"- {task}: temperature {c['temperature']:.3f} (validation NLL {c['nll_before']:.4f} -> "
                      f"{c['nll_after']:.4f}, {c['samples']} samples)"
@@ -48,11 +63,17 @@ def _calibration(extra: dict) -> list[str]:
 
 
 def _compression(extra: dict) -> list[str]:
-    """What `moefuse compress` did to the model (export.json `compression`), or nothing."""
-    c = extra.get("compression")
-    if not c:
-        return []
-    lines = ["", "## Compression", ""]
+    """What `moefuse compress` did to the model (export.json `compression`, oldest first), or nothing."""
+    records = extra.get("compression") or []
+    lines = ["", "## Compression", ""] if records else []
+    for c in records:
+        lines += _compression_record(c)
+    return lines
+
+
+def _compression_record(c: dict) -> list[str]:
+    """One compression record's paragraphs."""
+    lines = []
     if c.get("weights_dtype") == "bfloat16":
         lines += ["The weight matrices (linear layers, convolutions, embeddings, experts; not the routers, norms or "
                   "biases) are stored in bfloat16: half the file. They load into fp32 as any weights.", ""]
@@ -74,19 +95,53 @@ def _compression(extra: dict) -> list[str]:
                  + ", ".join(f"{t} {a:.3f} -> {c['accuracy_after'].get(t, float('nan')):.3f}"
                              for t, a in sorted(c["accuracy_before"].items()))
                  + f"; the same answer as before on {c['same_answer']:.1%} of the samples. The validation metrics "
-                 "below are the training run's, before compression.")
+                 "below are the training run's, before compression.", "")
     return lines
 
 
-def model_card(model: MultimodalMoEModel, extra: dict | None = None) -> str:
-    """Markdown for the export's README.md; `extra` is what export.json holds (the run's record), if any."""
-    extra = extra or {}
+def card_metadata(model: MultimodalMoEModel, extra: dict, name: str | None = None) -> ModelCardData:
+    """The Hub metadata of the card: library and tags of the model's class (its `ModelHubMixin` declaration) and
+    its modalities, the license and datasets of `extra` (export.json), and its validation metrics as a model-index
+    named `name` (the folder's, or the Hub repository's, name)."""
+    declared: dict[str, Any] = {}
+    mixin = getattr(type(model), "_hub_mixin_info", None)
+    if mixin is not None:
+        declared = mixin.model_card_data.to_dict()
+    tags = sorted({*(declared.get("tags") or []), *model.cfg.encoders.configured()})
+    datasets = list(extra.get("datasets") or [])
+    metrics = extra.get("final_val_metrics") or {}
+    results = []
+    for task in model.cfg.tasks:
+        for suffix, metric, label in CARD_METRICS:
+            value = metrics.get(f"val/{task.name}/{suffix}")
+            if isinstance(value, (int, float)):
+                results.append(EvalResult(
+                    task_type=task.type, task_name=task.name, dataset_type=datasets[0] if datasets else "local",
+                    dataset_name=datasets[0] if datasets else "the training data", dataset_split="validation",
+                    metric_type=metric, metric_value=value, metric_name=f"{task.name} {label}"))
+    return ModelCardData(library_name=declared.get("library_name") or "moefuse",
+                         license=extra.get("license") or declared.get("license"), tags=tags,
+                         datasets=datasets or None, metrics=sorted({r.metric_type for r in results}) or None,
+                         eval_results=results or None, model_name=(name or "moefuse-model") if results else None)
+
+
+def model_card(model: MultimodalMoEModel, extra: ExportInfo | dict | None = None, name: str | None = None) -> str:
+    """Markdown for the export's README.md, opening with the Hub's YAML metadata (`card_metadata`); `extra` is what
+    export.json holds (the run's record, the card's license and datasets), if any; `name` the model's name in the
+    model-index."""
+    extra = (extra if isinstance(extra, dict) else extra.to_json()) if extra is not None else {}
+    return f"---\n{card_metadata(model, extra, name).to_yaml()}\n---\n\n" + card_body(model, extra)
+
+
+def card_body(model: MultimodalMoEModel, extra: dict) -> str:
+    """The card's Markdown below the metadata."""
     cfg = model.cfg
     lines = ["# moefuse model", "",
              f"A multimodal mixture-of-experts model for {', '.join(model.task_names)}, written by moefuse. "
-             "Load it with `MultimodalMoEModel.from_pretrained(folder)` (or `moefuse.train.checkpoint."
-             "load_exported`); run it with `moefuse predict --checkpoint FOLDER`, `moefuse evaluate` or "
-             "`moefuse serve`. The weights are safetensors; nothing in this folder is pickled.", "",
+             f"Load it with `{type(model).__name__}.from_pretrained(FOLDER or a Hub id owner/name)` (`from "
+             f"{type(model).__module__} import {type(model).__name__}`); run it with `moefuse predict --checkpoint "
+             "FOLDER`, `moefuse evaluate` or `moefuse serve`. The weights are safetensors; nothing in this folder is "
+             "pickled.", "",
              "## Tasks", "", "| task | type | answers |", "|---|---|---|"]
     lines += [f"| {t.name} | {t.type} | {_vocabulary(list(t.labels))} |" for t in cfg.tasks]
     lines += ["", "## Inputs", ""]
@@ -101,7 +156,7 @@ def model_card(model: MultimodalMoEModel, extra: dict | None = None) -> str:
               f"Fusion `{f.kind}`: {f.num_layers} layers of width {f.d_model}"
               + (f", {f.num_experts} experts, top-{f.top_k}" if f.kind == "moe" else "") + f", pooling `{f.pooling}`. "
               f"Voters per task: {', '.join(model.voter_names)}; combined by `{cfg.heads.combine}`. "
-              "The full config is `config.yaml`.", "", "## Calibration", ""]
+              "The full config is `config.yaml` (and `config.json`).", "", "## Calibration", ""]
     lines += _calibration(extra)
     lines += _compression(extra)
     lines += ["", "## Validation metrics", ""] + _metrics(extra)

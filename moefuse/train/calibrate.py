@@ -7,11 +7,13 @@ Shapes: N validation samples of a task, K voters, C its classes.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from moefuse.config import ExperimentConfig
 from moefuse.datasets import build_eval_loader
-from moefuse.fusion.calibration import fit_temperature, fit_vote_weights, temperature_nll
+from moefuse.fusion.calibration import fit_problem, fit_temperature, fit_vote_weights, temperature_nll
 from moefuse.fusion.model import MultimodalMoEModel, build_collator
 from moefuse.progress import track
 
@@ -35,11 +37,19 @@ def collect_logits(model: MultimodalMoEModel, loader, progress: bool = False) ->
 def calibrate(model: MultimodalMoEModel, loader, progress: bool = False) -> dict[str, dict]:
     """Fit and set every task's post-hoc parameters on `loader`'s samples: the vote weights where the heads combine
     by `weighted` (stacking on held-out data, replacing those learned in training), then the temperature of the
-    combined vote -> {task: {temperature, samples, nll_before, nll_after[, vote_weights]}}. A task without
-    samples keeps T = 1 and its weights."""
+    combined vote -> {task: {temperature, samples, nll_before, nll_after[, vote_weights]}}. A task whose samples
+    cannot support a fit (`fit_problem`: too few, or no wrong answer) keeps T = 1 and its weights, with a warning
+    naming it and the count, and its entry says why: {temperature: 1.0, samples, skipped}."""
     report = {}
     for task, (logits, voted, targets) in collect_logits(model, loader, progress).items():
         heads, entry = model.heads[task], {}
+        problem = fit_problem(heads.combine(logits, voted)[0], targets, model.cfg.heads.calibration_min_samples)
+        if problem is not None:
+            warnings.warn(f"task {task!r} is not calibrated (temperature 1, vote weights as trained): {problem}",
+                          stacklevel=2)
+            heads.temperature.fill_(1.0)
+            report[task] = {"temperature": 1.0, "samples": int((targets >= 0).sum()), "skipped": problem}
+            continue
         if heads.vote_logits is not None:
             heads.vote_logits.copy_(fit_vote_weights(logits.softmax(-1), targets, voted))
             entry["vote_weights"] = heads.vote_logits.softmax(0).tolist()

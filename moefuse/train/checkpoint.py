@@ -26,6 +26,7 @@ from safetensors import safe_open
 from moefuse.configutil import ConfigError, atomic_write_text, dumps_json, replace_dir, sha256_file
 from moefuse.errors import UserError, naming
 from moefuse.fusion.model import MultimodalMoEModel, build_model
+from moefuse.pretrained.export_info import MediaInfo
 from moefuse.pretrained.folder import export_model
 from moefuse.train import fsdp
 from moefuse.train.calibrate import calibrate_run
@@ -58,7 +59,7 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, trainer_state: dict
     final = ckpt_root / f"step-{step:07d}"
     tmp = ckpt_root / f".tmp-step-{step:07d}"
     try:
-        with naming(tmp):
+        with naming(final, temp=tmp):
             if accelerator.is_main_process:
                 if tmp.exists():
                     shutil.rmtree(tmp)
@@ -80,7 +81,7 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, trainer_state: dict
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise
-        raise OSError(errno.EIO, f"cannot write checkpoint {final.name}: {e}", str(tmp)) from e
+        raise OSError(errno.EIO, f"cannot write checkpoint {final.name}: {e}", str(final)) from e
     if accelerator.is_main_process:
         best = (ckpt_root / "best").read_text().strip() if (ckpt_root / "best").exists() else None
         steps = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
@@ -162,8 +163,9 @@ def training_media(sources: list[str]) -> dict | None:
         except DataError:
             continue  # a shard pattern: no dataset.json
         limits = {k: v for k, v in (info.get("build") or {}).items() if k in ("max_image_pixels", "max_audio_seconds")}
-        if isinstance(info.get("media"), dict):
-            found.append((spec, {**info["media"], **limits}))
+        if isinstance(info.get("media"), dict):  # the settings a model folder records (MediaInfo's fields)
+            media = {k: v for k, v in {**info["media"], **limits}.items() if k in MediaInfo.__dataclass_fields__}
+            found.append((spec, media))
     if not found:
         return None
     others = [spec for spec, media in found[1:] if media != found[0][1]]
@@ -215,7 +217,7 @@ def export_run(model: MultimodalMoEModel, out: Path, state: dict, cfg: Experimen
     extra = {"step": step, "result": result, "final_val_metrics": state.get("last_val_metrics"),
              "calibration": calibration,
              "drop_modalities": list(cfg.data.drop_modalities), "train_shards": list(cfg.data.train_shards),
-             "media": training_media(cfg.data.train_shards)}
+             "media": training_media(cfg.data.train_shards), "license": cfg.train.license}
     try:
         export_model(model, out / "model", extra)
         result.update(model_dir=str(out / "model"), final_val_metrics=state.get("last_val_metrics"))

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from moefuse.configutil import Config
+from moefuse.pretrained.export_info import LICENSE
 
 
 @dataclass
@@ -67,8 +68,12 @@ class TrainConfig(Config):
     each encoder and fusion block a unit), on CPU (gloo) or GPUs; false = DDP, every process a full replica."""
     record_sample_ids: bool = False
     """Write the ids each process trained on, per epoch, to output_dir/sample_ids/ (to audit data splitting)."""
+    license: str | None = None
+    """The license of the exported weights, a Hub license id (apache-2.0, mit, cc-by-4.0, other, ...): the model
+    card's `license:` and export.json's; null = not stated."""
 
     def __post_init__(self) -> None:
+        self.check(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32 - 1] (numpy's seed range), got {self.seed}")
         self.check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         for name in ("lr_encoders", "lr_fusion", "lr_heads"):
             self.check(getattr(self, name) >= 0, f"{name}", f"must be >= 0, got {getattr(self, name)}")
@@ -88,3 +93,5 @@ class TrainConfig(Config):
         self.check(self.metric.startswith("val/"), "metric", f"must name a validation metric (val/...), "
                    f"got {self.metric!r}")
         self.check(self.max_skipped_batches >= 0, "max_skipped_batches", "must be >= 0")
+        self.check(self.license is None or LICENSE.fullmatch(self.license) is not None, "license",
+                   f"must be a Hub license id such as apache-2.0, mit, cc-by-4.0 or other, got {self.license!r}")

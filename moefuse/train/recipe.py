@@ -14,6 +14,7 @@ Batches mix tasks: the loaders interleave samples of every task, and the loss is
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import replace
@@ -44,9 +45,12 @@ from moefuse.train.config import TrainConfig
 from moefuse.train.metrics_log import LogWindow, MetricsLog
 from moefuse.train.optim import build_optimizer, build_scheduler
 from moefuse.train.preflight import (
+    check_launch,
     check_metric,
+    check_modalities,
     check_output_dir,
     check_parallel_layout,
+    check_process_group,
     check_resume_config,
     check_training_targets,
     resolve_tasks,
@@ -77,6 +81,7 @@ def prepare_run(cfg: ExperimentConfig, resume: bool, main: bool) -> ExperimentCo
         raise ConfigError(f"--resume: no checkpoint under {ckpt_root}; start the run without --resume")
     tasks = resolve_tasks(cfg)
     check_metric(cfg, tasks)
+    check_modalities(cfg)
     cfg = replace(cfg, tasks=tasks)
     if resume:
         check_resume_config(out, cfg)
@@ -130,7 +135,6 @@ class TrainRecipe:
         from accelerate.utils import set_seed
 
         self.setup_accelerator()
-        check_parallel_layout(self.cfg, self.world)
         self.cfg = prepare_run(self.cfg, self.resume, self.main)
         if self.main:
             acc = self.accelerator
@@ -147,10 +151,18 @@ class TrainRecipe:
         self.log = MetricsLog(self.out, self.t.tensorboard, self.main)
 
     def setup_accelerator(self) -> None:
-        """accelerate's Accelerator (mixed precision, gradient accumulation); this process's rank and the world."""
+        """accelerate's Accelerator (mixed precision, gradient accumulation); this process's rank and the world.
+
+        The launch is checked first (`check_launch`: no accelerate engine, launcher variables that agree; the
+        sharding options against its number of processes) and the process group after (`check_process_group`).
+        Processes launched on a machine without an accelerator run on the CPU (gloo): accelerate would otherwise
+        make each of them a separate one-process run unless ACCELERATE_USE_CPU=1 is set."""
         from accelerate import Accelerator, DistributedDataParallelKwargs
 
+        world = check_launch(os.environ, self.t.mixed_precision)
+        check_parallel_layout(self.cfg, world)
         self.accelerator = Accelerator(
+            cpu=world > 1 and not torch.accelerator.is_available(),
             mixed_precision=self.t.mixed_precision,
             gradient_accumulation_steps=self.t.grad_accum,
             # The schedule counts optimizer steps (`train_step` steps it): accelerate's own stepping would advance
@@ -159,15 +171,11 @@ class TrainRecipe:
             # A batch may lack a modality or a task entirely; their parameters then get no gradient this step.
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        dist = torch.distributed
+        grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() == world
+        check_process_group(world, self.accelerator.num_processes, grouped, self.accelerator.distributed_type.value)
         self.main = self.accelerator.is_main_process
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
-        engine = self.accelerator.distributed_type.value
-        if engine in ("FSDP", "DEEPSPEED"):
-            raise ConfigError(
-                f"accelerate's {engine} plugin is not used by moefuse train: the model is sharded by moefuse itself. "
-                f"Launch a plain multi-process run (configs/accelerate/multi-gpu.yaml or cpu-2.yaml) and set "
-                f"train.fsdp=true (FSDP2: parameters, gradients and AdamW state sharded, as ZeRO-3) or "
-                f"fusion.expert_parallel_size=N. DeepSpeed has not been run with moefuse (README.md)")
 
     def setup_model(self) -> None:
         """The model (its experts sharded when expert-parallel, or all of it under train.fsdp), its training and
