@@ -121,16 +121,22 @@ def test_compress_writes_a_pruned_model_folder_that_round_trips(fault_run: Path,
     assert "kept 4 of 8 experts" in r.stdout and "same answer as before" in r.stdout
     model = MultimodalMoEModel.from_pretrained(out)
     assert model.cfg.fusion.num_experts == 4 and all(m.experts.w_in.shape[0] == 4 for m in moe_layers(model))
-    record = json.loads((out / "export.json").read_text())["compression"]
+    [record] = json.loads((out / "export.json").read_text())["compression"]
     assert record["split"] == "val" and record["num_experts_before"] == 8 and len(record["layers"]) == 2
     assert "media" in json.loads((out / "export.json").read_text())  # the source's media settings are kept
     card = (out / "README.md").read_text()
     assert "## Compression" in card and "keeps 4 of its 8 experts" in card and "split `val`" in card
     again = model.save_pretrained(tmp_path / "again")
     reloaded = MultimodalMoEModel.from_pretrained(again)
+    assert reloaded.export_info.compression == model.export_info.compression  # the record survives a re-save
     batch = fixed_batch(model)
     for task, probs in outputs(model, batch).items():
         assert torch.equal(outputs(reloaded, batch)[task], probs)
+    data = json.loads((again / "export.json").read_text())  # a tampered record is refused, naming the field
+    data["compression"][0]["layers"][1]["kept"][0] = 99
+    (again / "export.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"compression\[0\]\.layers\[1\]"):
+        MultimodalMoEModel.from_pretrained(again)
 
 
 @pytest.mark.parametrize("count", ["0", "9", "1"])  # none, more than E = 8, fewer than top_k = 2

@@ -90,12 +90,12 @@ def _compression_record(c: dict) -> list[str]:
             share = sum(layer["share"][j] for j in layer["kept"])
             lines.append(f"| {i} | {layer['kept']} | {share:.1%} | {layer['dropped']} |")
         lines.append("")
-    lines.append(f"Source model: `{c['source']}`. Accuracy on split `{c['split']}` of the calibration data (which also "
+    lines += [f"Source model: `{c['source']}`. Accuracy on split `{c['split']}` of the calibration data (which also "
                  "chose any pruned experts: expect a little less elsewhere), before -> after: "
                  + ", ".join(f"{t} {a:.3f} -> {c['accuracy_after'].get(t, float('nan')):.3f}"
                              for t, a in sorted(c["accuracy_before"].items()))
                  + f"; the same answer as before on {c['same_answer']:.1%} of the samples. The validation metrics "
-                 "below are the training run's, before compression.", "")
+                 "below are the training run's, before compression.", ""]
     return lines
 
 
