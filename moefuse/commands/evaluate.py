@@ -12,6 +12,7 @@ from pathlib import Path
 from moefuse.configutil import ConfigError, atomic_write_text, dumps_json
 from moefuse.datasets.corruption import Corruption
 from moefuse.errors import MAX_PROCESSES, Number, command, os_error_message, positive_int
+from moefuse.inference.options import add_runtime_flags, runtime_options
 
 
 def corruption(text: str) -> Corruption:
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=positive_int, default=64, help="samples per batch, >= 1 (default 64)")
     p.add_argument("--num-workers", type=Number(int, 0, MAX_PROCESSES), default=0,
                    help=f"data-loading processes, 0 (in this process) to {MAX_PROCESSES} (default 0)")
-    p.add_argument("--int8", action="store_true", help="evaluate the dynamic-int8 quantised model")
+    add_runtime_flags(p)
     p.add_argument("--drop", nargs="*", metavar="MODALITY", default=None,
                    help="modalities to remove from every sample, e.g. audio (default: those the model was trained "
                         "without)")
@@ -48,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     # imported once the flags are checked, so that `--help` and flag errors answer at once
     from moefuse.evaluation.report import evaluate, format_summary
 
-    result = evaluate(args.checkpoint, args.shards, args.split, args.batch_size, args.num_workers, args.int8,
-                      args.heatmap, progress=not args.quiet, drop_modalities=args.drop, plots=args.plots,
-                      corrupt=args.corrupt)
+    result = evaluate(args.checkpoint, args.shards, args.split, args.batch_size, args.num_workers,
+                      heatmap=args.heatmap, progress=not args.quiet, drop_modalities=args.drop, plots=args.plots,
+                      corrupt=args.corrupt, **runtime_options(args))
     failures = list(result["errors"])
     written = False
     if args.json is not None:  # written before anything is printed: a failed print never loses the report

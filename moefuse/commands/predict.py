@@ -14,6 +14,7 @@ from pathlib import Path
 
 from moefuse.configutil import ConfigError, atomic_write_text, dumps_json
 from moefuse.errors import command, positive_int, probability
+from moefuse.inference.options import add_runtime_flags, runtime_options
 
 
 def write_lines(lines: str, out: Path | None) -> None:
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-confidence", type=probability, metavar="P",
                    help="mark answers whose calibrated probability is below P (in [0, 1]) as abstentions "
                         "(\"abstain\": true; the prediction is still the best guess)")
-    p.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of every linear layer and expert")
+    add_runtime_flags(p)
     p.add_argument("--cache-encoders", nargs="*", metavar="MODALITY", default=None,
                    help="modalities whose encoder outputs are reused for inputs seen before, e.g. a repeated question "
                         "(default: the encoders frozen in training; the flag alone turns the cache off)")
@@ -53,12 +54,13 @@ def main(argv: list[str] | None = None) -> int:
                    "log)")
     args = p.parse_args(argv)
     # imported once the flags are checked, so that `--help` and flag errors answer at once
-    from moefuse.fusion.loading import load_inference_model
+    from moefuse.fusion.loading import load_inference_model, say_startup
     from moefuse.inference.predict import export_media, load_media_sample, manifest_samples, predict_samples
 
     if args.manifest is not None and any([args.text, args.question, args.image, args.audio]):
         raise ConfigError("give either --manifest or single-sample inputs, not both")
-    model = load_inference_model(args.checkpoint, int8=args.int8, cache_encoders=args.cache_encoders)
+    model = load_inference_model(args.checkpoint, cache_encoders=args.cache_encoders, **runtime_options(args))
+    say_startup(model, "moefuse predict")
     media = export_media(model)
     bad: list[dict] = []
     if args.manifest is not None:

@@ -29,6 +29,7 @@ from moefuse.configutil import field_docs
 from moefuse.errors import Number, command, help_text, positive_int, process_count
 from moefuse.errors import port as port_number
 from moefuse.inference.limits import ServeLimits
+from moefuse.inference.options import add_runtime_flags, runtime_options
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -41,7 +42,8 @@ class ServeSettings:
     """What a worker process loads: the model folder and how, its torch threads, the limits."""
 
     checkpoint: str
-    int8: bool = False
+    runtime: str = "eager"
+    quantize: str = "none"
     cache_encoders: list[str] | None = None
     threads: int = 1
     limits: dict | None = None
@@ -54,13 +56,15 @@ def app_from_environment() -> FastAPI:
     Python)."""
     import torch
 
-    from moefuse.fusion.loading import load_inference_model
+    from moefuse.fusion.loading import load_inference_model, say_startup
     from moefuse.inference.predict import export_media
     from moefuse.inference.server import ModelServer, create_app
 
     settings = ServeSettings(**json.loads(os.environ[SETTINGS_ENV]))
     torch.set_num_threads(settings.threads)
-    model = load_inference_model(settings.checkpoint, int8=settings.int8, cache_encoders=settings.cache_encoders)
+    model = load_inference_model(settings.checkpoint, cache_encoders=settings.cache_encoders,
+                                 runtime=settings.runtime, quantize=settings.quantize)
+    say_startup(model, f"moefuse serve (worker {os.getpid()})")
     server = ModelServer(model, export_media(model), ServeLimits(**(settings.limits or {})),
                          name=Path(settings.checkpoint).name)  # the folder's name, not its path
     return create_app(server)
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="exported model folder (a run's model/)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=port_number, default=8000, help="TCP port to listen on, 1-65535 (default 8000)")
-    p.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of every linear layer and expert")
+    add_runtime_flags(p)
     p.add_argument("--cache-encoders", nargs="*", metavar="MODALITY", default=None,
                    help="modalities whose encoder outputs are reused for inputs seen before, e.g. a repeated question "
                         "(default: the encoders frozen in training; the flag alone turns the cache off)")
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     # imported once the flags are checked, so that `moefuse serve --help` answers at once
     import torch
 
-    from moefuse.fusion.loading import load_inference_model
+    from moefuse.fusion.loading import load_inference_model, say_startup
     from moefuse.inference.connections import ConnectionLimits, GuardedConfig, listen_socket, run
     from moefuse.inference.predict import export_media
     from moefuse.inference.server import ModelServer, create_app
@@ -112,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     sock = listen_socket(args.host, args.port)  # before the model loads: an address in use fails at once
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     torch.set_num_threads(threads)
-    model = load_inference_model(args.checkpoint, int8=args.int8, cache_encoders=args.cache_encoders)  # checked here
+    how = runtime_options(args)
+    # With several workers each compiles its own model: here the folder and the flags are only checked.
+    model = load_inference_model(args.checkpoint, cache_encoders=args.cache_encoders, warm=args.workers == 1, **how)
+    if args.workers == 1:
+        say_startup(model, "moefuse serve")
     host, port = sock.getsockname()[:2]
     print(f"moefuse serve: {args.checkpoint} on http://{host if ':' not in host else f'[{host}]'}:{port} (tasks "
           f"{', '.join(model.task_names)}; workers {args.workers}, torch threads {threads} each)", file=sys.stderr,
@@ -128,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         del model  # each worker process loads its own
         os.environ[SETTINGS_ENV] = json.dumps(asdict(ServeSettings(
-            checkpoint=str(args.checkpoint), int8=args.int8, cache_encoders=args.cache_encoders, threads=threads,
-            limits=asdict(limits))))
+            checkpoint=str(args.checkpoint), runtime=how["runtime"], quantize=how["quantize"],
+            cache_encoders=args.cache_encoders, threads=threads, limits=asdict(limits))))
         served = run(GuardedConfig("moefuse.commands.serve:app_from_environment", factory=True, workers=args.workers,
                                    **options), sock)
     if not served:

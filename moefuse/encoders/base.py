@@ -171,6 +171,12 @@ class ModalityEncoder(nn.Module):
         """Keyword arguments for the shard loader's decoding of this modality."""
         return {}
 
+    def example_input(self, field: str, size: int = 1) -> Any:
+        """A made-up raw input for `field` that `read_input` takes (what a compiled model is warmed up with at
+        load, before any request); `size` 1 or 2 asks for a small or a larger one, so that the warm-up sees two
+        sizes. None: this encoder offers none, and the warm-up leaves the modality out."""
+        return None
+
 
 @contextmanager
 def seeded_global_rngs(rng: random.Random | None) -> Iterator[None]:

@@ -232,6 +232,12 @@ class ImageEncoder(ModalityEncoder):
         """data_config.json: timm's preprocessing (input size, mean, std) the model was trained with."""
         atomic_write_text(folder / "data_config.json", json.dumps(self.data_config, indent=2))
 
+    def example_input(self, field: str, size: int = 1) -> np.ndarray:
+        """A made-up RGB image (a grey ramp; larger for size 2, fitted to the encoder's input as any image is), for
+        the warm-up of a compiled model."""
+        side = 16 * size
+        return np.broadcast_to(np.linspace(0, 255, side, dtype=np.uint8)[:, None, None], (side, side, 3)).copy()
+
     def read_input(self, field: str, value: Any, media: dict) -> Any:
         """An image file (or a PIL image, or an array) -> RGB, fitted to the square the shards were built with
         (`media` image_size and image_fit; without them, the encoder's input size, padded)."""

@@ -195,6 +195,10 @@ class TextEncoder(ModalityEncoder):
     def preprocessor(self, train: bool) -> TextPreprocessor:
         return TextPreprocessor(self.tokenizer, self.cfg.max_length)
 
+    def example_input(self, field: str, size: int = 1) -> str:
+        """A made-up question or text (longer for size 2), for the warm-up of a compiled model."""
+        return " ".join(["what digit is this"] * size)
+
     def save_architecture(self, folder: Path) -> None:
         """BERT's config.json and the tokenizer files."""
         self.bert.config.save_pretrained(folder)

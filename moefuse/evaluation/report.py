@@ -31,12 +31,15 @@ from moefuse.fusion.model import build_collator
 def evaluate(checkpoint: str | Path, shards: list[str], split: str = "val", batch_size: int = 64,
              num_workers: int = 0, int8: bool = False, heatmap: Path | None = None, progress: bool = True,
              drop_modalities: list[str] | None = None, plots: Path | None = None,
-             corrupt: Sequence[Corruption] = (), cache_encoders: list[str] | None = None) -> dict:
+             corrupt: Sequence[Corruption] = (), cache_encoders: list[str] | None = None, runtime: str = "eager",
+             quantize: str = "none") -> dict:
     """Metrics of an exported model. `drop_modalities` defaults to what the model was trained without
     (export.json), so an image-only model is evaluated on the images of audio-visual shards. `corrupt`: modalities
     noised or taken from another sample (moefuse.datasets.corruption). `plots`: a folder for each task's
-    reliability diagram and risk-coverage curve (`confidence-<task>.png`). `cache_encoders`: as load_inference_model."""
-    model = load_inference_model(checkpoint, int8=int8, cache_encoders=cache_encoders)
+    reliability diagram and risk-coverage curve (`confidence-<task>.png`). `cache_encoders`, `runtime`, `quantize`
+    (`int8=True` is quantize="int8"): as load_inference_model."""
+    model = load_inference_model(checkpoint, int8=int8, cache_encoders=cache_encoders, runtime=runtime,
+                                 quantize=quantize)
     if drop_modalities is None:
         drop_modalities = list(model.export_info.drop_modalities) if model.export_info is not None else []
     collator = build_collator(model, train=False, drop_modalities=drop_modalities, corrupt=corrupt)

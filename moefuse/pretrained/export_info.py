@@ -25,6 +25,10 @@ Bounds (each a ConfigError naming the field when crossed):
                         (0, 86400]; max_file_bytes in [1, 2^40]; audio_format, audio_subtype: short strings
     license             null or a Hub license id (lower case letters, digits, `.`, `-`, `+`; e.g. apache-2.0)
     datasets            Hub dataset ids (`name` or `owner/name`), at most 100
+    compression         what `moefuse compress` did, oldest first, at most 100 records: weights_dtype float32 |
+                        bfloat16; expert counts and top_k in [0, 10^6]; per pruned layer the kept and dropped
+                        expert ids (distinct, < num_experts_before) and their routing shares in [0, 1];
+                        accuracies and same_answer in [0, 1]
 """
 
 from __future__ import annotations
@@ -159,6 +163,78 @@ class TaskCalibration(Config):
 
 
 @dataclass
+class PrunedLayer(Config):
+    """One MoE layer's entry of a compression record (`moefuse.fusion.prune.LayerPlan`)."""
+
+    kept: list[int] = field(default_factory=list)
+    """The experts kept, by their original ids (the new id is the position in this list)."""
+    dropped: list[int] = field(default_factory=list)
+    """The experts removed."""
+    share: list[float] = field(default_factory=list)
+    """Every original expert's routing share on the calibration split."""
+    merged_into: dict[str, int] = field(default_factory=dict)
+    """Dropped expert -> the kept expert it was merged into (with merging)."""
+
+
+@dataclass
+class CompressionInfo(Config):
+    """One entry of `compression`: what `moefuse compress` did, on which data, and the accuracy before and after
+    (`moefuse.evaluation.compress`)."""
+
+    method: str = ""
+    """What was done, with the papers it follows."""
+    weights_dtype: str = "float32"
+    """How the weight matrices are stored: float32 or bfloat16."""
+    source: str = ""
+    """The model folder that was compressed."""
+    shards: list[str] = field(default_factory=list)
+    """The calibration data."""
+    split: str = "val"
+    """Its split."""
+    samples: int = 0
+    """Calibration samples read."""
+    num_experts_before: int = 0
+    """Experts per MoE layer before (0: no MoE layer)."""
+    num_experts_after: int = 0
+    """Experts per MoE layer after."""
+    top_k: int = 0
+    """Experts per token."""
+    merge: bool = False
+    """Whether each dropped expert was merged into its most similar kept one."""
+    min_routing_share: float | None = None
+    """The routing-share threshold pruning was given, if it was given one instead of a count."""
+    layers: list[PrunedLayer] = field(default_factory=list)
+    """Per MoE layer, what was kept (empty: no pruning)."""
+    accuracy_before: dict[str, float] = field(default_factory=dict)
+    """Per task, accuracy on the calibration split before."""
+    accuracy_after: dict[str, float] = field(default_factory=dict)
+    """And after."""
+    same_answer: float = 1.0
+    """Fraction of the calibration samples answered as before."""
+
+    def check_values(self, key: str) -> None:
+        """Ranges, naming `key` (compression[i]) in the error."""
+        if self.weights_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"{key}.weights_dtype: must be float32 or bfloat16, got {self.weights_dtype!r}")
+        for name in ("samples", "num_experts_before", "num_experts_after", "top_k"):
+            if not 0 <= getattr(self, name) <= (MAX_COUNT if name == "samples" else 10**6):
+                raise ConfigError(f"{key}.{name}: out of range, got {getattr(self, name)}")
+        numbers = {**{f"accuracy_before.{t}": a for t, a in self.accuracy_before.items()},
+                   **{f"accuracy_after.{t}": a for t, a in self.accuracy_after.items()},
+                   "same_answer": self.same_answer, "min_routing_share": self.min_routing_share or 0.0}
+        for name, value in numbers.items():
+            if not 0 <= value <= 1:
+                raise ConfigError(f"{key}.{name}: must be in [0, 1], got {value}")
+        for i, layer in enumerate(self.layers):
+            ids = layer.kept + layer.dropped
+            if len(set(ids)) != len(ids) or any(not 0 <= e < self.num_experts_before for e in ids):
+                raise ConfigError(f"{key}.layers[{i}]: kept and dropped must be distinct expert ids below "
+                                  f"num_experts_before ({self.num_experts_before})")
+            if any(not 0 <= s <= 1 for s in layer.share):
+                raise ConfigError(f"{key}.layers[{i}].share: routing shares must be in [0, 1]")
+
+
+@dataclass
 class ExportInfo(Config):
     """The whole of export.json."""
 
@@ -182,6 +258,8 @@ class ExportInfo(Config):
     """The license of the weights, a Hub license id (the card's `license:`)."""
     datasets: list[str] = field(default_factory=list)
     """Hub ids of the training datasets (the card's `datasets:`), when they have one."""
+    compression: list[CompressionInfo] = field(default_factory=list)
+    """What `moefuse compress` did to the model, oldest first; [] = the weights are the training run's."""
 
     def __post_init__(self) -> None:
         self.check(1 <= self.format <= EXPORT_FORMAT, "format", f"{self.format} is not a format this moefuse reads "
@@ -204,6 +282,9 @@ class ExportInfo(Config):
         bad = [d for d in self.datasets if not DATASET.fullmatch(d)]
         self.check(not bad and len(self.datasets) <= 100, "datasets", f"must be Hub dataset ids (name or "
                    f"owner/name), at most 100; got {bad[0] if bad else self.datasets[:3]!r}")
+        self.check(len(self.compression) <= 100, "compression", "at most 100 records")
+        for i, c in enumerate(self.compression):
+            c.check_values(f"compression[{i}]")
 
     def to_json(self) -> dict:
         """The export.json object: every field, media without the settings that are not set, and a task's
@@ -250,5 +331,5 @@ def read_export_record(folder: str | Path) -> ExportInfo:
     return export_info(read_json_file(where), where)
 
 
-__all__ = ["EXPORT_FORMAT", "MAX_TEMPERATURE", "MIN_TEMPERATURE", "ExportInfo", "MediaInfo", "RunResult",
-           "TaskCalibration", "export_info", "read_export_record"]
+__all__ = ["EXPORT_FORMAT", "MAX_TEMPERATURE", "MIN_TEMPERATURE", "CompressionInfo", "ExportInfo", "MediaInfo",
+           "PrunedLayer", "RunResult", "TaskCalibration", "export_info", "read_export_record"]

@@ -62,6 +62,43 @@ def _calibration(extra: dict) -> list[str]:
     return lines
 
 
+def _compression(extra: dict) -> list[str]:
+    """What `moefuse compress` did to the model (export.json `compression`, oldest first), or nothing."""
+    records = extra.get("compression") or []
+    lines = ["", "## Compression", ""] if records else []
+    for c in records:
+        lines += _compression_record(c)
+    return lines
+
+
+def _compression_record(c: dict) -> list[str]:
+    """One compression record's paragraphs."""
+    lines = []
+    if c.get("weights_dtype") == "bfloat16":
+        lines += ["The weight matrices (linear layers, convolutions, embeddings, experts; not the routers, norms or "
+                  "biases) are stored in bfloat16: half the file. They load into fp32 as any weights.", ""]
+    if c["layers"]:
+        lines += [f"Expert pruning: each MoE layer keeps {c['num_experts_after']} of its {c['num_experts_before']} "
+                  f"experts, those with the largest routing share (share of the layer's top-{c['top_k']} "
+                  f"assignments) on split `{c['split']}` of {', '.join(f'`{s}`' for s in c['shards'])} "
+                  f"({c['samples']} samples); the router's softmax runs over the kept experts"
+                  + (", and each dropped expert was merged into its most similar kept one, weighted by routing "
+                     "share" if c.get("merge") else "") + f". Method: {c['method']}.", "",
+                  "| layer | kept (original ids; new id = position) | their routing share | dropped |",
+                  "|---|---|---:|---|"]
+        for i, layer in enumerate(c["layers"]):
+            share = sum(layer["share"][j] for j in layer["kept"])
+            lines.append(f"| {i} | {layer['kept']} | {share:.1%} | {layer['dropped']} |")
+        lines.append("")
+    lines += [f"Source model: `{c['source']}`. Accuracy on split `{c['split']}` of the calibration data (which also "
+                 "chose any pruned experts: expect a little less elsewhere), before -> after: "
+                 + ", ".join(f"{t} {a:.3f} -> {c['accuracy_after'].get(t, float('nan')):.3f}"
+                             for t, a in sorted(c["accuracy_before"].items()))
+                 + f"; the same answer as before on {c['same_answer']:.1%} of the samples. The validation metrics "
+                 "below are the training run's, before compression.", ""]
+    return lines
+
+
 def card_metadata(model: MultimodalMoEModel, extra: dict, name: str | None = None) -> ModelCardData:
     """The Hub metadata of the card: library and tags of the model's class (its `ModelHubMixin` declaration) and
     its modalities, the license and datasets of `extra` (export.json), and its validation metrics as a model-index
@@ -121,6 +158,7 @@ def card_body(model: MultimodalMoEModel, extra: dict) -> str:
               f"Voters per task: {', '.join(model.voter_names)}; combined by `{cfg.heads.combine}`. "
               "The full config is `config.yaml` (and `config.json`).", "", "## Calibration", ""]
     lines += _calibration(extra)
+    lines += _compression(extra)
     lines += ["", "## Validation metrics", ""] + _metrics(extra)
     shards = extra.get("train_shards")
     lines += ["", "## Training data", "",
