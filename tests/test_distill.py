@@ -126,9 +126,10 @@ def test_export_json_refuses_a_bad_distillation_record() -> None:
 def test_the_teacher_answers_each_sample_once_not_once_per_epoch(fault_run: Path, fault_data: dict, tmp_path: Path,
                                                                  monkeypatch) -> None:
     """Two batches per epoch and 4 steps: the student sees every sample twice, the teacher each once (a forward
-    hook on the teacher records the ids of every batch it runs)."""
+    hook on the teacher records the ids of every batch it runs). One sample's answer is then lost on purpose: its
+    rows train on the labels alone and are counted, each time the student sees it."""
     import moefuse.fusion.loading as loading
-    from moefuse.train.recipe import train
+    import moefuse.train.recipe as recipe
 
     real, answered = loading.load_inference_model, []
 
@@ -137,9 +138,20 @@ def test_the_teacher_answers_each_sample_once_not_once_per_epoch(fault_run: Path
         model.register_forward_pre_hook(lambda module, args: answered.extend(args[0]["ids"]))
         return model
 
+    real_pass = recipe.teacher_pass
+
+    def losing_one(*args, **options) -> list[TargetPart]:
+        parts = real_pass(*args, **options)
+        first = parts[0]
+        parts[0] = TargetPart(first.task, first.ids[1:], first.log_probs[1:])
+        lost.append(first.ids[0])
+        return parts
+
+    lost: list[str] = []
     monkeypatch.setattr(loading, "load_inference_model", counted)
+    monkeypatch.setattr(recipe, "teacher_pass", losing_one)
     out = tmp_path / "student"
-    train(load_config(TINY, run_overrides(
+    recipe.train(load_config(TINY, run_overrides(
         fault_data["shards"], out, f"distill.teacher={fault_run / 'model'}", "distill.batch_size=40",
         "data.batch_size=48", "data.val_shards=[]", "train.max_steps=4", "train.record_sample_ids=true")),
         progress=False)
@@ -149,7 +161,9 @@ def test_the_teacher_answers_each_sample_once_not_once_per_epoch(fault_run: Path
     assert Counter(answered) == Counter(set(answered))  # the teacher answered each sample once
     assert set(answered) == set(trained)
     record = read_export_record(out / "model").distillation
-    assert record.samples == len(trained) and record.missing_rows == 0
+    assert record.samples == len(trained) - 1 and record.missing_rows == trained[lost[0]] >= 2
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/distill_missing_rows"] for r in logged if "train/loss" in r][-1] == record.missing_rows
 
 
 def test_a_distilled_train_through_the_cli_records_its_teacher(fault_run: Path, fault_data: dict,

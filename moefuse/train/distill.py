@@ -109,11 +109,14 @@ def load_teacher(cfg: DistillConfig, device: str | torch.device) -> Any:
     from moefuse.fusion.loading import load_inference_model
 
     check_teacher_folder(cfg)
+    device = torch.device(device)
+    if device.type == "cpu":  # accelerate's CPU processes are on "cpu:0", which safetensors does not take
+        device = torch.device("cpu")
     try:
         teacher = load_inference_model(cfg.teacher, device=device)
     except ConfigError as e:
         raise ConfigError(f"distill.teacher: {cfg.teacher} is not a model folder moefuse loads: {e}") from None
-    return teacher.eval()
+    return teacher
 
 
 def _vocabulary_difference(theirs: list[str], ours: list[str]) -> str:
@@ -162,7 +165,8 @@ def teacher_pass(teacher: Any, loader: Any, tasks: list[str], device: str | torc
     batch and task. Uses only the model surface evaluate uses: forward(batch).tasks[name].rows and .probs."""
     from moefuse.evaluation.loop import to_device
 
-    teacher.eval()
+    if isinstance(teacher, torch.nn.Module):
+        teacher.eval()  # (no dropout, no modality dropout)
     parts = []
     for batch in track(loader, "teacher", enabled=progress):
         out = teacher(to_device(batch, device))
