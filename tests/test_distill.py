@@ -20,7 +20,7 @@ from moefuse.cli import main as cli
 from moefuse.config import load_config
 from moefuse.configutil import ConfigError
 from moefuse.fusion.heads import TaskConfig, TaskOutput
-from moefuse.fusion.model import ModelOutput
+from moefuse.fusion.model import ModelOutput, MultimodalMoEModel
 from moefuse.pretrained.export_info import export_info, read_export_record
 from moefuse.train.distill import (
     DistillConfig,
@@ -184,6 +184,10 @@ def test_a_distilled_train_through_the_cli_records_its_teacher(fault_run: Path, 
     card = (out / "model" / "README.md").read_text()
     assert "## Distillation" in card and f"`{teacher}`" in card and "T = 3" in card
     assert read_export_record(out / "model").distillation.weight == 0.7  # the student folder loads its record
+    MultimodalMoEModel.from_pretrained(out / "model").save_pretrained(tmp_path / "resaved")
+    assert json.loads((tmp_path / "resaved" / "export.json").read_text())["distillation"] == info  # kept on re-save
+    assert cli(["export", str(out)]) == 0  # `moefuse export` redoes the export from the run: the record too
+    assert json.loads((out / "model" / "export.json").read_text())["distillation"] == info
 
 
 def one_line_error(capsys) -> str:
