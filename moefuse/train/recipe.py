@@ -157,8 +157,9 @@ class TrainRecipe:
         self.setup_model()
         self.setup_data()
         self.state = self.restore() if self.resume else TrainerState()
-        self.setup_teacher()
         self.done_because = self.state.finished_because(self.t.max_steps) if self.resume else None
+        if self.done_because is None:  # (a finished run is only exported again: no teacher needed)
+            self.setup_teacher()
         if self.done_because is not None and self.main:
             print(f"the run in {self.out} has already finished at step {self.state.step}: {self.done_because}; "
                   f"nothing to train, its model is exported again")
