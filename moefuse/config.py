@@ -13,6 +13,7 @@ from moefuse.configutil import apply_overrides, from_dict, load_yaml, save_yaml
 from moefuse.datasets.config import DataConfig
 from moefuse.fusion.model import ModelConfig
 from moefuse.train.config import TrainConfig
+from moefuse.train.distill import DistillConfig
 
 
 @dataclass
@@ -23,6 +24,8 @@ class ExperimentConfig(ModelConfig):
     """Shards, batching and loader workers."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation, evaluation and checkpointing."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Knowledge distillation from a teacher model folder (`moefuse.train.distill`); off unless a teacher is given."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

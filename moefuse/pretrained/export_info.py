@@ -29,6 +29,9 @@ Bounds (each a ConfigError naming the field when crossed):
                         bfloat16; expert counts and top_k in [0, 10^6]; per pruned layer the kept and dropped
                         expert ids (distinct, < num_experts_before) and their routing shares in [0, 1];
                         accuracies and same_answer in [0, 1]
+    distillation        null, or what the model was distilled from (`moefuse.train.distill`): teacher a path of 1
+                        to 4096 characters, temperature in (0, MAX_DISTILL_TEMPERATURE], weight in [0, 1], tasks
+                        distinct non-empty names (at most 1000), samples and missing_rows in [0, 10^12]
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ EXPORT_FORMAT = 1
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
 """The temperatures a model folder may hold: the search interval of `moefuse.fusion.calibration.fit_temperature`,
 wide enough for any sane model, bounded so that a degenerate set cannot run off."""
+
+MAX_DISTILL_TEMPERATURE = 100.0
+"""The highest distillation temperature (`distill.temperature`, export.json's `distillation.temperature`)."""
 
 MAX_COUNT = 10**12
 MAX_TEXT = 4096
@@ -235,6 +241,38 @@ class CompressionInfo(Config):
 
 
 @dataclass
+class DistillationInfo(Config):
+    """`distillation`: the model was trained on a teacher's soft targets as well as the labels (Hinton et al. 2015;
+    `moefuse.train.distill`)."""
+
+    config_key = "distillation"
+
+    teacher: str = ""
+    """The teacher's model folder, as the run's config gave it."""
+    temperature: float = 1.0
+    """The softmax temperature T of the distillation term."""
+    weight: float = 0.0
+    """alpha: loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels)."""
+    tasks: list[str] = field(default_factory=list)
+    """The tasks distilled."""
+    samples: int = 0
+    """Training samples the teacher answered (its one pass over the training split, all tasks)."""
+    missing_rows: int = 0
+    """Training rows of distilled tasks that had no teacher target, trained on their labels alone."""
+
+    def __post_init__(self) -> None:
+        self.check(0 < len(self.teacher) <= MAX_TEXT, "teacher", f"must be a path of 1 to {MAX_TEXT} characters")
+        self.check(math.isfinite(self.temperature) and 0 < self.temperature <= MAX_DISTILL_TEMPERATURE,
+                   "temperature", f"must be in (0, {MAX_DISTILL_TEMPERATURE}], got {self.temperature}")
+        self.check_range("weight", 0.0, 1.0)
+        names = self.tasks
+        self.check(0 < len(names) <= 1000 and all(names) and len(set(names)) == len(names), "tasks",
+                   f"must be 1 to 1000 distinct task names, got {names[:10]}")
+        for name in ("samples", "missing_rows"):
+            self.check_range(name, 0, MAX_COUNT)
+
+
+@dataclass
 class ExportInfo(Config):
     """The whole of export.json."""
 
@@ -260,6 +298,8 @@ class ExportInfo(Config):
     """Hub ids of the training datasets (the card's `datasets:`), when they have one."""
     compression: list[CompressionInfo] = field(default_factory=list)
     """What `moefuse compress` did to the model, oldest first; [] = the weights are the training run's."""
+    distillation: DistillationInfo | None = None
+    """The teacher the model was distilled from, and how; null = trained on the labels alone."""
 
     def __post_init__(self) -> None:
         self.check(1 <= self.format <= EXPORT_FORMAT, "format", f"{self.format} is not a format this moefuse reads "
@@ -331,5 +371,6 @@ def read_export_record(folder: str | Path) -> ExportInfo:
     return export_info(read_json_file(where), where)
 
 
-__all__ = ["EXPORT_FORMAT", "MAX_TEMPERATURE", "MIN_TEMPERATURE", "CompressionInfo", "ExportInfo", "MediaInfo",
-           "PrunedLayer", "RunResult", "TaskCalibration", "export_info", "read_export_record"]
+__all__ = ["EXPORT_FORMAT", "MAX_DISTILL_TEMPERATURE", "MAX_TEMPERATURE", "MIN_TEMPERATURE", "CompressionInfo",
+           "DistillationInfo", "ExportInfo", "MediaInfo", "PrunedLayer", "RunResult", "TaskCalibration", "export_info",
+           "read_export_record"]

@@ -99,6 +99,22 @@ def _compression_record(c: dict) -> list[str]:
     return lines
 
 
+def _distillation(extra: dict) -> list[str]:
+    """What the model was distilled from (export.json `distillation`), or nothing."""
+    d = extra.get("distillation")
+    if not d:
+        return []
+    missing = d.get("missing_rows") or 0
+    return ["", "## Distillation", "",
+            f"Trained on the soft targets of the teacher `{d['teacher']}` as well as the labels (knowledge "
+            f"distillation, Hinton et al. 2015) for {', '.join(d['tasks'])}: loss = {d['weight']:g} x T^2 x "
+            f"KL(teacher || student) + {1 - d['weight']:g} x cross-entropy, at temperature T = {d['temperature']:g}. "
+            f"The teacher answered the {d['samples']} training samples once, on their full inputs; the student "
+            "trained with its own modality dropout"
+            + (f"; {missing} training rows had no teacher target and trained on their labels alone." if missing
+               else ".")]
+
+
 def card_metadata(model: MultimodalMoEModel, extra: dict, name: str | None = None) -> ModelCardData:
     """The Hub metadata of the card: library and tags of the model's class (its `ModelHubMixin` declaration) and
     its modalities, the license and datasets of `extra` (export.json), and its validation metrics as a model-index
@@ -159,6 +175,7 @@ def card_body(model: MultimodalMoEModel, extra: dict) -> str:
               "The full config is `config.yaml` (and `config.json`).", "", "## Calibration", ""]
     lines += _calibration(extra)
     lines += _compression(extra)
+    lines += _distillation(extra)
     lines += ["", "## Validation metrics", ""] + _metrics(extra)
     shards = extra.get("train_shards")
     lines += ["", "## Training data", "",

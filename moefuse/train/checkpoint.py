@@ -30,6 +30,7 @@ from moefuse.pretrained.export_info import MediaInfo
 from moefuse.pretrained.folder import export_model
 from moefuse.train import fsdp
 from moefuse.train.calibrate import calibrate_run
+from moefuse.train.distill import distillation_record
 from moefuse.train.expert_checkpoint import checkpoint_state
 
 if TYPE_CHECKING:
@@ -217,7 +218,8 @@ def export_run(model: MultimodalMoEModel, out: Path, state: dict, cfg: Experimen
     extra = {"step": step, "result": result, "final_val_metrics": state.get("last_val_metrics"),
              "calibration": calibration,
              "drop_modalities": list(cfg.data.drop_modalities), "train_shards": list(cfg.data.train_shards),
-             "media": training_media(cfg.data.train_shards), "license": cfg.train.license}
+             "media": training_media(cfg.data.train_shards), "license": cfg.train.license,
+             "distillation": distillation_record(cfg.distill, state)}
     try:
         export_model(model, out / "model", extra)
         result.update(model_dir=str(out / "model"), final_val_metrics=state.get("last_val_metrics"))

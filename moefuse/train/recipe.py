@@ -5,7 +5,8 @@ the model, AdamW with per-part learning rates and a warmup+decay schedule, strea
 own split, no rank-0 dispatch; restore a checkpoint on --resume) -> train (the epoch loop, one step per
 micro-batch: gradient accumulation, clipping and mixed precision) -> validate periodically (per task and per
 head, routing heatmap), best selection and early stopping -> atomic resumable checkpoints -> export a
-self-contained model folder.
+self-contained model folder. With a `distill:` teacher, setup also runs the teacher once over the training split,
+and each step adds the distillation term to the loss (`moefuse.train.distill`, Hinton et al. 2015).
 
 Batches mix tasks: the loaders interleave samples of every task, and the loss is the sum over the tasks present
 (each task's loss summed over its voting heads, times its loss_weight) plus the MoE auxiliary losses.
@@ -42,6 +43,15 @@ from moefuse.train.checkpoint import (
     save_checkpoint,
 )
 from moefuse.train.config import TrainConfig
+from moefuse.train.distill import (
+    DistilledOutput,
+    TeacherTargets,
+    check_teacher_folder,
+    distilled_output,
+    distilled_tasks,
+    load_teacher,
+    teacher_pass,
+)
 from moefuse.train.metrics_log import LogWindow, MetricsLog
 from moefuse.train.optim import build_optimizer, build_scheduler
 from moefuse.train.preflight import (
@@ -68,8 +78,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, stop_after: int | None = 
 
 def prepare_run(cfg: ExperimentConfig, resume: bool, main: bool) -> ExperimentConfig:
     """Everything checked before anything is written: checkpoints vs --resume, the tasks and their vocabularies
-    (and the model config that names them), train.metric, on resume that the config is the run's own, and last
-    the run folder, created only then. Then config.yaml."""
+    (and the model config that names them), train.metric, distill.teacher a folder, on resume that the config is
+    the run's own, and last the run folder, created only then. Then config.yaml."""
     out = Path(cfg.train.output_dir)
     if not cfg.data.train_shards:
         raise ConfigError("data.train_shards is empty: give the folder build-shards wrote (or shard URLs)")
@@ -82,6 +92,7 @@ def prepare_run(cfg: ExperimentConfig, resume: bool, main: bool) -> ExperimentCo
     tasks = resolve_tasks(cfg)
     check_metric(cfg, tasks)
     check_modalities(cfg)
+    check_teacher_folder(cfg.distill)
     cfg = replace(cfg, tasks=tasks)
     if resume:
         check_resume_config(out, cfg)
@@ -112,6 +123,8 @@ class TrainRecipe:
         self.stopped = False  # stop_after ended the run
         self.ep: expert_parallel.ExpertParallel | None = None  # this rank's expert-parallel groups (N > 1)
         self.last_batch: dict | None = None  # the latest training batch: validation's filler (`evaluate_loader`)
+        self.targets: TeacherTargets | None = None  # the teacher's answers on every training sample (distill:)
+        self.missing_rows = 0  # this process's training rows without a teacher target, since setup
 
     @property
     def t(self) -> TrainConfig:
@@ -145,6 +158,8 @@ class TrainRecipe:
         self.setup_data()
         self.state = self.restore() if self.resume else TrainerState()
         self.done_because = self.state.finished_because(self.t.max_steps) if self.resume else None
+        if self.done_because is None:  # (a finished run is only exported again: no teacher needed)
+            self.setup_teacher()
         if self.done_because is not None and self.main:
             print(f"the run in {self.out} has already finished at step {self.state.step}: {self.done_because}; "
                   f"nothing to train, its model is exported again")
@@ -219,6 +234,35 @@ class TrainRecipe:
         # Built now, so that a missing or broken validation set stops the run before its first step.
         self.val_loader = build_eval_loader(d, self.eval_collator, rank=rank, world_size=world,
                                             tasks=names, **decode) if d.val_shards else None
+
+    def setup_teacher(self) -> None:
+        """Distillation (`moefuse.train.distill`), nothing without distill.teacher: the teacher loaded (every file
+        checked), its tasks checked against the student's, run once over the training split (each process its
+        part, gathered to every process; the RNG untouched), and freed. Its answers are `self.targets`."""
+        from accelerate.utils import gather_object
+
+        d, acc = self.cfg.distill, self.accelerator
+        if d.teacher is None:
+            return
+        with preserved_rng():
+            teacher = load_teacher(d, acc.device)
+            tasks = distilled_tasks(d, teacher.cfg.tasks, self.cfg.tasks)
+            data = replace(self.cfg.data, eval_batch_size=d.batch_size)
+            loader = build_eval_loader(data, teacher.collator(train=False), sources=data.train_shards,
+                                       split=data.train_split, rank=self.rank, world_size=self.world, tasks=tasks,
+                                       **teacher.decode_options())
+            parts = teacher_pass(teacher, loader, tasks, acc.device, progress=self.main and self.show_progress)
+        del teacher, loader
+        if acc.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.targets = TeacherTargets.from_parts(gather_object(parts))
+        done = self.state.distillation or {}
+        self.state.distillation = {"tasks": tasks, "samples": self.targets.samples,
+                                   "missing_rows": done.get("missing_rows", 0)}
+        if self.main:
+            print(f"distillation: teacher {d.teacher} answered {self.targets.samples} training samples once "
+                  f"({', '.join(tasks)}; {self.targets.nbytes / 2**20:.1f} MiB of targets); temperature "
+                  f"{d.temperature:g}, weight {d.weight:g}")
 
     def restore(self) -> TrainerState:
         """Load the newest intact checkpoint (damaged or unloadable ones are skipped with a warning) -> its
@@ -331,6 +375,8 @@ class TrainRecipe:
         with acc.accumulate(self.model):
             with acc.autocast():  # (a model accelerate prepared autocasts itself; an FSDP-sharded one does not)
                 output = self.model(batch)
+            if self.targets is not None:
+                output = self.distill(batch, output, weight)
             if self.skip_nonfinite(output, epoch):
                 return None
             acc.backward(output.loss * weight)
@@ -343,6 +389,25 @@ class TrainRecipe:
         self.state.samples_seen += n
         self.window.add(output.loss.item() if weight else None, n)
         return output
+
+    def distill(self, batch: dict, output: ModelOutput, weight: float) -> DistilledOutput:
+        """The distillation step: the loss with the teacher's soft targets mixed in (`distilled_output`); rows
+        without a target are counted (zero-weight filler batches are not)."""
+        out = distilled_output(output, batch["ids"], self.targets, self.cfg.distill, self.cfg.tasks)
+        if weight:
+            self.missing_rows += out.missing_rows
+        return out
+
+    def sync_distill_counts(self) -> None:
+        """The run's count of training rows without a teacher target, over every process, into the trainer state
+        (a collective: every process calls it, from `log_step` and `checkpoint`)."""
+        s, acc = self.state, self.accelerator
+        if s.distillation is None:
+            return
+        mine = torch.tensor([float(self.missing_rows)], device=acc.device)
+        total = int(acc.reduce(mine, "sum").item()) if self.world > 1 else self.missing_rows
+        s.distillation["missing_rows"] = s.distillation.get("missing_rows", 0) + total
+        self.missing_rows = 0
 
     def reduce_and_clip(self) -> None:
         """Before the optimizer step: the expert gradients reduced over their replicas (expert parallelism; DDP
@@ -410,6 +475,10 @@ class TrainRecipe:
                   "train/z_loss": output.z_loss.item(), "train/samples_per_s": sps,
                   "train/epoch": epoch, "train/skipped_nonfinite": s.skipped_nonfinite,
                   **{f"train/{k}": v for k, v in s.data_counts().items()}}
+        if isinstance(output, DistilledOutput):
+            self.sync_distill_counts()
+            record["train/distill_loss"] = output.distill_loss.item()
+            record["train/distill_missing_rows"] = s.distillation["missing_rows"]
         for g in self.optimizer.param_groups:
             record[f"lr/{g['name']}"] = g["lr"]
         if self.accelerator.device.type == "cuda":  # this process's high-water mark so far
@@ -486,6 +555,7 @@ class TrainRecipe:
             if self.t.fsdp:
                 fsdp.save_sharded(folder, self.model, self.optimizer, self.scheduler, self.main)
 
+        self.sync_distill_counts()
         save_checkpoint(self.accelerator, self.ckpt_root, self.state.step, self.state.to_dict(), self.t.keep_last,
                         is_best, write_shards if self.ep is not None or self.t.fsdp else None)
 

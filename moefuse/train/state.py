@@ -34,6 +34,7 @@ class TrainerState:
     last_loss: float | None = None
     stop_reason: str | None = None
     last_val_metrics: dict | None = None
+    distillation: dict | None = None  # with a teacher: {"tasks", "samples" answered, "missing_rows"} (train.distill)
     # the DATA_COUNTS of evaluation.py
     skipped_corrupt: int = 0
     lost_samples: int = 0
