@@ -166,9 +166,9 @@ def build_ensemble(folders: list[Path], shards: list[str], out: Path, split: str
             accuracy, ece = rule_scores(a, rule, folds, features)
             figures.setdefault(f"ensemble:{rule}", {})[task] = accuracy
             figures.setdefault(f"ece:{rule}", {})[task] = ece
-    final = {task: fit_combiner(combine, a.answers, a.targets, features) for task, a in answers.items()}
+    final = {task: fit_combiner(combine, a.answers, a.targets, features, task=task) for task, a in answers.items()}
     for task in model.task_names:  # a task the split has no sample of: the plain mean
-        final.setdefault(task, fit_combiner(combine, *_no_rows(model, task), features))
+        final.setdefault(task, fit_combiner(combine, *_no_rows(model, task), features, task=task))
     total, shared = model.parameter_counts()
     cfg = EnsembleConfig(members=model.cfg.members, combine=combine, folds=folds, split=split,  # type: ignore[arg-type]
                          tasks=model.cfg.tasks, combiners=final, figures=figures, parameters=total,

@@ -38,7 +38,7 @@ import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -62,8 +62,6 @@ ABSENT_CONFIDENCE, ABSENT_ENTROPY = 0.0, 1.0
 class TaskCombiner(Config):
     """A fitted combiner of one task: its rule, its parameters and its temperature, as stored in ensemble.json."""
 
-    config_key: ClassVar[str] = "combiner"
-
     rule: Rule = "soft"
     """soft, majority, weighted (stacking weights) or gated (a logistic-regression gate)."""
     temperature: float = 1.0
@@ -78,6 +76,12 @@ class TaskCombiner(Config):
     """`gated`: the gate's intercepts [M members]."""
     samples: int = 0
     """Rows with a target the combiner was fit on."""
+    task: str = ""
+    """The task it combines (names it in errors: `combiners.digit.temperature`)."""
+
+    @property
+    def config_key(self) -> str:  # type: ignore[override]
+        return f"combiners.{self.task}" if self.task else "combiner"
 
     def __post_init__(self) -> None:
         self.check(MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE, "temperature",
@@ -263,18 +267,18 @@ def fit_gate(x: MemberAnswers, targets: torch.Tensor, feature_names: list[str]) 
 
 
 def fit_combiner(rule: str, x: MemberAnswers, targets: torch.Tensor, feature_names: list[str],
-                 min_temperature_samples: int = MIN_TEMPERATURE_SAMPLES) -> TaskCombiner:
+                 min_temperature_samples: int = MIN_TEMPERATURE_SAMPLES, task: str = "") -> TaskCombiner:
     """A combiner of `rule` fit on these rows (those with a target, >= 0), then its temperature on its own combined
     probabilities of the same rows (T = 1 when `fit_problem` finds too few rows or no error)."""
     samples = int(_known(targets).numel())
     if rule == "weighted":
-        c = TaskCombiner(rule="weighted", weights=fit_weights(x, targets), samples=samples)
+        c = TaskCombiner(rule="weighted", weights=fit_weights(x, targets), samples=samples, task=task)
     elif rule == "gated":
         coef, icpt = fit_gate(x, targets, feature_names)
         c = TaskCombiner(rule="gated", gate_features=list(feature_names), gate_coef=coef, gate_intercept=icpt,
-                         samples=samples)
+                         samples=samples, task=task)
     elif rule in ("soft", "majority"):
-        c = TaskCombiner(rule=rule, samples=samples)  # type: ignore[arg-type]
+        c = TaskCombiner(rule=rule, samples=samples, task=task)  # type: ignore[arg-type]
     else:
         raise ValueError(f"unknown combination rule {rule!r}; use one of {', '.join(RULES)}")
     mix = combine(c, x).uncalibrated

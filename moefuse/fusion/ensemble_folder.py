@@ -104,6 +104,7 @@ class EnsembleConfig(Config):
         self.check(sorted(self.combiners) == sorted(tasks), "combiners",
                    f"one combiner per task ({', '.join(tasks)}), got {', '.join(self.combiners) or 'none'}")
         for task, c in self.combiners.items():
+            self.check(c.task in ("", task), f"combiners.{task}.task", f"must be {task!r}, got {c.task!r}")
             self.check(c.rule == self.combine, f"combiners.{task}.rule", f"must be the ensemble's rule "
                        f"{self.combine!r}, got {c.rule!r}")
             count = c.members()
