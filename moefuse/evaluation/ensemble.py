@@ -192,10 +192,10 @@ def format_build(build: EnsembleBuild) -> str:
     cfg = build.cfg
     tasks = [t.name for t in cfg.tasks if t.name in build.best_member]
     width = max(24, *(len(k) + 12 for k in cfg.figures))
-    lines = [f"{'model (accuracy on ' + cfg.split + ')':<{width}}" + "".join(f"{t:>16}" for t in tasks)]
+    lines = [f"{'model (accuracy on ' + cfg.split + ')':<{width}}" + "".join(f"{t:>7}{'':9}" for t in tasks)]
 
     def cell(v: float | None, extra: str = "") -> str:
-        return f"{'n/a' if v is None else f'{100 * v:.1f}'}{extra:>7}".rjust(16)
+        return f"{'n/a' if v is None else f'{100 * v:.1f}':>7} {extra:<8}"
 
     for m in cfg.members:
         cover = cfg.figures[f"coverage:{m.name}"]
@@ -211,7 +211,7 @@ def format_build(build: EnsembleBuild) -> str:
     lines.append(f"ensemble figures cross-fitted over {cfg.folds} folds (e = ECE); * = the rule stored in {build.out}")
     lines.append(f"parameters: {cfg.parameters:,} in all, {cfg.parameters_deduplicated:,} with identical encoders "
                  f"shared")
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 __all__ = ["EnsembleBuild", "TaskAnswers", "build_ensemble", "collect_answers", "format_build", "load_members",
