@@ -276,12 +276,17 @@ def test_members_with_other_vocabularies_are_refused_through_the_cli(members: di
 
 def test_out_is_never_a_member_nor_a_folder_that_holds_something(members: dict[str, Path], fault_data: dict,
                                                                 tmp_path: Path) -> None:
+    from moefuse.fusion.ensemble_folder import check_new_folder
+
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    for out in (members["same"], tmp_path / "full"):
-        r = run_cli("ensemble", "--members", str(members["run"]), str(members["same"]), "--shards",
-                    str(fault_data["shards"]), "--out", str(out), "--quiet")
-        assert r.returncode != 0 and "Traceback" not in r.stderr and str(out) in r.stderr
+    r = run_cli("ensemble", "--members", str(members["run"]), str(members["same"]), "--shards",
+                str(fault_data["shards"]), "--out", str(tmp_path / "full"), "--quiet")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and str(tmp_path / "full") in r.stderr
+    for out in (members["same"], members["same"] / "inside", tmp_path):
+        with pytest.raises(ConfigError, match="member folder|not empty"):
+            check_new_folder(out, [members["run"], members["same"]])
+    check_new_folder(tmp_path / "new", [members["run"], members["same"]])
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine" and (members["same"] / "model.safetensors").exists()
 
 
@@ -333,13 +338,25 @@ def test_evaluate_and_predict_run_on_an_ensemble_folder(ensemble_dir: Path, faul
     (lambda d: d.update(combine="median"), "combine"),
     (lambda d: d["combiners"]["digit"].update(gate_intercept=[0.0]), "combiners.digit.gate_intercept"),
 ])
-def test_a_damaged_ensemble_config_is_a_one_line_error(ensemble_dir: Path, fault_data: dict, tmp_path: Path,
-                                                       edit, field: str) -> None:
+def test_a_damaged_ensemble_config_is_an_error_naming_the_file_and_field(ensemble_dir: Path, tmp_path: Path, edit,
+                                                                         field: str) -> None:
+    from moefuse.fusion.ensemble import EnsembleModel
+
     bad = Path(shutil.copytree(ensemble_dir, tmp_path / "bad"))
     data = json.loads((bad / "ensemble.json").read_text())
     edit(data)
     (bad / "ensemble.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError) as e:
+        EnsembleModel.from_pretrained(bad)
+    assert str(bad / "ensemble.json") in str(e.value) and field in str(e.value)
+
+
+def test_a_damaged_ensemble_folder_is_a_one_line_error_of_the_commands(ensemble_dir: Path, tmp_path: Path) -> None:
+    bad = Path(shutil.copytree(ensemble_dir, tmp_path / "bad"))
+    data = json.loads((bad / "ensemble.json").read_text())
+    data["combiners"]["digit"]["gate_coef"][0][0] = "x"
+    (bad / "ensemble.json").write_text(json.dumps(data))
     r = run_cli("predict", "--checkpoint", str(bad), "--task", "digit", "--text", "seven")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     [line] = r.stderr.strip().splitlines()
-    assert "ensemble.json" in line and field in line
+    assert line.startswith("moefuse predict: error: ") and "ensemble.json" in line and "gate_coef" in line
