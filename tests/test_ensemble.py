@@ -360,3 +360,17 @@ def test_a_damaged_ensemble_folder_is_a_one_line_error_of_the_commands(ensemble_
     assert r.returncode == 2 and "Traceback" not in r.stderr
     [line] = r.stderr.strip().splitlines()
     assert line.startswith("moefuse predict: error: ") and "ensemble.json" in line and "gate_coef" in line
+
+
+def test_serve_answers_with_an_ensemble_folder(ensemble_dir: Path) -> None:
+    from moefuse.fusion.loading import load_inference_model
+    from moefuse.inference.limits import ServeLimits
+    from moefuse.inference.predict import export_media, load_media_sample
+    from moefuse.inference.server import ModelServer
+
+    model = load_inference_model(ensemble_dir)
+    server = ModelServer(model, export_media(model), ServeLimits())
+    info = server.info()
+    assert info["config"]["members"] == ["run", "same", "image-only"] and set(info["temperature"]) == {"digit", "avqa"}
+    [answer] = server._run([load_media_sample(model, "a", "digit", text="seven")])
+    assert answer["votes"][2] is None and answer["prediction"] in info["tasks"]["digit"]["vocabulary"]
