@@ -29,6 +29,7 @@ __getattr__, __dir__, _names = lazy_exports(__name__, {
     "moefuse.fusion.model": ["MultimodalMoEModel", "ModelConfig", "ModelOutput", "EncodersConfig", "build_model",
                              "build_collator"],
     "moefuse.fusion.loading": ["load_inference_model"],
+    "moefuse.fusion.ensemble": ["EnsembleModel"],
     # components
     "moefuse.fusion.stack": ["FusionConfig", "FusionStack"],
     "moefuse.fusion.moe": ["MoEConfig", "SparseMoE"],

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("moefuse.commands.predict", "predictions for one sample or a manifest, as JSON Lines"),
     "serve": ("moefuse.commands.serve", "serve an exported model over HTTP (POST /predict, GET /health, GET /info)"),
     "export": ("moefuse.commands.export", "(re)write a training run's model folder from its checkpoints"),
+    "ensemble": ("moefuse.commands.ensemble", "combine exported models into an ensemble folder (cross-fitted)"),
     "compress": ("moefuse.commands.compress", "prune a model's least-routed MoE experts on calibration data"),
     "demo": ("moefuse.commands.demo", "demo data -> shards -> train -> evaluate -> predict, end to end"),
 }

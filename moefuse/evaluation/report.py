@@ -25,7 +25,6 @@ from moefuse.evaluation.loop import DATA_COUNTS, evaluate_loader, routing_summar
 from moefuse.evaluation.metrics import compute_metrics
 from moefuse.evaluation.plots import save_routing_heatmap
 from moefuse.fusion.loading import load_inference_model
-from moefuse.fusion.model import build_collator
 
 
 def evaluate(checkpoint: str | Path, shards: list[str], split: str = "val", batch_size: int = 64,
@@ -42,7 +41,7 @@ def evaluate(checkpoint: str | Path, shards: list[str], split: str = "val", batc
                                  quantize=quantize)
     if drop_modalities is None:
         drop_modalities = list(model.export_info.drop_modalities) if model.export_info is not None else []
-    collator = build_collator(model, train=False, drop_modalities=drop_modalities, corrupt=corrupt)
+    collator = model.collator(train=False, drop_modalities=drop_modalities, corrupt=corrupt)
     loader = make_loader(shards, collator, batch_size, split=split, num_workers=num_workers,
                          tasks=model.task_names, **model.decode_options())
     records, stats = evaluate_loader(model, loader, torch.device("cpu"), progress=progress)
@@ -54,9 +53,12 @@ def evaluate(checkpoint: str | Path, shards: list[str], split: str = "val", batc
     vocab = {t.name: list(t.labels) for t in model.cfg.tasks}
     types = {t.name: t.type for t in model.cfg.tasks}
     result = compute_metrics(records, vocab, types, detailed=True)
+    temperatures = model.temperatures()
     for task, details in result["tasks"].items():
-        details["temperature"] = float(model.heads[task].temperature)
+        details["temperature"] = temperatures[task]
         details["voters"] = list(model.voter_names)  # what each entry of head_accuracy read
+    if getattr(model, "member_names", None):  # an ensemble: each member's figures beside the ensemble's
+        result["members"] = member_figures(result["tasks"], list(model.member_names))
     result["non_finite_outputs"] = sum(not math.isfinite(r["probability"]) for r in records)
     if result["non_finite_outputs"]:
         warnings.warn(f"{result['non_finite_outputs']} of {len(records)} samples got non-finite (NaN or inf) model "
@@ -79,6 +81,16 @@ def evaluate(checkpoint: str | Path, shards: list[str], split: str = "val", batc
         except OSError as e:  # the metrics are computed: report the failure, keep them
             result["errors"].append(f"the heatmap was not written: {os_error_message(e)}")
     return result
+
+
+def member_figures(tasks: dict, members: list[str]) -> dict:
+    """An ensemble's members, each with its accuracy per task over the samples it answered and the share it answered
+    (its voter entries), and the best member that answers every sample beside the ensemble."""
+    out: dict = {name: {} for name in members}
+    for task, d in tasks.items():
+        for name, acc, cover in zip(members, d["head_accuracy"], d["head_coverage"]):
+            out[name][task] = {"accuracy": acc, "coverage": cover}
+    return out
 
 
 def _save_confidence_plots(result: dict, folder: Path) -> None:
@@ -134,6 +146,10 @@ def format_summary(result: dict) -> str:
         if d["unseen_targets"]:
             lines.append(f"  {d['unseen_targets']} samples have a target outside the model's vocabulary "
                          f"(counted wrong)")
+    for name, per_task in (result.get("members") or {}).items():
+        lines.append(f"member {name}: " + ", ".join(
+            f"{t} {fmt(v['accuracy'])}" + ("" if v["coverage"] == 1.0 else f" ({fmt(v['coverage'], '.0%')} answered)")
+            for t, v in per_task.items()))
     data = result.get("data", {})
     if any(data.values()):
         lines.append("data: " + ", ".join(f"{n} {DATA_COUNTS[k]}" for k, n in data.items() if n))

@@ -6,6 +6,8 @@ Names are imported from their modules on first use (`moefuse.lazy`)."""
 from moefuse.lazy import lazy_exports
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "moefuse.fusion.ensemble": ["EnsembleModel"],
+    "moefuse.fusion.ensemble_combine": ["TaskCombiner"],
     "moefuse.fusion.heads": ["HeadsConfig", "TaskConfig", "TaskOutput", "VotingHeads"],
     "moefuse.fusion.kernels": ["grouped_mm"],
     "moefuse.fusion.model": ["EncodersConfig", "ModelConfig", "ModelOutput", "MultimodalMoEModel", "build_collator",

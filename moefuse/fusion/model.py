@@ -219,6 +219,17 @@ class MultimodalMoEModel(nn.Module, PretrainedMixin):
         finally:
             self.train(was_training)
 
+    def temperatures(self) -> dict[str, float]:
+        """Each task's calibration temperature (what evaluate reports and serve's /info shows)."""
+        return {t: float(h.temperature) for t, h in self.heads.items()}
+
+    def serving_config(self) -> dict:
+        """What serve's /info says of the architecture."""
+        cfg = self.cfg
+        return {"fusion": cfg.fusion.kind, "d_model": cfg.fusion.d_model, "layers": cfg.fusion.num_layers,
+                "experts": cfg.fusion.num_experts, "top_k": cfg.fusion.top_k, "voters": list(self.voter_names),
+                "combine": cfg.heads.combine}
+
     def cache_encoders(self, modalities: list[str], max_rows: int = 4096) -> None:
         """In eval under torch.no_grad, reuse the outputs of these modalities' encoders for inputs seen before (the
         same question): moefuse.fusion.encoder_cache. [] turns the cache off."""

@@ -119,7 +119,10 @@ def _of_field(error: Exception, field: str) -> Exception:
 
 def routing_per_sample(output: ModelOutput, rows: list[str]) -> list[dict]:
     """For each sample: {modality: [ {expert: assignments} per MoE layer ]}, experts sorted by count; `rows` names
-    the modality ids (the model's routing_rows)."""
+    the modality ids (the model's routing_rows). An output that routes no tokens itself (an ensemble's:
+    `token_mask` None) gives an empty summary per sample."""
+    if output.token_mask is None:
+        return [{} for _ in range(sum(len(t.rows) for t in output.tasks.values()))]
     b = output.token_mask.shape[0]
     real = output.token_mask.reshape(-1).nonzero().squeeze(1)  # [N_real] row-major over [B, T]
     t = output.token_mask.shape[1]

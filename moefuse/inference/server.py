@@ -269,10 +269,8 @@ class ModelServer:
             "tasks": {t.name: {"type": t.type, "vocabulary": list(t.labels)} for t in cfg.tasks},
             "modalities": list(self.model.encoders),
             "fields": ["task", *self.inputs],
-            "config": {"fusion": cfg.fusion.kind, "d_model": cfg.fusion.d_model, "layers": cfg.fusion.num_layers,
-                       "experts": cfg.fusion.num_experts, "top_k": cfg.fusion.top_k,
-                       "voters": list(self.model.voter_names), "combine": cfg.heads.combine},
-            "temperature": {t: float(h.temperature) for t, h in self.model.heads.items()},
+            "config": self.model.serving_config(),
+            "temperature": self.model.temperatures(),
             "limits": asdict(self.limits),
             "recent_batch_sizes": self.batcher.batch_sizes[-20:],
         }

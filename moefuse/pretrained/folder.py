@@ -277,6 +277,9 @@ def _build(model_class: type[nn.Module], cfg: Any, path: Path, device: str | tor
 def _check_folder(path: Path) -> None:
     if not path.is_dir():
         raise ConfigError(f"{path} is not a folder; give the model/ folder a training run wrote")
+    if (path / "ensemble.json").is_file() and not (path / WEIGHTS).is_file():
+        raise ConfigError(f"{path} is an ensemble folder (ensemble.json), not one model: load it with "
+                          f"EnsembleModel.from_pretrained or moefuse.load_inference_model")
     if not (path / WEIGHTS).is_file() or not ((path / CONFIG_YAML).is_file() or (path / CONFIG_JSON).is_file()):
         raise ConfigError(f"{path} is not an exported moefuse model (needs {WEIGHTS} and {CONFIG_JSON} or "
                           f"{CONFIG_YAML}); give the model/ folder a training run wrote")
