@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import TINY, run_cli, run_overrides
 
 from moefuse.configutil import ConfigError
 from moefuse.fusion.ensemble_combine import (
@@ -274,6 +274,22 @@ def test_members_with_other_vocabularies_are_refused_through_the_cli(members: di
     assert not (tmp_path / "ens").exists()
 
 
+def test_members_whose_raw_files_are_read_differently_are_refused_through_the_cli(members: dict[str, Path],
+                                                                                 fault_data: dict,
+                                                                                 tmp_path: Path) -> None:
+    other = Path(shutil.copytree(members["run"], tmp_path / "other"))
+    record = json.loads((other / "export.json").read_text())
+    size = record["media"]["image_size"]
+    record["media"]["image_size"] = size * 2
+    (other / "export.json").write_text(json.dumps(record))
+    r = run_cli("ensemble", "--members", str(members["run"]), str(other), "--shards", str(fault_data["shards"]),
+                "--out", str(tmp_path / "ens"), "--quiet")
+    [line] = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and line.startswith(
+        f"moefuse ensemble: error: member other: media.image_size: {size * 2}, where member run has {size}")
+    assert not (tmp_path / "ens").exists()
+
+
 def test_out_is_never_a_member_nor_a_folder_that_holds_something(members: dict[str, Path], fault_data: dict,
                                                                 tmp_path: Path) -> None:
     from moefuse.fusion.ensemble_folder import check_new_folder
@@ -374,3 +390,38 @@ def test_serve_answers_with_an_ensemble_folder(ensemble_dir: Path) -> None:
     assert info["config"]["members"] == ["run", "same", "image-only"] and set(info["temperature"]) == {"digit", "avqa"}
     [answer] = server._run([load_media_sample(model, "a", "digit", text="seven")])
     assert answer["votes"][2] is None and answer["prediction"] in info["tasks"]["digit"]["vocabulary"]
+
+
+def test_an_ensemble_teaches_a_student_through_moefuse_train(ensemble_dir: Path, fault_data: dict,
+                                                              tmp_path: Path) -> None:
+    """#25 item 3 on item 1's folder: `distill.teacher` takes an ensemble folder like any model folder."""
+    out = tmp_path / "student"
+    done = run_cli("train", str(TINY), *run_overrides(fault_data["shards"], out, f"distill.teacher={ensemble_dir}",
+                                                     "data.val_shards=[]"), timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    info = json.loads((out / "model" / "export.json").read_text())["distillation"]
+    assert info["teacher"] == str(ensemble_dir) and info["samples"] > 0 and info["missing_rows"] == 0
+
+
+@pytest.mark.parametrize("quantize", ["int8", "bf16"])
+def test_the_quantised_runtimes_agree_with_fp32_on_an_ensemble_with_shared_encoders(ensemble_dir: Path,
+                                                                                   fault_data: dict,
+                                                                                   quantize: str) -> None:
+    """A shared encoder is one module: quantised once, whichever member reaches it first, and still shared."""
+    from moefuse.datasets import make_loader
+    from moefuse.fusion.loading import load_inference_model
+
+    def probs(q: str) -> dict[str, torch.Tensor]:
+        model = load_inference_model(ensemble_dir, quantize=q)
+        assert model.shared and all(model.members[s.members[0]].encoders[s.modality]
+                                    is model.members[n].encoders[s.modality] for s in model.shared for n in s.members)
+        loader = make_loader([str(fault_data["shards"])], model.collator(), 16, split="val", tasks=model.task_names,
+                             **model.decode_options())
+        with torch.no_grad():
+            out = model(next(iter(loader)))
+        return {t: o.probs for t, o in out.tasks.items()}
+
+    fp32, low = probs("none"), probs(quantize)
+    for task, p in fp32.items():
+        assert torch.allclose(low[task], p, atol=1e-2), (task, (low[task] - p).abs().max())
+        assert torch.equal(low[task].argmax(-1), p.argmax(-1))

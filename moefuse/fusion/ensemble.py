@@ -72,6 +72,22 @@ def task_mismatch(members: dict[str, MultimodalMoEModel]) -> str | None:
     return None
 
 
+def media_mismatch(members: dict[str, MultimodalMoEModel]) -> str | None:
+    """Why these members cannot share one reading of raw files (their export records' media settings, the image
+    size and fit and audio rate their training shards were built with, differ), as `member NAME: media.FIELD: ...`;
+    None when every setting that two members both record is equal."""
+    seen: dict[str, tuple[str, object]] = {}
+    for name, member in members.items():
+        media = member.export_info.media if member.export_info is not None else None
+        for key, value in (media.settings() if media is not None else {}).items():
+            first = seen.setdefault(key, (name, value))
+            if first[1] != value:
+                return (f"member {name}: media.{key}: {value!r}, where member {first[0]} has {first[1]!r}: raw files "
+                        f"would be read for one of them as it never saw in training; ensemble members trained on "
+                        f"shards built with the same settings")
+    return None
+
+
 def encoder_hash(encoder: nn.Module) -> str:
     """A content hash (BLAKE2b) of an encoder: its config and every tensor of its state (names, shapes, dtypes,
     bytes). Equal hashes: the same function of the same inputs."""
@@ -186,7 +202,7 @@ class EnsembleModel(nn.Module, PretrainedMixin):
         super().__init__()
         if [m.name for m in cfg.members] != list(members):
             raise ConfigError(f"members: the config lists {[m.name for m in cfg.members]}, got {list(members)}")
-        problem = task_mismatch(members)
+        problem = task_mismatch(members) or media_mismatch(members)
         if problem is not None:
             raise ConfigError(problem)
         first = next(iter(members.values()))
@@ -385,4 +401,4 @@ def build_ensemble_model(members: dict[str, MultimodalMoEModel], combiners: dict
 
 
 __all__ = ["EnsembleCollator", "EnsembleModel", "EnsembleOutput", "SharedEncoder", "build_ensemble_model",
-           "encoder_hash", "load_ensemble", "member_modalities", "share_encoders", "task_mismatch"]
+           "encoder_hash", "load_ensemble", "media_mismatch", "member_modalities", "share_encoders", "task_mismatch"]
