@@ -10,6 +10,7 @@ import math
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from conftest import TINY, run_cli, run_overrides
@@ -378,18 +379,29 @@ def test_a_damaged_ensemble_folder_is_a_one_line_error_of_the_commands(ensemble_
     assert line.startswith("moefuse predict: error: ") and "ensemble.json" in line and "gate_coef" in line
 
 
-def test_serve_answers_with_an_ensemble_folder(ensemble_dir: Path) -> None:
-    from moefuse.fusion.loading import load_inference_model
-    from moefuse.inference.limits import ServeLimits
-    from moefuse.inference.predict import export_media, load_media_sample
-    from moefuse.inference.server import ModelServer
+def test_moefuse_serve_answers_with_an_ensemble_folder_as_predict_does(ensemble_dir: Path, fault_data: dict) -> None:
+    from test_serve import post, start
 
-    model = load_inference_model(ensemble_dir)
-    server = ModelServer(model, export_media(model), ServeLimits())
-    info = server.info()
-    assert info["config"]["members"] == ["run", "same", "image-only"] and set(info["temperature"]) == {"digit", "avqa"}
-    [answer] = server._run([load_media_sample(model, "a", "digit", text="seven")])
-    assert answer["votes"][2] is None and answer["prediction"] in info["tasks"]["digit"]["vocabulary"]
+    rows = [json.loads(line) for line in fault_data["manifest"].read_text().splitlines()]
+    image = fault_data["manifest"].parent / next(r["image"] for r in rows if r.get("image"))
+    proc, url = start(ensemble_dir)
+    try:
+        info = httpx.get(f"{url}/info", timeout=30).json()
+        assert info["config"]["members"] == ["run", "same", "image-only"]
+        assert set(info["temperature"]) == {"digit", "avqa"}
+        answer = post(url, data={"task": "digit", "text": "seven"}, files={"image": image.open("rb")})
+        assert answer.status_code == 200, answer.text
+        alone = post(url, data={"task": "digit", "text": "seven"})  # the image specialist abstains without an image
+        assert alone.status_code == 200 and alone.json()["votes"][2] is None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    done = run_cli("predict", "--checkpoint", str(ensemble_dir), "--task", "digit", "--text", "seven", "--image",
+                   str(image))
+    expected = json.loads(done.stdout)
+    got = answer.json()
+    assert got["prediction"] == expected["prediction"] and got["votes"] == expected["votes"]
+    assert got["probability"] == pytest.approx(expected["probability"], abs=1e-5)
 
 
 def test_an_ensemble_teaches_a_student_through_moefuse_train(ensemble_dir: Path, fault_data: dict,
