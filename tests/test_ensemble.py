@@ -437,3 +437,34 @@ def test_the_quantised_runtimes_agree_with_fp32_on_an_ensemble_with_shared_encod
     for task, p in fp32.items():
         assert torch.allclose(low[task], p, atol=1e-2), (task, (low[task] - p).abs().max())
         assert torch.equal(low[task].argmax(-1), p.argmax(-1))
+
+
+def test_the_ensemble_collators_corruptions_draw_anew_per_batch_and_replay_per_epoch(ensemble_dir: Path,
+                                                                                    fault_data: dict,
+                                                                                    monkeypatch) -> None:
+    import types
+
+    import moefuse.datasets.collate as collate
+    from moefuse.datasets.corruption import Corruption
+    from moefuse.fusion.loading import load_inference_model
+    from moefuse.inference.predict import load_media_sample
+
+    model = load_inference_model(ensemble_dir)
+    plain = model.collator()
+    rows = [json.loads(line) for line in fault_data["manifest"].read_text().splitlines()]
+    images = [fault_data["manifest"].parent / r["image"] for r in rows if r.get("image")][:4]
+    samples = [load_media_sample(model, f"s{i}", "digit", text="a digit", image=str(f)) for i, f in enumerate(images)]
+    noisy = model.collator(corrupt=[Corruption.parse("image:noise:0")])
+
+    def pixels(collator) -> torch.Tensor:
+        return collator(samples)["members"]["run"]["inputs"]["image"]["pixel_values"]
+
+    first, second = pixels(noisy), pixels(noisy)
+    assert not torch.equal(first, pixels(plain)) and not torch.equal(first, second)  # fresh noise per batch
+    noisy.set_epoch(0)
+    assert torch.equal(pixels(noisy), first)  # an epoch replays its draws
+    in_worker = {}
+    for worker in (0, 1):  # each DataLoader worker's copy draws its own noise
+        monkeypatch.setattr(collate, "get_worker_info", lambda w=worker: types.SimpleNamespace(id=w))
+        in_worker[worker] = pixels(model.collator(corrupt=[Corruption.parse("image:noise:0")]))
+    assert not torch.equal(in_worker[0], in_worker[1])

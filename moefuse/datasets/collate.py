@@ -36,6 +36,15 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100
 
 
+def worker_seed(seed: int, epoch: int) -> tuple[int | None, int]:
+    """(this DataLoader worker's id, None in the main process; the seed of its random draws in `epoch`): each
+    worker holds a copy of a collator, and without its own seed every copy would draw the same crops, noise and
+    partners."""
+    info = get_worker_info()
+    worker = info.id if info is not None else None
+    return worker, (seed * 1_000_003 + epoch) * 1_009 + (worker or 0) + 1
+
+
 @dataclass
 class Collator:
     """Tokenises, transforms and pads a list of decoded samples into one batch (see the module docstring)."""
@@ -79,10 +88,9 @@ class Collator:
     def _crop_rng(self) -> random.Random:
         """The epoch's RNG, reseeded once inside each DataLoader worker (each worker holds a copy of this
         collator; without this they would all draw the same crops)."""
-        info = get_worker_info()
-        worker = info.id if info is not None else None
+        worker, seed = worker_seed(self.seed, self._epoch)
         if worker != self._rng_worker:
-            self._rng = random.Random((self.seed * 1_000_003 + self._epoch) * 1_009 + (worker or 0) + 1)
+            self._rng = random.Random(seed)
             self._rng_worker = worker
         return self._rng
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from moefuse.configutil import ConfigError, to_dict
-from moefuse.datasets.collate import Collator
+from moefuse.datasets.collate import Collator, worker_seed
 from moefuse.datasets.corruption import Corruption, check_corruptions, corrupt_samples
 from moefuse.encoders.base import Preprocessor
 from moefuse.fusion.encoder_cache import EncoderCache
@@ -143,7 +143,10 @@ class EnsembleCollator:
     corrupt: tuple[Corruption, ...] = ()
     """Corruptions applied to every sample after the drops (`evaluate --corrupt`)."""
     seed: int = 0
+    """Seed of the corruptions' draws (noise, partners), reseeded per epoch and per DataLoader worker."""
     _rng: random.Random = field(init=False, repr=False)
+    _epoch: int = field(init=False, repr=False, default=0)
+    _rng_worker: int | None = field(init=False, repr=False, default=-1)  # -1: not seeded in this process yet
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.drop_modalities if m not in self.sample_fields]
@@ -156,14 +159,22 @@ class EnsembleCollator:
         self._rng = random.Random(self.seed)
 
     def set_epoch(self, epoch: int) -> None:
-        self._rng = random.Random(self.seed * 1_000_003 + epoch)
+        self._epoch, self._rng_worker = epoch, -1
+
+    def _worker_rng(self) -> random.Random:
+        """The epoch's RNG, reseeded once in each DataLoader worker (`collate.worker_seed`), as a model's collator."""
+        worker, seed = worker_seed(self.seed, self._epoch)
+        if worker != self._rng_worker:
+            self._rng, self._rng_worker = random.Random(seed), worker
+        return self._rng
 
     def __call__(self, samples: Sequence[dict]) -> dict:
         if self.drop_modalities:
             gone = {f: None for m in self.drop_modalities for f in self.sample_fields[m]}
             samples = [{**s, **gone} for s in samples]
         if self.corrupt:
-            samples = corrupt_samples(samples, self.corrupt, self.preprocessors, self.sample_fields, self._rng)
+            samples = corrupt_samples(samples, self.corrupt, self.preprocessors, self.sample_fields,
+                                      self._worker_rng())
         batches = {name: c(samples) for name, c in self.members.items()}
         first = next(iter(batches.values()))
         present = {m: torch.zeros(len(samples), dtype=torch.bool) for m in self.preprocessors}
