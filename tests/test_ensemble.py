@@ -212,6 +212,8 @@ def ensemble_dir(members: dict[str, Path], fault_data: dict, tmp_path_factory) -
     for rule in ("soft", "majority", "weighted", "gated *"):  # every rule beside the members and the best one
         assert f"ensemble {rule}" in r.stdout
     assert "best member" in r.stdout and "member image-only" in r.stdout
+    for modality in ("text", "image", "audio"):  # fit and scored with each modality removed too, cross-fitted
+        assert f"model (accuracy on val, {modality} removed)" in r.stdout
     return out
 
 
@@ -226,6 +228,11 @@ def test_the_ensemble_folder_holds_its_members_config_and_card(ensemble_dir: Pat
     assert 0 < cfg.parameters_deduplicated < cfg.parameters  # the copy's encoders are counted once
     card = (ensemble_dir / "README.md").read_text()
     assert "member image-only" in card and "best member" in card and "## Cost" in card
+    assert cfg.fit_drops == ["text", "image", "audio"] and "### With audio removed" in card
+    # without the image, the image specialist answers nothing: its coverage is 0 and its accuracy n/a
+    assert cfg.figures["coverage:image-only @ image removed"] == {"digit": 0.0, "avqa": 0.0}
+    assert cfg.figures["member:image-only @ image removed"] == {"digit": None, "avqa": None}
+    assert all(0 <= cfg.figures[f"ensemble:{r} @ audio removed"]["digit"] <= 1 for r in ("soft", "gated"))
 
 
 def test_members_sharing_encoder_weights_run_that_encoder_once(members: dict[str, Path], fault_data: dict) -> None:

@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
                         "gate per sample) or majority (vote); every rule is reported, this one stored (default gated)")
     p.add_argument("--folds", type=Number(int, 2, 100), default=5,
                    help="cross-fitting folds, 2 to 100 (default 5)")
+    p.add_argument("--fit-drop", nargs="*", metavar="MODALITY", default=None,
+                   help="modalities removed in turn from copies of the split's samples, which the combiner is fit on "
+                        "beside the split as it is, so that the gate learns which member to trust without each one "
+                        "(default: every modality the members read; the flag alone: the split as it is)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="samples per batch, >= 1 (default 64)")
     p.add_argument("--num-workers", type=Number(int, 0, MAX_PROCESSES), default=0,
                    help=f"data-loading processes, 0 (in this process) to {MAX_PROCESSES} (default 0)")
@@ -40,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from moefuse.evaluation.ensemble import build_ensemble, format_build
 
     build = build_ensemble(args.members, args.shards, args.out, args.split, args.combine, args.folds,
-                           args.batch_size, args.num_workers, progress=not args.quiet)
+                           args.batch_size, args.num_workers, progress=not args.quiet, fit_drop=args.fit_drop)
     print(format_build(build))
     print(f"ensemble: {build.out}")
     return 0

@@ -1,7 +1,13 @@
 """Building an ensemble folder from exported models on a split, the library part of `moefuse ensemble`: run every
-member over the split once (the members' answers), cross-fit each combination rule (every figure comes from a
-combiner fit on the other folds: `moefuse.fusion.ensemble_combine.cross_fit`), fit the chosen rule on all rows,
-and write the folder (`moefuse.fusion.ensemble_folder`) with its card.
+member over the split once as it is and once with each modality removed (`fit_drops`: the members' answers under
+each condition), cross-fit each combination rule on all those rows together (every figure comes from a combiner fit
+on the other folds, and the copies of a sample share its fold: `moefuse.fusion.ensemble_combine.cross_fit`), fit
+the chosen rule on all rows, and write the folder (`moefuse.fusion.ensemble_folder`) with its card.
+
+Why the copies: a gate learns whom to trust from the rows it is fit on. Fit on the split as it is, it never sees a
+sample without the audio when every sample has it, and cannot learn that the image specialist should then answer
+(Jacobs et al. 1991's gate is only as good as the inputs it was trained on); the removed-modality copies are the
+inputs `evaluate --drop` will give it.
 
 The figures, per task: each member's accuracy over the samples it answers and the share it answers, the best single
 member (of those that answer every sample, as `metrics.best_single_voter`), and the ensemble under every rule
@@ -31,7 +37,16 @@ from moefuse.fusion.ensemble_combine import (
     fit_combiner,
     gate_feature_names,
 )
-from moefuse.fusion.ensemble_folder import EnsembleConfig, check_new_folder, ensemble_card, write_ensemble_folder
+from moefuse.fusion.ensemble_folder import (
+    FULL,
+    EnsembleConfig,
+    check_new_folder,
+    condition_figures,
+    ensemble_card,
+    figure_key,
+    removed,
+    write_ensemble_folder,
+)
 from moefuse.fusion.model import MultimodalMoEModel
 from moefuse.progress import track
 
@@ -43,6 +58,7 @@ class TaskAnswers:
     ids: list[str]
     answers: MemberAnswers
     targets: torch.Tensor  # [N] class index, IGNORE_INDEX when unknown
+    conditions: list[str] = field(default_factory=list)  # [N] the condition each row was read under
 
 
 @dataclass
@@ -71,7 +87,8 @@ def member_names(folders: list[Path]) -> list[str]:
 
 
 @torch.no_grad()
-def collect_answers(model: EnsembleModel, loader, progress: bool = True) -> tuple[dict[str, TaskAnswers], dict]:
+def collect_answers(model: EnsembleModel, loader, progress: bool = True, condition: str = FULL
+                    ) -> tuple[dict[str, TaskAnswers], dict]:
     """Run the ensemble (every member once per sample) over a loader -> per task the members' answers, and the
     data counts (`moefuse.evaluation.loop.DATA_COUNTS`)."""
     model.eval()
@@ -92,6 +109,7 @@ def collect_answers(model: EnsembleModel, loader, progress: bool = True) -> tupl
             answers=MemberAnswers(*(torch.cat([getattr(x, k) for _, x, _ in chunks])
                                     for k in ("probs", "answers", "present"))),
             targets=torch.cat([y for _, _, y in chunks]))
+        result[task].conditions = [condition] * len(result[task].ids)
     return result, counts
 
 
@@ -109,13 +127,56 @@ def member_scores(a: TaskAnswers) -> tuple[list[float | None], list[float]]:
     return acc, cover
 
 
-def rule_scores(a: TaskAnswers, rule: str, folds: int, features: list[str]) -> tuple[float, float]:
-    """(accuracy, ECE) of `rule`, cross-fitted over `folds`."""
+def rule_scores(a: TaskAnswers, rule: str, folds: int, features: list[str]) -> dict[str, tuple[float, float]]:
+    """{condition: (accuracy, ECE)} of `rule`, cross-fitted over `folds` on every condition's rows together (the
+    copies of a sample share its fold: `fold_of` hashes the id), scored per condition."""
     fit = lambda x, y: fit_combiner(rule, x, y, features)  # noqa: E731
     crossed = cross_fit(a.ids, a.answers, a.targets, folds, fit).combined
     correct = (crossed.prediction == a.targets).tolist()
     confidence = crossed.probs.gather(1, crossed.prediction[:, None]).squeeze(1).tolist()
-    return sum(correct) / len(correct), expected_calibration_error(confidence, correct)
+    scores = {}
+    for condition in dict.fromkeys(a.conditions):
+        rows = [i for i, c in enumerate(a.conditions) if c == condition]
+        right, conf = [correct[i] for i in rows], [confidence[i] for i in rows]
+        scores[condition] = (sum(right) / len(right), expected_calibration_error(conf, right))
+    return scores
+
+
+def score_members(names: list[str], by_condition: dict[str, dict[str, TaskAnswers]], task: str,
+                  figures: dict[str, dict[str, float | None]]) -> str:
+    """Each member's accuracy and coverage on `task` under every condition, into `figures` -> the best single
+    member's name (under full inputs)."""
+    best = ""
+    for condition, answers in by_condition.items():
+        acc, cover = member_scores(answers[task])
+        for name, x, c in zip(names, acc, cover):
+            figures.setdefault(figure_key("member", name, condition), {})[task] = x
+            figures.setdefault(figure_key("coverage", name, condition), {})[task] = c
+        top = best_single_voter(acc, cover)
+        figures.setdefault(figure_key("best member", "", condition), {})[task] = top
+        if condition == FULL:
+            best = next(n for n, x, c in zip(names, acc, cover) if x == top)
+    return best
+
+
+def fit_drops(model: EnsembleModel, fit_drop: list[str] | None) -> list[str]:
+    """The modalities removed in turn from copies of the split for fitting, checked against the ensemble's."""
+    if fit_drop is None:
+        return list(model.encoders) if len(model.encoders) > 1 else []
+    unknown = [m for m in fit_drop if m not in model.encoders]
+    if unknown:
+        raise ConfigError(f"--fit-drop: {unknown[0]!r} is not a modality the members read "
+                          f"({', '.join(model.encoders)})")
+    return list(dict.fromkeys(fit_drop))
+
+
+def concat_answers(parts: list[TaskAnswers]) -> TaskAnswers:
+    """The rows of several conditions' answers to one task, one after another."""
+    return TaskAnswers(ids=[i for p in parts for i in p.ids],
+                       answers=MemberAnswers(*(torch.cat([getattr(p.answers, k) for p in parts])
+                                               for k in ("probs", "answers", "present"))),
+                       targets=torch.cat([p.targets for p in parts]),
+                       conditions=[c for p in parts for c in p.conditions])
 
 
 def load_members(folders: list[Path]) -> dict[str, MultimodalMoEModel]:
@@ -137,44 +198,46 @@ def load_members(folders: list[Path]) -> dict[str, MultimodalMoEModel]:
 
 
 def build_ensemble(folders: list[Path], shards: list[str], out: Path, split: str = "val", combine: str = "gated",
-                   folds: int = 5, batch_size: int = 64, num_workers: int = 0, progress: bool = True
-                   ) -> EnsembleBuild:
+                   folds: int = 5, batch_size: int = 64, num_workers: int = 0, progress: bool = True,
+                   fit_drop: list[str] | None = None) -> EnsembleBuild:
     """Fit an ensemble of the model folders `folders` on `split` of `shards` and write it to `out` (new or
-    empty): see the module docstring."""
+    empty): see the module docstring. `fit_drop`: the modalities removed in turn from copies of the split's samples
+    for fitting (None: each of the ensemble's modalities when it reads two or more; []: the split as it is)."""
     if combine not in RULES:
         raise ConfigError(f"--combine must be one of {', '.join(RULES)}, got {combine!r}")
     check_new_folder(out, folders)
     members = load_members(folders)
     soft = {t.name: TaskCombiner(rule="soft") for t in next(iter(members.values())).cfg.tasks}
     model = build_ensemble_model(members, soft, folds=folds, split=split)
-    loader = make_loader(shards, model.collator(), batch_size, split=split, num_workers=num_workers,
-                         tasks=model.task_names, **model.decode_options())
-    answers, counts = collect_answers(model, loader, progress)
-    if not answers:
+    drops = fit_drops(model, fit_drop)
+    by_condition: dict[str, dict[str, TaskAnswers]] = {}
+    counts: dict[str, int] = {}
+    for condition, drop in [(FULL, None), *((removed(m), m) for m in drops)]:
+        loader = make_loader(shards, model.collator(drop_modalities=[drop] if drop else []), batch_size,
+                             split=split, num_workers=num_workers, tasks=model.task_names, **model.decode_options())
+        by_condition[condition], found = collect_answers(model, loader, progress, condition)
+        if condition == FULL:
+            counts = found
+    if not by_condition[FULL]:
         found = ", ".join(f"{n} {DATA_COUNTS[k]}" for k, n in counts.items())
         raise ConfigError(f"no sample of the members' tasks ({', '.join(model.task_names)}) could be read from "
                           f"{', '.join(shards)} split {split!r} ({found})")
     features = gate_feature_names(list(model.encoders), model.member_names)
     figures: dict[str, dict[str, float | None]] = {}
     best: dict[str, str] = {}
+    answers = {task: concat_answers([c[task] for c in by_condition.values()]) for task in by_condition[FULL]}
     for task, a in answers.items():
-        acc, cover = member_scores(a)
-        for name, x, c in zip(model.member_names, acc, cover):
-            figures.setdefault(f"member:{name}", {})[task] = x
-            figures.setdefault(f"coverage:{name}", {})[task] = c
-        top = best_single_voter(acc, cover)
-        best[task] = next(n for n, x, c in zip(model.member_names, acc, cover) if x == top)
-        figures.setdefault("best member", {})[task] = top
+        best[task] = score_members(model.member_names, by_condition, task, figures)
         for rule in RULES:
-            accuracy, ece = rule_scores(a, rule, folds, features)
-            figures.setdefault(f"ensemble:{rule}", {})[task] = accuracy
-            figures.setdefault(f"ece:{rule}", {})[task] = ece
+            for condition, (accuracy, ece) in rule_scores(a, rule, folds, features).items():
+                figures.setdefault(figure_key("ensemble", rule, condition), {})[task] = accuracy
+                figures.setdefault(figure_key("ece", rule, condition), {})[task] = ece
     final = {task: fit_combiner(combine, a.answers, a.targets, features, task=task) for task, a in answers.items()}
     for task in model.task_names:  # a task the split has no sample of: the plain mean
         final.setdefault(task, fit_combiner(combine, *_no_rows(model, task), features, task=task))
     total, shared = model.parameter_counts()
     cfg = EnsembleConfig(members=model.cfg.members, combine=combine, folds=folds, split=split,  # type: ignore[arg-type]
-                         tasks=model.cfg.tasks, combiners=final, figures=figures, parameters=total,
+                         fit_drops=drops, tasks=model.cfg.tasks, combiners=final, figures=figures, parameters=total,
                          parameters_deduplicated=shared)
     copies = {name: (lambda dst, src=src: shutil.copytree(src, dst)) for name, src in zip(model.member_names, folders)}
     write_ensemble_folder(out, cfg, copies, ensemble_card(cfg, out.name))
@@ -190,32 +253,40 @@ def _no_rows(model: EnsembleModel, task: str) -> tuple[MemberAnswers, torch.Tens
 
 
 def format_build(build: EnsembleBuild) -> str:
-    """The table `moefuse ensemble` prints: each member's accuracy per task, the best member, the ensemble
-    (cross-fitted) under every rule with its ECE, the stored rule marked."""
+    """The tables `moefuse ensemble` prints, one per condition (the split as it is, then each modality removed):
+    each member's accuracy per task, the best member, the ensemble (cross-fitted) under every rule with its ECE, the
+    stored rule marked."""
     cfg = build.cfg
     tasks = [t.name for t in cfg.tasks if t.name in build.best_member]
-    width = max(24, *(len(k) + 12 for k in cfg.figures))
-    lines = [f"{'model (accuracy on ' + cfg.split + ')':<{width}}" + "".join(f"{t:>7}{'':9}" for t in tasks)]
+    width = max(24, *(len(k.split(" @ ")[0]) + 12 for k in cfg.figures))
 
     def cell(v: float | None, extra: str = "") -> str:
         return f"{'n/a' if v is None else f'{100 * v:.1f}':>7} {extra:<8}"
 
-    for m in cfg.members:
-        cover = cfg.figures[f"coverage:{m.name}"]
-        lines.append(f"{'member ' + m.name:<{width}}" + "".join(
-            cell(cfg.figures[f"member:{m.name}"].get(t), "" if cover.get(t) == 1.0 else f"({100 * cover[t]:.0f}%)")
-            for t in tasks))
-    lines.append(f"{'best member':<{width}}" + "".join(cell(cfg.figures["best member"][t]) for t in tasks)
-                 + "   (" + ", ".join(f"{t}: {build.best_member[t]}" for t in tasks) + ")")
-    for rule in RULES:
-        mark = " *" if rule == cfg.combine else ""
-        lines.append(f"{'ensemble ' + rule + mark:<{width}}" + "".join(
-            cell(cfg.figures[f"ensemble:{rule}"][t], f"e{cfg.figures[f'ece:{rule}'][t]:.3f}") for t in tasks))
-    lines.append(f"ensemble figures cross-fitted over {cfg.folds} folds (e = ECE); * = the rule stored in {build.out}")
+    lines = []
+    for condition in [FULL, *map(removed, cfg.fit_drops)]:
+        f = condition_figures(cfg.figures, condition)
+        title = f"model (accuracy on {cfg.split}" + ("" if condition == FULL else f", {condition}") + ")"
+        lines += ["" if lines else None, f"{title:<{width}}" + "".join(f"{t:>7}{'':9}" for t in tasks)]
+        for m in cfg.members:
+            cover = f[f"coverage:{m.name}"]
+            lines.append(f"{'member ' + m.name:<{width}}" + "".join(
+                cell(f[f"member:{m.name}"].get(t), "" if cover.get(t) == 1.0 else f"({100 * cover[t]:.0f}%)")
+                for t in tasks))
+        lines.append(f"{'best member':<{width}}" + "".join(cell(f["best member"][t]) for t in tasks)
+                     + ("   (" + ", ".join(f"{t}: {build.best_member[t]}" for t in tasks) + ")"
+                        if condition == FULL else ""))
+        for rule in RULES:
+            mark = " *" if rule == cfg.combine else ""
+            lines.append(f"{'ensemble ' + rule + mark:<{width}}" + "".join(
+                cell(f[f"ensemble:{rule}"][t], f"e{f[f'ece:{rule}'][t]:.3f}") for t in tasks))
+    fitted = "the split as it is" + "".join(f", and with {m} removed" for m in cfg.fit_drops)
+    lines.append(f"ensemble figures cross-fitted over {cfg.folds} folds (e = ECE), the combiner fit on {fitted}; "
+                 f"* = the rule stored in {build.out}")
     lines.append(f"parameters: {cfg.parameters:,} in all, {cfg.parameters_deduplicated:,} with identical encoders "
                  f"shared")
-    return "\n".join(line.rstrip() for line in lines)
+    return "\n".join(line.rstrip() for line in lines if line is not None)
 
 
-__all__ = ["EnsembleBuild", "TaskAnswers", "build_ensemble", "collect_answers", "format_build", "load_members",
-           "member_names", "member_scores", "rule_scores"]
+__all__ = ["EnsembleBuild", "TaskAnswers", "build_ensemble", "collect_answers", "concat_answers", "fit_drops",
+           "format_build", "load_members", "member_names", "member_scores", "rule_scores", "score_members"]

@@ -76,13 +76,17 @@ class EnsembleConfig(Config):
     """Folds of the cross-fitting its figures come from."""
     split: str = "val"
     """The split the combiner was fit on."""
+    fit_drops: list[str] = field(default_factory=list)
+    """Modalities removed in turn from copies of the split's samples, fit on beside the split as it is (so that the
+    gate learns who to trust without each one); [] = the split as it is."""
     tasks: list[TaskConfig] = field(default_factory=list)
     """The tasks with their vocabularies (every member's, the same)."""
     combiners: dict[str, TaskCombiner] = field(default_factory=dict)
     """Per task, the combiner fit on all rows of the split."""
     figures: dict[str, dict[str, float | None]] = field(default_factory=dict)
     """Accuracy per task on the split: `member:NAME` (over the samples it answers), `coverage:NAME` (the share it
-    answers), `ensemble:RULE` (cross-fitted) for each rule."""
+    answers), `best member`, `ensemble:RULE` and `ece:RULE` (cross-fitted) for each rule; the same with
+    ` @ MODALITY removed` for each of fit_drops."""
     parameters: int = 0
     """Parameters of all members together."""
     parameters_deduplicated: int = 0
@@ -112,6 +116,31 @@ class EnsembleConfig(Config):
                        f"parameters for {count} members, but the ensemble has {len(names)}")
         self.check(self.parameters >= 0 and 0 <= self.parameters_deduplicated <= max(self.parameters, 0),
                    "parameters_deduplicated", "must be in [0, parameters]")
+
+
+FULL = "full"
+"""The condition of the split as it is (EnsembleConfig.figures keys without a condition)."""
+
+
+def removed(modality: str) -> str:
+    """The condition name of the split with `modality` removed from every sample."""
+    return f"{modality} removed"
+
+
+def figure_key(kind: str, name: str, condition: str) -> str:
+    """A key of EnsembleConfig.figures: `KIND:NAME` (or `KIND` without a name) under full inputs, with
+    ` @ CONDITION` otherwise."""
+    key = f"{kind}:{name}" if name else kind
+    return key if condition == FULL else f"{key} @ {condition}"
+
+
+def condition_figures(figures: dict[str, dict[str, float | None]], condition: str
+                      ) -> dict[str, dict[str, float | None]]:
+    """The figures of one condition, under their keys without the condition."""
+    if condition == FULL:
+        return {k: v for k, v in figures.items() if " @ " not in k}
+    suffix = f" @ {condition}"
+    return {k[: -len(suffix)]: v for k, v in figures.items() if k.endswith(suffix)}
 
 
 def is_ensemble_folder(path: str | Path) -> bool:
@@ -192,13 +221,11 @@ def ensemble_card(cfg: EnsembleConfig, name: str) -> str:
              f"give the folder to `moefuse evaluate`, `predict` or `serve`.", "",
              f"## Accuracy on `{cfg.split}`", "", "| model | " + " | ".join(tasks) + " |",
              "|---|" + "---:|" * len(tasks)]
-    for key, row in cfg.figures.items():
-        if key.startswith(("coverage:", "ece:")):
-            continue
-        label = key.replace("member:", "member ").replace("ensemble:", "ensemble, ")
-        if key == f"ensemble:{cfg.combine}":
-            label += " (this folder)"
-        lines.append(f"| {label} | " + " | ".join(_pct(row.get(t)) for t in tasks) + " |")
+    lines += _figure_rows(cfg, FULL, tasks)
+    for m in cfg.fit_drops:
+        lines += ["", f"### With {m} removed from every sample (cross-fitted, the combiner fit on such copies too)", "",
+                  "| model | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+        lines += _figure_rows(cfg, removed(m), tasks)
     lines += ["", "A member's accuracy is over the samples it answers (a member without any of a sample's "
               "modalities abstains); its share of them:", ""]
     for m in cfg.members:
@@ -219,9 +246,23 @@ def ensemble_card(cfg: EnsembleConfig, name: str) -> str:
     return "\n".join(lines)
 
 
+def _figure_rows(cfg: EnsembleConfig, condition: str, tasks: list[str]) -> list[str]:
+    """The card's table rows of one condition: members, best member, the ensemble under every rule."""
+    lines = []
+    for key, row in condition_figures(cfg.figures, condition).items():
+        if key.startswith(("coverage:", "ece:")):
+            continue
+        label = key.replace("member:", "member ").replace("ensemble:", "ensemble, ")
+        if key == f"ensemble:{cfg.combine}":
+            label += " (this folder)"
+        lines.append(f"| {label} | " + " | ".join(_pct(row.get(t)) for t in tasks) + " |")
+    return lines
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
 
-__all__ = ["ENSEMBLE_JSON", "EnsembleConfig", "MemberEntry", "check_new_folder", "ensemble_card",
-           "is_ensemble_folder", "read_ensemble_config", "write_ensemble_folder"]
+__all__ = ["ENSEMBLE_JSON", "FULL", "EnsembleConfig", "MemberEntry", "check_new_folder", "condition_figures",
+           "ensemble_card", "figure_key", "is_ensemble_folder", "read_ensemble_config", "removed",
+           "write_ensemble_folder"]
