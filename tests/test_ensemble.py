@@ -167,6 +167,17 @@ def test_cross_fitting_never_scores_a_sample_with_a_combiner_fit_on_it() -> None
         assert torch.allclose(result.combined.probs[index], again.probs)
     assert sorted(scored_all) == list(range(120))  # every sample scored exactly once
     assert len(set(result.fold)) == 5
+    # copies of a sample (the same id, e.g. with a modality removed) share its fold; rows outside the fit mask
+    # (corrupted copies) are scored and never fit on
+    seen.clear()
+    twice = MemberAnswers(torch.cat([x.probs, x.probs.flip(-1)]), torch.cat([x.answers] * 2),
+                          torch.cat([x.present] * 2))
+    x = twice
+    masked = cross_fit(ids * 2, twice, torch.cat([y, y]), 5, spy, fit_mask=[True] * 120 + [False] * 120)
+    assert masked.fold[:120] == masked.fold[120:]
+    for f in range(5):
+        assert seen[f] == set(masked.fit_rows[f]) and all(i < 120 for i in masked.fit_rows[f])
+        assert {i for i in masked.scored_rows[f] if i >= 120} == {i + 120 for i in result.scored_rows[f]}
 
 
 def test_the_fold_of_a_sample_depends_on_its_id_only() -> None:
@@ -207,7 +218,7 @@ def members(fault_run: Path, tmp_path_factory) -> dict[str, Path]:
 def ensemble_dir(members: dict[str, Path], fault_data: dict, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ens") / "ensemble"
     r = run_cli("ensemble", "--members", *map(str, members.values()), "--shards", str(fault_data["shards"]),
-                "--out", str(out), "--combine", "gated", "--quiet")
+                "--out", str(out), "--combine", "gated", "--score-corrupt", "audio:noise:0", "--quiet")
     assert r.returncode == 0, r.stderr[-2000:]
     for rule in ("soft", "majority", "weighted", "gated *"):  # every rule beside the members and the best one
         assert f"ensemble {rule}" in r.stdout
@@ -229,6 +240,8 @@ def test_the_ensemble_folder_holds_its_members_config_and_card(ensemble_dir: Pat
     card = (ensemble_dir / "README.md").read_text()
     assert "member image-only" in card and "best member" in card and "## Cost" in card
     assert cfg.fit_drops == ["text", "image", "audio"] and "### With audio removed" in card
+    assert cfg.scored_corruptions == ["audio:noise:0"] and "### Under audio:noise:0" in card
+    assert set(cfg.figures["ensemble:gated @ audio:noise:0"]) == {"digit", "avqa"}
     # without the image, the image specialist answers nothing: its coverage is 0 and its accuracy n/a
     assert cfg.figures["coverage:image-only @ image removed"] == {"digit": 0.0, "avqa": 0.0}
     assert cfg.figures["member:image-only @ image removed"] == {"digit": None, "avqa": None}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from moefuse.datasets.corruption import corruption_arg
 from moefuse.errors import MAX_PROCESSES, Number, command, positive_int
 
 RULES = ("soft", "weighted", "gated", "majority")
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="modalities removed in turn from copies of the split's samples, which the combiner is fit on "
                         "beside the split as it is, so that the gate learns which member to trust without each one "
                         "(default: every modality the members read; the flag alone: the split as it is)")
+    p.add_argument("--score-corrupt", nargs="+", metavar="MODALITY:KIND", default=[], type=corruption_arg,
+                   help="also score every member and the cross-fitted ensemble with a modality corrupted (as evaluate "
+                        "--corrupt: MODALITY:noise[:SNR_DB] or MODALITY:conflict); never fit on")
     p.add_argument("--batch-size", type=positive_int, default=64, help="samples per batch, >= 1 (default 64)")
     p.add_argument("--num-workers", type=Number(int, 0, MAX_PROCESSES), default=0,
                    help=f"data-loading processes, 0 (in this process) to {MAX_PROCESSES} (default 0)")
@@ -44,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     from moefuse.evaluation.ensemble import build_ensemble, format_build
 
     build = build_ensemble(args.members, args.shards, args.out, args.split, args.combine, args.folds,
-                           args.batch_size, args.num_workers, progress=not args.quiet, fit_drop=args.fit_drop)
+                           args.batch_size, args.num_workers, progress=not args.quiet, fit_drop=args.fit_drop,
+                           score_corrupt=args.score_corrupt)
     print(format_build(build))
     print(f"ensemble: {build.out}")
     return 0

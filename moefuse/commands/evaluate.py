@@ -9,18 +9,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from moefuse.configutil import ConfigError, atomic_write_text, dumps_json
-from moefuse.datasets.corruption import Corruption
+from moefuse.configutil import atomic_write_text, dumps_json
+from moefuse.datasets.corruption import corruption_arg
 from moefuse.errors import MAX_PROCESSES, Number, command, os_error_message, positive_int
 from moefuse.inference.options import add_runtime_flags, runtime_options
-
-
-def corruption(text: str) -> Corruption:
-    """argparse type: MODALITY:noise[:SNR_DB] or MODALITY:conflict."""
-    try:
-        return Corruption.parse(text)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 @command("moefuse evaluate")
@@ -41,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drop", nargs="*", metavar="MODALITY", default=None,
                    help="modalities to remove from every sample, e.g. audio (default: those the model was trained "
                         "without)")
-    p.add_argument("--corrupt", nargs="+", metavar="MODALITY:KIND", default=[], type=corruption,
+    p.add_argument("--corrupt", nargs="+", metavar="MODALITY:KIND", default=[], type=corruption_arg,
                    help="corrupt a modality of every sample: MODALITY:noise[:SNR_DB] (white noise, default 0 dB) or "
                         "MODALITY:conflict (another sample's content), e.g. audio:noise:5 image:conflict")
     p.add_argument("--quiet", action="store_true", help="no progress (bars on a terminal, lines in a log)")

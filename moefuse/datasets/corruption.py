@@ -20,6 +20,16 @@ from moefuse.configutil import ConfigError
 KINDS = ("noise", "conflict")
 
 
+def corruption_arg(text: str) -> Corruption:
+    """argparse type of the commands' corruption flags: MODALITY:noise[:SNR_DB] or MODALITY:conflict."""
+    import argparse
+
+    try:
+        return Corruption.parse(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 @dataclass(frozen=True)
 class Corruption:
     """What happens to one modality of every sample."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch
 from moefuse.configutil import ConfigError
 from moefuse.datasets import make_loader
 from moefuse.datasets.collate import IGNORE_INDEX
+from moefuse.datasets.corruption import Corruption
 from moefuse.evaluation.loop import DATA_COUNTS, count_into, to_device
 from moefuse.evaluation.metrics import best_single_voter, expected_calibration_error
 from moefuse.fusion.ensemble import EnsembleModel, build_ensemble_model, media_mismatch, task_mismatch
@@ -127,11 +129,13 @@ def member_scores(a: TaskAnswers) -> tuple[list[float | None], list[float]]:
     return acc, cover
 
 
-def rule_scores(a: TaskAnswers, rule: str, folds: int, features: list[str]) -> dict[str, tuple[float, float]]:
-    """{condition: (accuracy, ECE)} of `rule`, cross-fitted over `folds` on every condition's rows together (the
-    copies of a sample share its fold: `fold_of` hashes the id), scored per condition."""
+def rule_scores(a: TaskAnswers, rule: str, folds: int, features: list[str], scored_only: set[str] = frozenset()
+                ) -> dict[str, tuple[float, float]]:
+    """{condition: (accuracy, ECE)} of `rule`, cross-fitted over `folds` on the rows of every condition not in
+    `scored_only` together (the copies of a sample share its fold: `fold_of` hashes the id), scored per condition."""
     fit = lambda x, y: fit_combiner(rule, x, y, features)  # noqa: E731
-    crossed = cross_fit(a.ids, a.answers, a.targets, folds, fit).combined
+    mask = [c not in scored_only for c in a.conditions]
+    crossed = cross_fit(a.ids, a.answers, a.targets, folds, fit, mask).combined
     correct = (crossed.prediction == a.targets).tolist()
     confidence = crossed.probs.gather(1, crossed.prediction[:, None]).squeeze(1).tolist()
     scores = {}
@@ -157,6 +161,26 @@ def score_members(names: list[str], by_condition: dict[str, dict[str, TaskAnswer
         if condition == FULL:
             best = next(n for n, x, c in zip(names, acc, cover) if x == top)
     return best
+
+
+def collect_conditions(model: EnsembleModel, conditions: dict[str, dict], shards: list[str], split: str,
+                       batch_size: int, num_workers: int, progress: bool
+                       ) -> tuple[dict[str, dict[str, TaskAnswers]], dict[str, int]]:
+    """The members' answers under each condition ({name: collator options}; the first is the split as it is) ->
+    ({condition: {task: answers}}, the data counts of the split as it is); a split without a sample of the
+    members' tasks is a ConfigError saying what was found."""
+    by_condition: dict[str, dict[str, TaskAnswers]] = {}
+    counts: dict[str, int] = {}
+    for condition, options in conditions.items():
+        loader = make_loader(shards, model.collator(**options), batch_size, split=split, num_workers=num_workers,
+                             tasks=model.task_names, **model.decode_options())
+        by_condition[condition], found = collect_answers(model, loader, progress, condition)
+        counts = counts or found
+        if not by_condition[condition]:
+            found = ", ".join(f"{n} {DATA_COUNTS[k]}" for k, n in counts.items())
+            raise ConfigError(f"no sample of the members' tasks ({', '.join(model.task_names)}) could be read from "
+                              f"{', '.join(shards)} split {split!r} ({found})")
+    return by_condition, counts
 
 
 def fit_drops(model: EnsembleModel, fit_drop: list[str] | None) -> list[str]:
@@ -199,10 +223,12 @@ def load_members(folders: list[Path]) -> dict[str, MultimodalMoEModel]:
 
 def build_ensemble(folders: list[Path], shards: list[str], out: Path, split: str = "val", combine: str = "gated",
                    folds: int = 5, batch_size: int = 64, num_workers: int = 0, progress: bool = True,
-                   fit_drop: list[str] | None = None) -> EnsembleBuild:
+                   fit_drop: list[str] | None = None, score_corrupt: Sequence[Corruption] = ()) -> EnsembleBuild:
     """Fit an ensemble of the model folders `folders` on `split` of `shards` and write it to `out` (new or
     empty): see the module docstring. `fit_drop`: the modalities removed in turn from copies of the split's samples
-    for fitting (None: each of the ensemble's modalities when it reads two or more; []: the split as it is)."""
+    for fitting (None: each of the ensemble's modalities when it reads two or more; []: the split as it is).
+    `score_corrupt`: corruptions (`evaluate --corrupt`) under which the cross-fitted combiners are also scored,
+    never fit on."""
     if combine not in RULES:
         raise ConfigError(f"--combine must be one of {', '.join(RULES)}, got {combine!r}")
     check_new_folder(out, folders)
@@ -210,18 +236,10 @@ def build_ensemble(folders: list[Path], shards: list[str], out: Path, split: str
     soft = {t.name: TaskCombiner(rule="soft") for t in next(iter(members.values())).cfg.tasks}
     model = build_ensemble_model(members, soft, folds=folds, split=split)
     drops = fit_drops(model, fit_drop)
-    by_condition: dict[str, dict[str, TaskAnswers]] = {}
-    counts: dict[str, int] = {}
-    for condition, drop in [(FULL, None), *((removed(m), m) for m in drops)]:
-        loader = make_loader(shards, model.collator(drop_modalities=[drop] if drop else []), batch_size,
-                             split=split, num_workers=num_workers, tasks=model.task_names, **model.decode_options())
-        by_condition[condition], found = collect_answers(model, loader, progress, condition)
-        if condition == FULL:
-            counts = found
-    if not by_condition[FULL]:
-        found = ", ".join(f"{n} {DATA_COUNTS[k]}" for k, n in counts.items())
-        raise ConfigError(f"no sample of the members' tasks ({', '.join(model.task_names)}) could be read from "
-                          f"{', '.join(shards)} split {split!r} ({found})")
+    conditions = {FULL: {}, **{removed(m): {"drop_modalities": [m]} for m in drops},
+                  **{str(c): {"corrupt": [c]} for c in score_corrupt}}
+    by_condition, counts = collect_conditions(model, conditions, shards, split, batch_size, num_workers, progress)
+    scored_only = {str(c) for c in score_corrupt}
     features = gate_feature_names(list(model.encoders), model.member_names)
     figures: dict[str, dict[str, float | None]] = {}
     best: dict[str, str] = {}
@@ -229,16 +247,18 @@ def build_ensemble(folders: list[Path], shards: list[str], out: Path, split: str
     for task, a in answers.items():
         best[task] = score_members(model.member_names, by_condition, task, figures)
         for rule in RULES:
-            for condition, (accuracy, ece) in rule_scores(a, rule, folds, features).items():
+            for condition, (accuracy, ece) in rule_scores(a, rule, folds, features, scored_only).items():
                 figures.setdefault(figure_key("ensemble", rule, condition), {})[task] = accuracy
                 figures.setdefault(figure_key("ece", rule, condition), {})[task] = ece
+    answers = {task: concat_answers([c[task] for name, c in by_condition.items() if name not in scored_only])
+               for task in by_condition[FULL]}  # the final combiner: fit on every row the folds fit on
     final = {task: fit_combiner(combine, a.answers, a.targets, features, task=task) for task, a in answers.items()}
     for task in model.task_names:  # a task the split has no sample of: the plain mean
         final.setdefault(task, fit_combiner(combine, *_no_rows(model, task), features, task=task))
     total, shared = model.parameter_counts()
     cfg = EnsembleConfig(members=model.cfg.members, combine=combine, folds=folds, split=split,  # type: ignore[arg-type]
-                         fit_drops=drops, tasks=model.cfg.tasks, combiners=final, figures=figures, parameters=total,
-                         parameters_deduplicated=shared)
+                         fit_drops=drops, scored_corruptions=sorted(scored_only), tasks=model.cfg.tasks,
+                         combiners=final, figures=figures, parameters=total, parameters_deduplicated=shared)
     copies = {name: (lambda dst, src=src: shutil.copytree(src, dst)) for name, src in zip(model.member_names, folders)}
     write_ensemble_folder(out, cfg, copies, ensemble_card(cfg, out.name))
     return EnsembleBuild(cfg, out, counts, best)
@@ -264,7 +284,7 @@ def format_build(build: EnsembleBuild) -> str:
         return f"{'n/a' if v is None else f'{100 * v:.1f}':>7} {extra:<8}"
 
     lines = []
-    for condition in [FULL, *map(removed, cfg.fit_drops)]:
+    for condition in [FULL, *map(removed, cfg.fit_drops), *cfg.scored_corruptions]:
         f = condition_figures(cfg.figures, condition)
         title = f"model (accuracy on {cfg.split}" + ("" if condition == FULL else f", {condition}") + ")"
         lines += ["" if lines else None, f"{title:<{width}}" + "".join(f"{t:>7}{'':9}" for t in tasks)]
@@ -280,7 +300,8 @@ def format_build(build: EnsembleBuild) -> str:
             mark = " *" if rule == cfg.combine else ""
             lines.append(f"{'ensemble ' + rule + mark:<{width}}" + "".join(
                 cell(f[f"ensemble:{rule}"][t], f"e{f[f'ece:{rule}'][t]:.3f}") for t in tasks))
-    fitted = "the split as it is" + "".join(f", and with {m} removed" for m in cfg.fit_drops)
+    fitted = "the split as it is" + "".join(f", and with {m} removed" for m in cfg.fit_drops) + (
+        f" (scored, never fit, under {', '.join(cfg.scored_corruptions)})" if cfg.scored_corruptions else "")
     lines.append(f"ensemble figures cross-fitted over {cfg.folds} folds (e = ECE), the combiner fit on {fitted}; "
                  f"* = the rule stored in {build.out}")
     lines.append(f"parameters: {cfg.parameters:,} in all, {cfg.parameters_deduplicated:,} with identical encoders "
@@ -288,5 +309,5 @@ def format_build(build: EnsembleBuild) -> str:
     return "\n".join(line.rstrip() for line in lines if line is not None)
 
 
-__all__ = ["EnsembleBuild", "TaskAnswers", "build_ensemble", "collect_answers", "concat_answers", "fit_drops",
-           "format_build", "load_members", "member_names", "member_scores", "rule_scores", "score_members"]
+__all__ = ["EnsembleBuild", "TaskAnswers", "build_ensemble", "collect_answers", "collect_conditions", "concat_answers",
+           "fit_drops", "format_build", "load_members", "member_names", "member_scores", "rule_scores", "score_members"]

@@ -312,8 +312,10 @@ class CrossFit:
 Fit = Callable[[MemberAnswers, torch.Tensor], TaskCombiner]
 
 
-def cross_fit(ids: list[str], x: MemberAnswers, targets: torch.Tensor, folds: int, fit: Fit) -> CrossFit:
-    """Score every row with the combiner `fit(answers, targets)` returns on the rows of the other folds."""
+def cross_fit(ids: list[str], x: MemberAnswers, targets: torch.Tensor, folds: int, fit: Fit,
+              fit_mask: list[bool] | None = None) -> CrossFit:
+    """Score every row with the combiner `fit(answers, targets)` returns on the rows of the other folds; with
+    `fit_mask`, only the rows it marks True are ever fit on (the others, e.g. corrupted copies, are scored only)."""
     if folds < 2:
         raise ValueError(f"cross-fitting needs at least 2 folds, got {folds}")
     fold = [fold_of(i, folds) for i in ids]
@@ -323,7 +325,7 @@ def cross_fit(ids: list[str], x: MemberAnswers, targets: torch.Tensor, folds: in
     result = CrossFit(out, fold)
     for f in range(folds):
         scored = [i for i in range(n) if fold[i] == f]
-        train = [i for i in range(n) if fold[i] != f]
+        train = [i for i in range(n) if fold[i] != f and (fit_mask is None or fit_mask[i])]
         combiner = fit(x.rows(torch.tensor(train, dtype=torch.long)), targets[train])
         result.fit_rows.append(train)
         result.scored_rows.append(scored)

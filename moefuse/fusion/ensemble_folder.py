@@ -79,6 +79,8 @@ class EnsembleConfig(Config):
     fit_drops: list[str] = field(default_factory=list)
     """Modalities removed in turn from copies of the split's samples, fit on beside the split as it is (so that the
     gate learns who to trust without each one); [] = the split as it is."""
+    scored_corruptions: list[str] = field(default_factory=list)
+    """Corruptions (`evaluate --corrupt` spellings) under which the cross-fitted combiners were scored, never fit."""
     tasks: list[TaskConfig] = field(default_factory=list)
     """The tasks with their vocabularies (every member's, the same)."""
     combiners: dict[str, TaskCombiner] = field(default_factory=dict)
@@ -86,7 +88,7 @@ class EnsembleConfig(Config):
     figures: dict[str, dict[str, float | None]] = field(default_factory=dict)
     """Accuracy per task on the split: `member:NAME` (over the samples it answers), `coverage:NAME` (the share it
     answers), `best member`, `ensemble:RULE` and `ece:RULE` (cross-fitted) for each rule; the same with
-    ` @ MODALITY removed` for each of fit_drops."""
+    ` @ MODALITY removed` for each of fit_drops and ` @ CORRUPTION` for each of scored_corruptions."""
     parameters: int = 0
     """Parameters of all members together."""
     parameters_deduplicated: int = 0
@@ -226,6 +228,10 @@ def ensemble_card(cfg: EnsembleConfig, name: str) -> str:
         lines += ["", f"### With {m} removed from every sample (cross-fitted, the combiner fit on such copies too)", "",
                   "| model | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
         lines += _figure_rows(cfg, removed(m), tasks)
+    for c in cfg.scored_corruptions:
+        lines += ["", f"### Under {c} (cross-fitted; the combiner never saw corrupted inputs)", "",
+                  "| model | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+        lines += _figure_rows(cfg, c, tasks)
     lines += ["", "A member's accuracy is over the samples it answers (a member without any of a sample's "
               "modalities abstains); its share of them:", ""]
     for m in cfg.members:
