@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-figures test lint bench-moe bench-data bench-train bench-predict bench-avdigits bench-ep gpu-wheels clean
+.PHONY: install demo demo-figures test lint bench-moe bench-data bench-train bench-predict bench-avdigits bench-ensemble bench-ep gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ gpu-wheels:
 # prepare -> build-shards -> train configs/avdigits.yaml and its ablations -> evaluate -> RESULTS.md
 bench-avdigits: $(STAMP)
 	$(PY) benchmarks/avdigits/run.py --data ../shared/data --work runs/avdigits
+
+# issue #25: seven members (each in its own process), the ensembles, the distilled model, RESULTS.md's ensemble section
+bench-ensemble: $(STAMP)
+	$(PY) benchmarks/avdigits/ensemble.py --data ../shared/data --work runs/avdigits
 
 clean:
 	rm -rf $(VENV) outputs runs .pytest_cache

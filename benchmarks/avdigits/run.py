@@ -173,6 +173,10 @@ def write_results(results: dict[str, dict], work: Path, command: str, out_dir: P
     if notes.exists():
         lines += [notes.read_text().rstrip(), ""]
     out = out_dir / "RESULTS.md"
+    old = out.read_text() if out.exists() else ""
+    start, end = "<!-- ensemble:start -->", "<!-- ensemble:end -->"  # ensemble.py's section: kept as it is
+    if start in old and end in old:
+        lines += [old[old.index(start): old.index(end) + len(end)], ""]
     atomic_write_text(out, "\n".join(lines))
     return out
 

@@ -29,7 +29,7 @@ from moefuse.datasets import make_loader
 from moefuse.datasets.collate import IGNORE_INDEX
 from moefuse.datasets.corruption import Corruption
 from moefuse.evaluation.loop import DATA_COUNTS, count_into, to_device
-from moefuse.evaluation.metrics import best_single_voter, expected_calibration_error
+from moefuse.evaluation.metrics import best_single_voter, error_detection_auroc, expected_calibration_error
 from moefuse.fusion.ensemble import EnsembleModel, build_ensemble_model, media_mismatch, task_mismatch
 from moefuse.fusion.ensemble_combine import (
     RULES,
@@ -129,10 +129,11 @@ def member_scores(a: TaskAnswers) -> tuple[list[float | None], list[float]]:
     return acc, cover
 
 
-def rule_scores(a: TaskAnswers, rule: str, folds: int, features: list[str], scored_only: set[str] = frozenset()
-                ) -> dict[str, tuple[float, float]]:
-    """{condition: (accuracy, ECE)} of `rule`, cross-fitted over `folds` on the rows of every condition not in
-    `scored_only` together (the copies of a sample share its fold: `fold_of` hashes the id), scored per condition."""
+def rule_scores(a: TaskAnswers, rule: str, folds: int, features: list[str],
+                scored_only: set[str] = frozenset()) -> dict[str, tuple[float, float, float | None]]:
+    """{condition: (accuracy, ECE, AUROC of the confidence for wrong answers)} of `rule`, cross-fitted over `folds`
+    on the rows of every condition not in `scored_only` together (the copies of a sample share its fold: `fold_of`
+    hashes the id), scored per condition."""
     fit = lambda x, y: fit_combiner(rule, x, y, features)  # noqa: E731
     mask = [c not in scored_only for c in a.conditions]
     crossed = cross_fit(a.ids, a.answers, a.targets, folds, fit, mask).combined
@@ -142,7 +143,8 @@ def rule_scores(a: TaskAnswers, rule: str, folds: int, features: list[str], scor
     for condition in dict.fromkeys(a.conditions):
         rows = [i for i, c in enumerate(a.conditions) if c == condition]
         right, conf = [correct[i] for i in rows], [confidence[i] for i in rows]
-        scores[condition] = (sum(right) / len(right), expected_calibration_error(conf, right))
+        scores[condition] = (sum(right) / len(right), expected_calibration_error(conf, right),
+                             error_detection_auroc([-c for c in conf], [not r for r in right]))
     return scores
 
 
@@ -247,9 +249,10 @@ def build_ensemble(folders: list[Path], shards: list[str], out: Path, split: str
     for task, a in answers.items():
         best[task] = score_members(model.member_names, by_condition, task, figures)
         for rule in RULES:
-            for condition, (accuracy, ece) in rule_scores(a, rule, folds, features, scored_only).items():
+            for condition, (accuracy, ece, auroc) in rule_scores(a, rule, folds, features, scored_only).items():
                 figures.setdefault(figure_key("ensemble", rule, condition), {})[task] = accuracy
                 figures.setdefault(figure_key("ece", rule, condition), {})[task] = ece
+                figures.setdefault(figure_key("auroc", rule, condition), {})[task] = auroc
     answers = {task: concat_answers([c[task] for name, c in by_condition.items() if name not in scored_only])
                for task in by_condition[FULL]}  # the final combiner: fit on every row the folds fit on
     final = {task: fit_combiner(combine, a.answers, a.targets, features, task=task) for task, a in answers.items()}

@@ -87,8 +87,9 @@ class EnsembleConfig(Config):
     """Per task, the combiner fit on all rows of the split."""
     figures: dict[str, dict[str, float | None]] = field(default_factory=dict)
     """Accuracy per task on the split: `member:NAME` (over the samples it answers), `coverage:NAME` (the share it
-    answers), `best member`, `ensemble:RULE` and `ece:RULE` (cross-fitted) for each rule; the same with
-    ` @ MODALITY removed` for each of fit_drops and ` @ CORRUPTION` for each of scored_corruptions."""
+    answers), `best member`; for each rule, cross-fitted, `ensemble:RULE`, `ece:RULE` and `auroc:RULE` (of the
+    confidence for wrong answers); the same with ` @ MODALITY removed` for each of fit_drops and ` @ CORRUPTION` for
+    each of scored_corruptions."""
     parameters: int = 0
     """Parameters of all members together."""
     parameters_deduplicated: int = 0
@@ -256,7 +257,7 @@ def _figure_rows(cfg: EnsembleConfig, condition: str, tasks: list[str]) -> list[
     """The card's table rows of one condition: members, best member, the ensemble under every rule."""
     lines = []
     for key, row in condition_figures(cfg.figures, condition).items():
-        if key.startswith(("coverage:", "ece:")):
+        if key.startswith(("coverage:", "ece:", "auroc:")):
             continue
         label = key.replace("member:", "member ").replace("ensemble:", "ensemble, ")
         if key == f"ensemble:{cfg.combine}":
