@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -65,15 +66,33 @@ def train_member(name: str, shards: Path, work: Path, init: list[str], extra: li
     run = work / name
     if (run / "model" / "model.safetensors").exists():
         return run / "model"
+    owner = run / "trainer.pid"
+    if owner.exists() and _alive(int(owner.read_text() or 0)):  # another process of this script trains it now
+        print(f"[{name}] being trained by process {owner.read_text()}: left to it", flush=True)
+        return run / "model"
     if run.exists():  # a run that stopped half-way: it is this script's own output, started again
         shutil.rmtree(run)
+    run.mkdir(parents=True)
+    atomic_write_text(owner, str(os.getpid()))
     cfg = load_config(REPO / "configs" / "avdigits.yaml",
                       [f"data.train_shards=[{shards}]", f"data.val_shards=[{shards}]", f"train.output_dir={run}",
                        f"train.seed={seed}", *init, *VARIANTS[variant], *extra])
     start = time.perf_counter()
     train(cfg)
     atomic_write_text(run / "train_seconds.txt", f"{time.perf_counter() - start:.0f}\n")
+    owner.unlink()
     return run / "model"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
 
 
 def members_stage(args: argparse.Namespace, extra: list[str]) -> dict[str, Path]:
