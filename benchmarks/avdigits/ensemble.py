@@ -70,15 +70,16 @@ def train_member(name: str, shards: Path, work: Path, init: list[str], extra: li
     if owner.exists() and _alive(int(owner.read_text() or 0)):  # another process of this script trains it now
         print(f"[{name}] being trained by process {owner.read_text()}: left to it", flush=True)
         return run / "model"
-    if run.exists():  # a run that stopped half-way: it is this script's own output, started again
+    resume = any((run / "checkpoints").glob("step-*"))  # a run stopped half-way goes on from its last checkpoint
+    if run.exists() and not resume:  # a run that stopped before its first checkpoint: this script's, started again
         shutil.rmtree(run)
-    run.mkdir(parents=True)
+    run.mkdir(parents=True, exist_ok=True)
     atomic_write_text(owner, str(os.getpid()))
     cfg = load_config(REPO / "configs" / "avdigits.yaml",
                       [f"data.train_shards=[{shards}]", f"data.val_shards=[{shards}]", f"train.output_dir={run}",
                        f"train.seed={seed}", *init, *VARIANTS[variant], *extra])
     start = time.perf_counter()
-    train(cfg)
+    train(cfg, resume=resume)
     atomic_write_text(run / "train_seconds.txt", f"{time.perf_counter() - start:.0f}\n")
     owner.unlink()
     return run / "model"
