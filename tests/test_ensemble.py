@@ -488,3 +488,20 @@ def test_the_ensemble_collators_corruptions_draw_anew_per_batch_and_replay_per_e
         monkeypatch.setattr(collate, "get_worker_info", lambda w=worker: types.SimpleNamespace(id=w))
         in_worker[worker] = pixels(model.collator(corrupt=[Corruption.parse("image:noise:0")]))
     assert not torch.equal(in_worker[0], in_worker[1])
+
+
+def test_the_temperature_is_fit_on_the_rows_marked_for_calibration_only() -> None:
+    """The removed-modality copies train the gate but not the temperature (`MemberAnswers.calibrate`)."""
+    g = torch.Generator().manual_seed(3)
+    n = 400
+    y = torch.randint(0, 4, (n,), generator=g)
+    sure = torch.nn.functional.one_hot(y, 4).float() * 0.6 + 0.1  # right and fairly sure
+    noise = torch.rand(n, 4, generator=g).softmax(-1)  # a copy that lost what the answer needs
+    probs = torch.cat([sure, noise])[:, None, :]  # [2N, 1 member, C]
+    ones = torch.ones(2 * n, 1, dtype=torch.bool)
+    marked = MemberAnswers(probs, ones, ones, torch.arange(2 * n) < n)
+    alone = MemberAnswers(probs[:n], ones[:n], ones[:n])
+    targets = torch.cat([y, y])
+    t_marked = fit_combiner("soft", marked, targets, []).temperature
+    assert t_marked == pytest.approx(fit_combiner("soft", alone, y, []).temperature)
+    assert t_marked != pytest.approx(fit_combiner("soft", MemberAnswers(probs, ones, ones), targets, []).temperature)

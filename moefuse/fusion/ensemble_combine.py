@@ -119,9 +119,11 @@ class MemberAnswers:
     probs: torch.Tensor  # [N, M, C] each member's calibrated probabilities (anything where it abstains)
     answers: torch.Tensor  # [N, M] bool: the member has one of the sample's modalities
     present: torch.Tensor  # [N, Q] bool: the sample's modalities (the ensemble's modality order)
+    calibrate: torch.Tensor | None = None  # [N] bool: the rows the temperature is fit on (None: every row)
 
     def rows(self, index: torch.Tensor) -> MemberAnswers:
-        return MemberAnswers(self.probs[index], self.answers[index], self.present[index])
+        return MemberAnswers(self.probs[index], self.answers[index], self.present[index],
+                             None if self.calibrate is None else self.calibrate[index])
 
 
 @dataclass
@@ -269,7 +271,8 @@ def fit_gate(x: MemberAnswers, targets: torch.Tensor, feature_names: list[str]) 
 def fit_combiner(rule: str, x: MemberAnswers, targets: torch.Tensor, feature_names: list[str],
                  min_temperature_samples: int = MIN_TEMPERATURE_SAMPLES, task: str = "") -> TaskCombiner:
     """A combiner of `rule` fit on these rows (those with a target, >= 0), then its temperature on its own combined
-    probabilities of the same rows (T = 1 when `fit_problem` finds too few rows or no error)."""
+    probabilities of the same rows, or of those `x.calibrate` marks (T = 1 when `fit_problem` finds too few rows or
+    no error)."""
     samples = int(_known(targets).numel())
     if rule == "weighted":
         c = TaskCombiner(rule="weighted", weights=fit_weights(x, targets), samples=samples, task=task)
@@ -282,6 +285,8 @@ def fit_combiner(rule: str, x: MemberAnswers, targets: torch.Tensor, feature_nam
     else:
         raise ValueError(f"unknown combination rule {rule!r}; use one of {', '.join(RULES)}")
     mix = combine(c, x).uncalibrated
+    if x.calibrate is not None:  # e.g. only the split as it is, not its copies with a modality removed
+        mix, targets = mix[x.calibrate], targets[x.calibrate]
     if fit_problem(mix, targets, min_temperature_samples) is None:
         c.temperature = min(max(fit_temperature(mix, targets), MIN_TEMPERATURE), MAX_TEMPERATURE)
     return c
