@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from run import CONDITIONS, HERE, REPO, VARIANTS, build, prepare, pretrain_encoders
+from run import CONDITIONS, HERE, REPO, VARIANTS, build, prepare, pretrain_encoders, robustness
 
 from moefuse.configutil import atomic_write_text
 
@@ -137,8 +137,8 @@ def distill_stage(args: argparse.Namespace, teacher: Path, extra: list[str]) -> 
 
 
 def evaluate_stage(folders: dict[str, Path], shards: Path, out: Path) -> dict[str, dict]:
-    """{model: {condition: evaluate's report}} under every condition, each written to out/eval-<model>.json."""
-    from moefuse.datasets.corruption import Corruption
+    """{model: {condition: {task: figures}}} under every condition (run.py's `robustness`; full inputs with ECE,
+    the confidence's AUROC and the question types as well), each written to out/eval-<model>.json."""
     from moefuse.evaluation.report import evaluate
 
     results = {}
@@ -147,15 +147,11 @@ def evaluate_stage(folders: dict[str, Path], shards: Path, out: Path) -> dict[st
         if file.exists():
             results[name] = json.loads(file.read_text())
             continue
-        results[name] = {}
-        for condition, how in CONDITIONS.items():
-            report = evaluate(folder, [str(shards)], split="val", progress=False,
-                              drop_modalities=how.get("drop_modalities"),
-                              corrupt=[Corruption.parse(c) for c in how.get("corrupt", [])])
-            results[name][condition] = {t: {k: d[k] for k in ("accuracy", "ece", "accuracy_by_qtype", "selective")
-                                            if k in d} for t, d in report["tasks"].items()}
-            print(f"[{name}] {condition}: " + ", ".join(f"{t}={d['accuracy']:.3f}"
-                                                        for t, d in report["tasks"].items()), flush=True)
+        full = evaluate(folder, [str(shards)], split="val", progress=False)
+        others = robustness(name, folder, shards, full, [c for c in CONDITIONS if c != "full"])
+        results[name] = {"full": {t: {k: d[k] for k in ("accuracy", "ece", "accuracy_by_qtype", "selective") if k in d}
+                                  for t, d in full["tasks"].items()},
+                         **{c: {t: {"accuracy": a} for t, a in acc.items()} for c, acc in others.items()}}
         atomic_write_text(file, json.dumps(results[name], indent=2))
     return results
 

@@ -118,13 +118,15 @@ def train_variant(name: str, shards: Path, work: Path, init: list[str], extra: l
     return run / "model"
 
 
-def robustness(name: str, model: Path, shards: Path, full: dict) -> dict[str, dict[str, float]]:
-    """{condition: {task: accuracy}} of one variant under each of its ROBUST_VARIANTS conditions."""
+def robustness(name: str, model: Path, shards: Path, full: dict, conditions: list[str] | None = None
+               ) -> dict[str, dict[str, float]]:
+    """{condition: {task: accuracy}} of one model under `conditions` (default: its variant's ROBUST_VARIANTS);
+    `full` is its report under full inputs."""
     from moefuse.datasets.corruption import Corruption
     from moefuse.evaluation.report import evaluate
 
     out = {}
-    for condition in ROBUST_VARIANTS.get(name, []):
+    for condition in ROBUST_VARIANTS.get(name, []) if conditions is None else conditions:
         how = CONDITIONS[condition]
         report = full if not how else evaluate(
             model, [str(shards)], split="val", progress=False, drop_modalities=how.get("drop_modalities"),

@@ -33,7 +33,7 @@ from moefuse.datasets.collate import IGNORE_INDEX
 from moefuse.datasets.corruption import Corruption
 from moefuse.evaluation.loop import DATA_COUNTS, count_into, to_device
 from moefuse.evaluation.metrics import best_single_voter, error_detection_auroc, expected_calibration_error
-from moefuse.fusion.ensemble import EnsembleModel, build_ensemble_model, media_mismatch, task_mismatch
+from moefuse.fusion.ensemble import EnsembleModel, build_ensemble_model, task_mismatch
 from moefuse.fusion.ensemble_combine import (
     RULES,
     MemberAnswers,
@@ -221,10 +221,7 @@ def load_members(folders: list[Path]) -> dict[str, MultimodalMoEModel]:
     problem = task_mismatch(members)
     if problem is not None:
         raise ConfigError(f"{problem}; every member must answer the same tasks with the same vocabularies")
-    problem = media_mismatch(members)
-    if problem is not None:
-        raise ConfigError(problem)
-    return members
+    return members  # media settings that differ: refused by EnsembleModel itself (media_mismatch)
 
 
 def build_ensemble(folders: list[Path], shards: list[str], out: Path, split: str = "val", combine: str = "gated",

@@ -33,10 +33,14 @@ def load_inference_model(path: str | Path, device: str | torch.device = "cpu", i
     if is_ensemble_folder(path):
         return _load_ensemble(path, device, cache_encoders, runtime, "int8" if int8 else quantize, warm)
     model = MultimodalMoEModel.from_pretrained(path, device=device)
-    if cache_encoders is None:
-        cache_encoders = [m for m, enc in model.encoders.items() if enc.cfg.finetune == "frozen"]
-    model.cache_encoders(cache_encoders)
+    model.cache_encoders(frozen_encoders(model) if cache_encoders is None else cache_encoders)
     return prepare_inference(model, runtime, "int8" if int8 else quantize, warm=warm)
+
+
+def frozen_encoders(model: MultimodalMoEModel) -> list[str]:
+    """The modalities whose encoder was frozen in training: a fixed feature extractor that mostly sees repeated
+    prompts, whose outputs the encoder cache reuses by default."""
+    return [m for m, enc in model.encoders.items() if enc.cfg.finetune == "frozen"]
 
 
 def _load_ensemble(path: str | Path, device: str | torch.device, cache_encoders: list[str] | None, runtime: str,
@@ -47,8 +51,8 @@ def _load_ensemble(path: str | Path, device: str | torch.device, cache_encoders:
     if cache_encoders is not None:
         model.cache_encoders(cache_encoders)  # checks the names against the ensemble's modalities
     for name, member in list(model.members.items()):
-        frozen = [m for m, enc in member.encoders.items() if enc.cfg.finetune == "frozen"]
-        member.cache_encoders(frozen if cache_encoders is None else [m for m in cache_encoders if m in member.encoders])
+        member.cache_encoders(frozen_encoders(member) if cache_encoders is None
+                              else [m for m in cache_encoders if m in member.encoders])
         model.members[name] = prepare_inference(member, runtime, quantize, warm=False)
     model.startup_s = warm_up(model) if runtime == "compiled" and warm else 0.0
     return model
