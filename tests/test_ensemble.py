@@ -180,6 +180,27 @@ def test_cross_fitting_never_scores_a_sample_with_a_combiner_fit_on_it() -> None
         assert {i for i in masked.scored_rows[f] if i >= 120} == {i + 120 for i in result.scored_rows[f]}
 
 
+def test_the_rules_are_scored_per_question_type() -> None:
+    from moefuse.evaluation.ensemble import TaskAnswers, rule_scores
+
+    n = 40
+    said = [(3 * i) % 4 for i in range(n)]  # both members say this class, confidently
+    targets = [(s if i % 3 else (s + 1) % 4) for i, s in enumerate(said)]  # every third sample answered wrong
+    qtypes = [("sum", "same", "")[i % 3 if i % 5 else 1] for i in range(n)]
+    probs = torch.full((n, 2, 4), 0.1)
+    probs[torch.arange(n), :, torch.tensor(said)] = 0.7
+    a = TaskAnswers([f"s-{i}" for i in range(n)], MemberAnswers(probs, torch.ones(n, 2, dtype=torch.bool),
+                                                                 torch.ones(n, 1, dtype=torch.bool)),
+                    torch.tensor(targets), ["full"] * n, qtypes)
+    score = rule_scores(a, "soft", 5, [])["full"]
+    right = [s == t for s, t in zip(said, targets)]
+    for q in ("sum", "same"):  # by hand: the share of that type's rows whose said class is the target
+        rows = [i for i in range(n) if qtypes[i] == q]
+        assert score.by_qtype[q] == pytest.approx(sum(right[i] for i in rows) / len(rows))
+    assert set(score.by_qtype) == {"sum", "same"} and score.accuracy == pytest.approx(sum(right) / n)
+    assert score.by_qtype["sum"] == 0.0 < score.by_qtype["same"] < 1.0  # sum: the rows i % 3 == 0 (wrong) alone
+
+
 def test_the_fold_of_a_sample_depends_on_its_id_only() -> None:
     assert [fold_of(f"id-{i}", 5) for i in range(50)] == [fold_of(f"id-{i}", 5) for i in range(50)]
     assert fold_of("cat-001", 5) == fold_of("cat-001", 5) and 0 <= fold_of("x", 3) < 3
@@ -246,6 +267,10 @@ def test_the_ensemble_folder_holds_its_members_config_and_card(ensemble_dir: Pat
     assert cfg.figures["coverage:image-only @ image removed"] == {"digit": 0.0, "avqa": 0.0}
     assert cfg.figures["member:image-only @ image removed"] == {"digit": None, "avqa": None}
     assert all(0 <= cfg.figures[f"ensemble:{r} @ audio removed"]["digit"] <= 1 for r in ("soft", "gated"))
+    # avqa's question types (the demo's meta.qtype), cross-fitted under full inputs, on the card for its rule
+    qtypes = {k.split(":")[2] for k in cfg.figures if k.startswith("qtype:gated:") and " @ " not in k}
+    assert qtypes and qtypes <= {"written", "spoken", "sum", "same"} and "### By question type (`gated`" in card
+    assert not any(k.startswith("qtype:") and " @ " in k for k in cfg.figures)
 
 
 def test_members_sharing_encoder_weights_run_that_encoder_once(members: dict[str, Path], fault_data: dict) -> None:

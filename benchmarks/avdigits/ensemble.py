@@ -1,31 +1,35 @@
-"""AV-digits ensembles (issue #25): train the members, each in a fresh process -> build the ensembles -> distil ->
-evaluate everything under full inputs, each modality removed and each modality corrupted -> the cost of each ->
-the ensemble section of RESULTS.md.
+"""AV-digits ensembles (issue #25), replicated over seeds: train the members, each in a fresh process -> build one
+ensemble per seed -> distil one model per seed -> evaluate everything under full inputs, each modality removed and
+each modality corrupted -> the cost of each -> the ensemble section of RESULTS.md, every figure a mean ± sd over
+the seeds.
 
     python benchmarks/avdigits/ensemble.py --data ../shared/data --work runs/avdigits        (make bench-ensemble)
 
-Members (all from the same pretrained encoders, data and steps as run.py's variants): the MoE model on seeds 0, 1
-and 2, dense, concat, image only and audio only. Each is trained in its own Python process, so nothing a member
-leaves behind in a process (allocator state, thread pools, caches, RNG streams of libraries that are not seeded)
-touches the next: run.py trains its variants one after another in one process, and that is one of the two
-suspects of the reproducibility question of issue #25 (the other: the machine's kernels).
+Members (all from the same pretrained encoders, data and steps as run.py's variants): for each seed in --seeds
+(default 0, 1, 2), the MoE model, dense, concat, image only and audio only trained with train.seed = that seed
+(WORK/<variant> for seed 0, WORK/<variant>_seed<N> for the others). Each is trained in its own Python process, so
+nothing a member leaves behind in a process (allocator state, thread pools, caches, RNG streams of libraries that
+are not seeded) touches the next (issue #25's reproducibility question: benchmarks/repro_check.py).
 
 Stages (`--stages`, default all, in this order; each reuses what an earlier run of it left in WORK):
-    members     train the members that WORK does not hold yet (WORK/<member>/model)
-    ensembles   `moefuse ensemble` (the library call) of all seven members and of the three MoE seeds alone, on
+    members     train the members of each seed that WORK does not hold yet (WORK/<member>/model)
+    ensembles   `moefuse ensemble` (the library call) of each seed's five members (WORK/ensemble/seed<N>), and of
+                the three MoE seeds (WORK/ensemble/moe3: a deep ensemble, one run since it takes every seed), on
                 the validation split: every rule cross-fitted over 5 folds, fit on the split as it is and with each
-                modality removed, scored also under each corruption (never fit on): WORK/ensemble/<name>/
-    distill     the MoE config (seed 0) trained on the all-member ensemble's soft targets (`distill.teacher`, the
-                section's defaults T = 2, weight 0.5: nothing tuned): WORK/distilled/model
-    evaluate    the distilled model under every condition (WORK/ensemble/eval-distilled.json)
-    cost        parameters, and ms per sample at batch 1 and batch 32 of the best member, each ensemble and the
-                distilled model, measured side by side (benchmarks/compress.py's round-robin `measure`)
+                modality removed, scored also under each corruption (never fit on)
+    distill     per seed, the MoE config with that seed trained on that seed's ensemble's soft targets
+                (`distill.teacher`, the section's defaults T = 2, weight 0.5: WORK/distilled[_seed<N>]); and for
+                seed 0 only, each of TRIED, the other distillation settings tried (WORK/distilled-<name>)
+    evaluate    every distilled model under every condition (WORK/ensemble/eval-<name>.json)
+    cost        parameters, and ms per sample at batch 1 and batch 32 of seed 0's best member, its ensemble, the
+                MoE-seed ensemble and its distilled model, measured side by side (benchmarks/compress.py's
+                round-robin `measure`); one seed, as the cost does not depend on it
     report      the ensemble section of benchmarks/avdigits/RESULTS.md (between its ensemble markers; run.py keeps
-                that section when it rewrites the file)
+                that section when it rewrites the file), over the seeds whose ensemble and distilled model exist
 
 The ensembles' combiners are fit on the validation split (cross-fitted: every ensemble figure of that split comes
-from samples its combiner was not fit on); the distilled student's teacher is the all-member ensemble, whose
-combiner saw the validation labels, so the student's validation figures carry that (small, indirect) leak.
+from samples its combiner was not fit on); a distilled student's teacher is its seed's ensemble, whose combiner saw
+the validation labels, so the student's validation figures carry that (small, indirect) leak.
 """
 
 from __future__ import annotations
@@ -43,13 +47,29 @@ from run import CONDITIONS, HERE, REPO, VARIANTS, build, prepare, pretrain_encod
 
 from moefuse.configutil import atomic_write_text
 
-MEMBERS: dict[str, tuple[str, int]] = {  # member -> (run.py variant, train.seed)
-    "moe": ("moe", 0), "moe_seed1": ("moe", 1), "moe_seed2": ("moe", 2), "dense": ("dense", 0),
-    "concat": ("concat", 0), "image_only": ("image_only", 0), "audio_only": ("audio_only", 0),
-}
-TRAINED = {**MEMBERS, "distilled": ("moe", 0)}  # what --train-member trains: the members and the student
+SEEDS = [0, 1, 2]
+KINDS = ["moe", "dense", "concat", "image_only", "audio_only"]  # run.py's variants
+
+
+def member_name(kind: str, seed: int) -> str:
+    """A member's folder name: the variant for seed 0 (run.py's names), with _seed<N> after it for the others."""
+    return kind if seed == 0 else f"{kind}_seed{seed}"
+
+
+def student_name(seed: int, tried: str = "") -> str:
+    """A distilled model's folder name: distilled[_seed<N>], or distilled-<tried> for a setting of TRIED."""
+    return f"distilled-{tried}" if tried else ("distilled" if seed == 0 else f"distilled_seed{seed}")
+
+
+MEMBERS: dict[str, tuple[str, int]] = {member_name(k, s): (k, s) for s in SEEDS for k in KINDS}
+"""member -> (run.py variant, train.seed), seed by seed"""
+TRIED: dict[str, list[str]] = {"w0.9-T4": ["distill.weight=0.9", "distill.temperature=4"]}
+"""Other distillation settings, each trained once (seed 0, seed 0's teacher) and reported beside the defaults; chosen
+before any was run, not picked on the validation figures"""
+TRAINED: dict[str, tuple[str, int, list[str]]] = {  # what --train-member trains -> (variant, seed, overrides)
+    **{name: (kind, seed, []) for name, (kind, seed) in MEMBERS.items()},
+    **{student_name(s): ("moe", s, []) for s in SEEDS}, **{student_name(0, t): ("moe", 0, o) for t, o in TRIED.items()}}
 STAGES = ["members", "ensembles", "distill", "evaluate", "cost", "report"]
-ENSEMBLES: dict[str, list[str]] = {"all": list(MEMBERS), "moe3": ["moe", "moe_seed1", "moe_seed2"]}
 SCORED_CORRUPTIONS = ["audio:noise:0", "image:noise:0", "audio:conflict", "image:conflict"]
 CONDITION_OF = {"audio:noise:0": "audio noise 0 dB", "image:noise:0": "image noise 0 dB",
                 "audio:conflict": "audio conflict", "image:conflict": "image conflict"}
@@ -62,7 +82,7 @@ def train_member(name: str, shards: Path, work: Path, init: list[str], extra: li
     from moefuse.config import load_config
     from moefuse.train.recipe import train
 
-    variant, seed = TRAINED[name]
+    variant, seed, overrides = TRAINED[name]
     run = work / name
     if (run / "model" / "model.safetensors").exists():
         return run / "model"
@@ -77,7 +97,7 @@ def train_member(name: str, shards: Path, work: Path, init: list[str], extra: li
     atomic_write_text(owner, str(os.getpid()))
     cfg = load_config(REPO / "configs" / "avdigits.yaml",
                       [f"data.train_shards=[{shards}]", f"data.val_shards=[{shards}]", f"train.output_dir={run}",
-                       f"train.seed={seed}", *init, *VARIANTS[variant], *extra])
+                       f"train.seed={seed}", *init, *VARIANTS[variant], *extra, *overrides])
     start = time.perf_counter()
     train(cfg, resume=resume)
     atomic_write_text(run / "train_seconds.txt", f"{time.perf_counter() - start:.0f}\n")
@@ -97,9 +117,9 @@ def _alive(pid: int) -> bool:
 
 
 def members_stage(args: argparse.Namespace, extra: list[str]) -> dict[str, Path]:
-    """Every member's model folder, training each one WORK lacks in a fresh process."""
+    """The model folder of every member of --seeds, training each one WORK lacks in a fresh process."""
     folders = {}
-    for name in args.members:
+    for name in [member_name(k, s) for s in args.seeds for k in KINDS]:
         folder = args.work / name / "model"
         if not (folder / "model.safetensors").exists():
             print(f"[{name}] training in a fresh process", flush=True)
@@ -109,16 +129,25 @@ def members_stage(args: argparse.Namespace, extra: list[str]) -> dict[str, Path]
     return folders
 
 
-def ensembles_stage(folders: dict[str, Path], shards: Path, out: Path) -> dict[str, Path]:
-    """Each of ENSEMBLES built (cross-fitted figures in its ensemble.json) -> {name: its folder}."""
+def ensembles_of(seeds: list[int]) -> dict[str, list[str]]:
+    """{ensemble: its members}: seed<N> (that seed's five members) for each seed, and moe3 (the MoE model of seeds
+    0, 1 and 2) when all three are among `seeds`."""
+    out = {f"seed{s}": [member_name(k, s) for k in KINDS] for s in seeds}
+    if set(SEEDS) <= set(seeds):
+        out["moe3"] = [member_name("moe", s) for s in SEEDS]
+    return out
+
+
+def ensembles_stage(work: Path, seeds: list[int], shards: Path) -> dict[str, Path]:
+    """Each ensemble of `seeds` built (cross-fitted figures in its ensemble.json) -> {name: its folder}."""
     from moefuse.datasets.corruption import Corruption
     from moefuse.evaluation.ensemble import build_ensemble, format_build
 
     built = {}
-    for name, members in ENSEMBLES.items():
-        folder = out / name
+    for name, members in ensembles_of(seeds).items():
+        folder = work / "ensemble" / name
         if not (folder / "ensemble.json").exists():
-            build = build_ensemble([folders[m] for m in members], [str(shards)], folder, split="val",
+            build = build_ensemble([work / m / "model" for m in members], [str(shards)], folder, split="val",
                                    combine="gated", folds=5, progress=False,
                                    score_corrupt=[Corruption.parse(c) for c in SCORED_CORRUPTIONS])
             print(f"[ensemble {name}]\n{format_build(build)}", flush=True)
@@ -126,14 +155,17 @@ def ensembles_stage(folders: dict[str, Path], shards: Path, out: Path) -> dict[s
     return built
 
 
-def distill_stage(args: argparse.Namespace, teacher: Path, extra: list[str]) -> Path:
-    """The distilled student (the MoE config, seed 0, taught by `teacher`), trained in a fresh process."""
-    run = args.work / "distilled"
-    if not (run / "model" / "model.safetensors").exists():
-        print(f"[distilled] training in a fresh process, teacher {teacher}", flush=True)
-        subprocess.run([sys.executable, __file__, "--data", str(args.data), "--work", str(args.work),
-                        "--train-member", "distilled", *extra, f"distill.teacher={teacher}"], check=True)
-    return run / "model"
+def distill_stage(args: argparse.Namespace, extra: list[str]) -> dict[str, Path]:
+    """{student: its model folder}: per seed of --seeds, the MoE config taught by that seed's ensemble with the
+    section's defaults, and (seed 0) each setting of TRIED; each trained in a fresh process."""
+    students = [(student_name(s), s) for s in args.seeds] + [(student_name(0, t), 0) for t in TRIED if 0 in args.seeds]
+    for name, seed in students:
+        if not (args.work / name / "model" / "model.safetensors").exists():
+            teacher = args.work / "ensemble" / f"seed{seed}"
+            print(f"[{name}] training in a fresh process, teacher {teacher}", flush=True)
+            subprocess.run([sys.executable, __file__, "--data", str(args.data), "--work", str(args.work),
+                            "--train-member", name, *extra, f"distill.teacher={teacher}"], check=True)
+    return {name: args.work / name / "model" for name, _ in students}
 
 
 def evaluate_stage(folders: dict[str, Path], shards: Path, out: Path) -> dict[str, dict]:
@@ -187,18 +219,18 @@ def cost_stage(models: dict[str, Path], shards: Path, out: Path, rounds: int = 3
 START, END = "<!-- ensemble:start -->", "<!-- ensemble:end -->"
 TABLE_CONDITIONS = {"full": "full", "audio removed": "audio removed", "image removed": "image removed",
                     **{v: k for k, v in CONDITION_OF.items()}}  # RESULTS condition -> ensemble.json condition
+RULES = ["soft", "weighted", "gated", "majority"]
+TASKS = ["digit", "avqa"]
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}"
-
-
-def _num(x: float | None) -> str:
-    return "–" if x is None else f"{x:.3f}"
-
-
-def _spread(values: list[float]) -> str:
-    return f"{100 * statistics.fmean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+def stat(values: list[float | None], scale: float = 100.0, digits: int = 1) -> str:
+    """`mean ± sd` over the seeds (sample sd), the value alone for one run, `–` where a value is missing (a
+    member that answers no sample: its modality is gone)."""
+    if not values or any(v is None for v in values):
+        return "–"
+    xs = [scale * v for v in values]  # type: ignore[operator]
+    mean = f"{statistics.fmean(xs):.{digits}f}"
+    return mean if len(xs) == 1 else f"{mean} ± {statistics.stdev(xs):.{digits}f}"
 
 
 def figure(cfg, kind: str, name: str, condition: str, task: str) -> float | None:
@@ -209,95 +241,162 @@ def figure(cfg, kind: str, name: str, condition: str, task: str) -> float | None
     return cfg.figures.get(key, {}).get(task)
 
 
-def accuracy_rows(ens: dict, distilled: dict, conditions: list[str]) -> list[str]:
-    """Table rows (accuracy %, digit / avqa per condition): members, the MoE seeds' mean, best member, the
-    ensembles under each rule, the distilled model."""
-    cfg, moe3 = ens["all"], ens["moe3"]
-    cells = lambda get: " | ".join(f"{get(c, 'digit')} / {get(c, 'avqa')}" for c in conditions)  # noqa: E731
-    rows = [f"| member {m} | " + cells(lambda c, t, m=m: _pct(figure(cfg, "member", m, c, t))) + " |"
-            for m in MEMBERS]
+class Results:
+    """What the stages left in WORK, read for the report: the ensemble of each seed, the MoE-seed ensemble (if
+    built), each distilled model's evaluation, the cost."""
 
-    def seeds(c: str, t: str) -> str:
-        values = [figure(cfg, "member", m, c, t) for m in ("moe", "moe_seed1", "moe_seed2")]
-        return "–" if None in values else _spread(values)  # type: ignore[arg-type]
-    rows.append("| MoE, mean ± sd over seeds 0, 1, 2 | " + cells(seeds) + " |")
-    rows.append("| **best member** | " + cells(lambda c, t: _pct(figure(cfg, "best member", "", c, t))) + " |")
-    for rule in ("soft", "weighted", "gated", "majority"):
-        rows.append(f"| ensemble of all 7, {rule} | "
-                    + cells(lambda c, t, r=rule: _pct(figure(cfg, "ensemble", r, c, t))) + " |")
-    rows.append("| ensemble of the 3 MoE seeds, gated | "
-                + cells(lambda c, t: _pct(figure(moe3, "ensemble", "gated", c, t))) + " |")
-    rows.append("| distilled (one MoE model) | " + cells(
-        lambda c, t: _pct(distilled.get(c, {}).get(t, {}).get("accuracy"))) + " |")
+    def __init__(self, work: Path, seeds: list[int]) -> None:
+        from moefuse.fusion.ensemble_folder import read_ensemble_config
+
+        out = work / "ensemble"
+        self.seeds = seeds
+        self.ens = {s: read_ensemble_config(out / f"seed{s}") for s in seeds}
+        self.moe3 = read_ensemble_config(out / "moe3") if (out / "moe3" / "ensemble.json").exists() else None
+        self.distilled = {s: json.loads((out / f"eval-{student_name(s)}.json").read_text()) for s in seeds}
+        self.tried = {t: json.loads((out / f"eval-{student_name(0, t)}.json").read_text()) for t in TRIED
+                      if (out / f"eval-{student_name(0, t)}.json").exists()}
+        self.cost = json.loads((out / "cost.json").read_text())
+
+    def over_seeds(self, kind: str, name: str, condition: str, task: str) -> list[float | None]:
+        """One ensemble figure of each seed; `name` may hold {kind} for the member of that seed."""
+        return [figure(self.ens[s], kind, name.format(seed=s) if "{" in name else name, condition, task)
+                for s in self.seeds]
+
+    def distilled_acc(self, evals: list[dict], condition: str, task: str) -> list[float | None]:
+        return [e.get(condition, {}).get(task, {}).get("accuracy") for e in evals]
+
+
+def accuracy_rows(r: Results, conditions: list[str]) -> list[str]:
+    """Table rows (accuracy %, `digit / avqa` per condition, mean ± sd over the seeds): each member kind, the best
+    member, each seed's ensemble under each rule, the MoE-seed ensemble, the distilled models."""
+    def row(label: str, get) -> str:  # get(condition, task) -> values over seeds
+        return f"| {label} | " + " | ".join(" / ".join(stat(get(c, t)) for t in TASKS) for c in conditions) + " |"
+
+    rows = [row(f"member {k}", lambda c, t, k=k: [figure(r.ens[s], "member", member_name(k, s), c, t)
+                                                for s in r.seeds]) for k in KINDS]
+    rows.append(row("**best member** (per seed and column)", lambda c, t: r.over_seeds("best member", "", c, t)))
+    rows += [row(f"ensemble of a seed's 5, {rule}", lambda c, t, u=rule: r.over_seeds("ensemble", u, c, t))
+             for rule in RULES]
+    if r.moe3 is not None:
+        rows.append(row("ensemble of the MoE seeds 0, 1, 2, gated (one run)",
+                        lambda c, t: [figure(r.moe3, "ensemble", "gated", c, t)]))
+    rows.append(row("distilled (one MoE model; T = 2, weight 0.5)",
+                    lambda c, t: r.distilled_acc(list(r.distilled.values()), c, t)))
+    rows += [row(f"distilled, {' '.join(TRIED[t])} (seed 0, one run)",
+                 lambda c, u, e=e: r.distilled_acc([e], c, u)) for t, e in r.tried.items()]
     return rows
 
 
-def target_lines(ens: dict, distilled: dict, cost: dict) -> list[str]:
-    """Issue #25's targets, met or missed, on these figures."""
-    cfg = ens["all"]
+def seed_rows(r: Results) -> list[str]:
+    """Per seed, full inputs: the best member, the gated ensemble and the distilled model (digit / avqa)."""
+    rows = ["| seed | best member | gated ensemble | distilled |", "|---|---|---|---|"]
+    for s in r.seeds:
+        cells = [figure(r.ens[s], "best member", "", "full", t) for t in TASKS], \
+            [figure(r.ens[s], "ensemble", "gated", "full", t) for t in TASKS], \
+            [r.distilled[s]["full"][t]["accuracy"] for t in TASKS]
+        rows.append(f"| {s} | " + " | ".join(" / ".join(stat([v]) for v in c) for c in cells) + " |")
+    return rows
+
+
+def calibration_rows(r: Results) -> list[str]:
+    """ECE / AUROC of the confidence for wrong answers (full inputs), mean ± sd over the seeds."""
+    rows = ["| model | digit | avqa |", "|---|---|---|"]
+    for rule in RULES:
+        rows.append(f"| ensemble of a seed's 5, {rule} | " + " | ".join(
+            f"{stat(r.over_seeds('ece', rule, 'full', t), 1, 3)} / {stat(r.over_seeds('auroc', rule, 'full', t), 1, 3)}"
+            for t in TASKS) + " |")
+    d = list(r.distilled.values())
+    rows.append("| distilled | " + " | ".join(
+        f"{stat([e['full'][t]['ece'] for e in d], 1, 3)} / "
+        f"{stat([e['full'][t]['selective']['auroc_confidence'] for e in d], 1, 3)}" for t in TASKS) + " |")
+    return rows
+
+
+def qtype_rows(r: Results) -> list[str]:
+    """avqa accuracy per question type of the distilled models (the ensembles' are not cross-fitted)."""
+    qtypes = list(next(iter(r.distilled.values()))["full"]["avqa"].get("accuracy_by_qtype", {}))
+    rows = ["| model | " + " | ".join(qtypes) + " |", "|---|" + "---|" * len(qtypes)]
+    evals = {"distilled (T = 2, weight 0.5)": list(r.distilled.values()),
+             **{f"distilled, {' '.join(TRIED[t])} (seed 0)": [e] for t, e in r.tried.items()}}
+    for label, es in evals.items():
+        rows.append(f"| {label} | " + " | ".join(
+            stat([e["full"]["avqa"]["accuracy_by_qtype"][q]["accuracy"] for e in es]) for q in qtypes) + " |")
+    return rows
+
+
+def cost_rows(cost: dict) -> list[str]:
+    rows = ["| model | parameters | ms / sample, batch 1 | ms / sample, batch 32 |", "|---|---:|---:|---:|"]
+    for name, c in cost.items():
+        rows.append(f"| {name} | {c['parameters']:,} | {statistics.median(c['b1_ms']):.1f} | "
+                    f"{statistics.median(c['b32_ms']):.2f} |")
+    return rows
+
+
+def mean(values: list[float | None]) -> float:
+    return statistics.fmean(v for v in values if v is not None)
+
+
+def target_lines(r: Results) -> list[str]:
+    """Issue #25's targets, met or missed, on the means over the seeds (with the number of seeds meeting each)."""
     checks = []
-    for t in ("digit", "avqa"):
-        g, b = figure(cfg, "ensemble", "gated", "full", t), figure(cfg, "best member", "", "full", t)
-        checks.append((f"{t}: gated ensemble >= best member + 1.5: {_pct(g)} vs {_pct(b)}", g >= b + 0.015))
-    for removed_, member in (("audio removed", "image_only"), ("image removed", "audio_only")):
-        g, m = figure(cfg, "ensemble", "gated", removed_, "digit"), figure(cfg, "member", member, "full", "digit")
-        checks.append((f"digit with the {removed_.split()[0]} removed >= {member}: {_pct(g)} vs {_pct(m)}", g >= m))
-    for t in ("digit", "avqa"):
-        e, a = figure(cfg, "ece", "gated", "full", t), figure(cfg, "auroc", "gated", "full", t)
-        checks.append((f"{t}: gated ECE <= 0.03: {e:.3f}", e <= 0.03))
-        checks.append((f"{t}: gated AUROC of confidence for wrong answers >= 0.85: {_num(a)}",
-                       a is not None and a >= 0.85))
-        d, b = distilled["full"][t]["accuracy"], figure(cfg, "best member", "", "full", t)
-        g = figure(cfg, "ensemble", "gated", "full", t)
-        checks.append((f"{t}: distilled >= best member + 1.0 and within 1.0 of the ensemble: {_pct(d)} vs best "
-                       f"{_pct(b)}, ensemble {_pct(g)}", d >= b + 0.01 and d >= g - 0.01))
-    a = distilled["full"]["avqa"]
-    worst = min(q["accuracy"] for q in a.get("accuracy_by_qtype", {}).values())
-    checks.append((f"distilled avqa >= 95 % ({_pct(a['accuracy'])}) with every question type >= 90 % (worst "
-                   f"{_pct(worst)})", a["accuracy"] >= 0.95 and worst >= 0.90))
-    g = figure(cfg, "ensemble", "gated", "full", "avqa")
-    checks.append((f"gated ensemble avqa >= 95 %: {_pct(g)} (its question types are not cross-fitted: not checked)",
-                   g >= 0.95))
+
+    def check(text: str, per_seed: list[bool], ok: bool) -> None:
+        checks.append((f"{text} (met in {sum(per_seed)} of {len(per_seed)} seeds)", ok))
+
+    for t in TASKS:
+        g, b = r.over_seeds("ensemble", "gated", "full", t), r.over_seeds("best member", "", "full", t)
+        check(f"{t}: gated ensemble >= best member + 1.5: {stat(g)} vs {stat(b)}",
+              [x >= y + 0.015 for x, y in zip(g, b)], mean(g) >= mean(b) + 0.015)
+    for removed, member in (("audio removed", "image_only"), ("image removed", "audio_only")):
+        g = r.over_seeds("ensemble", "gated", removed, "digit")
+        m = [figure(r.ens[s], "member", member_name(member, s), "full", "digit") for s in r.seeds]
+        check(f"digit with the {removed.split()[0]} removed >= {member}: {stat(g)} vs {stat(m)}",
+              [x >= y for x, y in zip(g, m)], mean(g) >= mean(m))
+    for t in TASKS:
+        e, a = r.over_seeds("ece", "gated", "full", t), r.over_seeds("auroc", "gated", "full", t)
+        check(f"{t}: gated ECE <= 0.03: {stat(e, 1, 3)}", [x <= 0.03 for x in e], mean(e) <= 0.03)
+        check(f"{t}: gated AUROC of confidence for wrong answers >= 0.85: {stat(a, 1, 3)}",
+              [x is not None and x >= 0.85 for x in a], mean(a) >= 0.85)
+        d = r.distilled_acc(list(r.distilled.values()), "full", t)
+        b, g = r.over_seeds("best member", "", "full", t), r.over_seeds("ensemble", "gated", "full", t)
+        check(f"{t}: distilled >= best member + 1.0 and within 1.0 of the ensemble: {stat(d)} vs best {stat(b)}, "
+              f"ensemble {stat(g)}", [x >= y + 0.01 and x >= z - 0.01 for x, y, z in zip(d, b, g)],
+              mean(d) >= mean(b) + 0.01 and mean(d) >= mean(g) - 0.01)
+    a = [e["full"]["avqa"] for e in r.distilled.values()]
+    worst = [min(q["accuracy"] for q in x["accuracy_by_qtype"].values()) for x in a]
+    acc = [x["accuracy"] for x in a]
+    check(f"distilled avqa >= 95 % ({stat(acc)}) with every question type >= 90 % (worst {stat(worst)})",
+          [x >= 0.95 and w >= 0.90 for x, w in zip(acc, worst)], mean(acc) >= 0.95 and mean(worst) >= 0.90)
+    g = r.over_seeds("ensemble", "gated", "full", "avqa")
+    check(f"gated ensemble avqa >= 95 %: {stat(g)} (its question types are not cross-fitted: not checked)",
+          [x >= 0.95 for x in g], mean(g) >= 0.95)
     return [f"- {'met' if ok else '**missed**'}: {text}" for text, ok in checks]
 
 
-def report_stage(work: Path, results: Path) -> Path:
+def report_stage(work: Path, seeds: list[int], results: Path) -> Path:
     """The ensemble section of `results` (a RESULTS.md) from WORK/ensemble's results (between START and END)."""
-    from moefuse.fusion.ensemble_folder import read_ensemble_config
-
-    out = work / "ensemble"
-    ens = {name: read_ensemble_config(out / name) for name in ENSEMBLES}
-    distilled = json.loads((out / "eval-distilled.json").read_text())
-    cost = json.loads((out / "cost.json").read_text())
-    head = ["digit / avqa"] * 3
+    r = Results(work, seeds)
+    n = f"mean ± sd over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]} alone"
     lines = [START, "## Ensembles of models and distillation (issue #25)", "",
              "Command: `python benchmarks/avdigits/ensemble.py --data ../shared/data --work runs/avdigits` "
-             "(`make bench-ensemble`). Accuracy in % on the validation split; every ensemble figure is cross-fitted "
+             f"(`make bench-ensemble`). Accuracy in % on the validation split, {n} (each seed trains its own five "
+             "members, builds its own ensemble and distils its own student). Every ensemble figure is cross-fitted "
              "over 5 folds (from samples its combiner was not fit on); a member's figure is over the samples it "
              "answers (`–`: none, its modality is gone). The combiners were fit on the split as it is and with each "
-             "modality removed; the corruptions were never fit on.", "",
-             "| model | full | audio removed | image removed |", "|---|" + "---|" * len(head)]
-    lines += accuracy_rows(ens, distilled, ["full", "audio removed", "image removed"])
+             "modality removed; the corruptions were never fit on. Cells: digit / avqa.", "",
+             "| model | full | audio removed | image removed |", "|---|---|---|---|"]
+    lines += accuracy_rows(r, ["full", "audio removed", "image removed"])
     lines += ["", "| model | " + " | ".join(CONDITION_OF.values()) + " |", "|---|" + "---|" * 4]
-    lines += accuracy_rows(ens, distilled, list(CONDITION_OF.values()))
+    lines += accuracy_rows(r, list(CONDITION_OF.values()))
+    lines += ["", "Seed by seed, full inputs:", "", *seed_rows(r)]
     lines += ["", "Calibration (full inputs): ECE / AUROC of the confidence for wrong answers.", "",
-              "| model | digit | avqa |", "|---|---|---|"]
-    for rule in ("soft", "weighted", "gated", "majority"):
-        lines.append(f"| ensemble of all 7, {rule} | " + " | ".join(
-            f"{_num(figure(ens['all'], 'ece', rule, 'full', t))} / {_num(figure(ens['all'], 'auroc', rule, 'full', t))}"
-            for t in ("digit", "avqa")) + " |")
-    d = distilled["full"]
-    lines.append("| distilled | " + " | ".join(f"{_num(d[t]['ece'])} / {_num(d[t]['selective']['auroc_confidence'])}"
-                                             for t in ("digit", "avqa")) + " |")
-    threads = next(iter(cost.values()))["threads"]
-    lines += ["", f"Cost, measured side by side in one process ({threads} torch threads; batch-1 p50 with cold encoder "
-              "caches and batch-32 time per sample, median over rounds; the parameters of an ensemble count an "
-              "encoder shared by identical weights once):", "",
-              "| model | parameters | ms / sample, batch 1 | ms / sample, batch 32 |", "|---|---:|---:|---:|"]
-    for name, c in cost.items():
-        lines.append(f"| {name} | {c['parameters']:,} | {statistics.median(c['b1_ms']):.1f} | "
-                     f"{statistics.median(c['b32_ms']):.2f} |")
-    lines += ["", "Targets:", "", *target_lines(ens, distilled, cost), "", END]
+              *calibration_rows(r)]
+    lines += ["", "avqa by question type (full inputs):", "", *qtype_rows(r)]
+    threads = next(iter(r.cost.values()))["threads"]
+    lines += ["", f"Cost (seed 0's models), measured side by side in one process ({threads} torch threads; batch-1 "
+              "p50 with cold encoder caches and batch-32 time per sample, median over rounds; the parameters of an "
+              "ensemble count an encoder shared by identical weights once):", "", *cost_rows(r.cost)]
+    lines += ["", "Targets (on the means over the seeds):", "", *target_lines(r), "", END]
     text = results.read_text() if results.exists() else ""
     if START in text:
         text = text[: text.index(START)] + "\n".join(lines) + text[text.index(END) + len(END):]
@@ -311,8 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="folder with fsdd/ and mnist/")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "avdigits")
-    p.add_argument("--members", nargs="+", default=list(MEMBERS), choices=list(MEMBERS),
-                   help="the members to train (the members stage); the later stages need all of them")
+    p.add_argument("--seeds", nargs="+", type=int, default=SEEDS, choices=SEEDS,
+                   help="the seeds to train, ensemble, distil and report (each seed: its five members)")
     p.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
     p.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="the RESULTS.md to write the section to")
     p.add_argument("--train-member", choices=list(TRAINED), help=argparse.SUPPRESS)  # the child's job
@@ -325,21 +424,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_member:
         train_member(args.train_member, shards, args.work, init, args.overrides)
         return 0
-    out = args.work / "ensemble"
-    out.mkdir(parents=True, exist_ok=True)
-    folders = members_stage(args, args.overrides) if "members" in args.stages else \
-        {name: args.work / name / "model" for name in MEMBERS}
-    built = ensembles_stage(folders, shards, out) if "ensembles" in args.stages else \
-        {name: out / name for name in ENSEMBLES}
-    distilled = distill_stage(args, built["all"], args.overrides) if "distill" in args.stages else \
-        args.work / "distilled" / "model"
+    (args.work / "ensemble").mkdir(parents=True, exist_ok=True)
+    if "members" in args.stages:
+        members_stage(args, args.overrides)
+    if "ensembles" in args.stages:
+        ensembles_stage(args.work, args.seeds, shards)
+    students = distill_stage(args, args.overrides) if "distill" in args.stages else {
+        name: args.work / name / "model" for name in [student_name(s) for s in args.seeds]
+        + [student_name(0, t) for t in TRIED if 0 in args.seeds]}
     if "evaluate" in args.stages:
-        evaluate_stage({"distilled": distilled}, shards, out)
-    if "cost" in args.stages:
-        cost_stage({"best member (moe)": folders["moe"], "ensemble of all 7": built["all"],
-                    "ensemble of the 3 MoE seeds": built["moe3"], "distilled": distilled}, shards, out)
+        evaluate_stage({n: f for n, f in students.items() if (f / "model.safetensors").exists()}, shards,
+                       args.work / "ensemble")
+    if "cost" in args.stages and 0 in args.seeds:
+        out = args.work / "ensemble"
+        cost_stage({"best member (moe)": args.work / "moe" / "model", "ensemble of seed 0's 5": out / "seed0",
+                    **({"ensemble of the 3 MoE seeds": out / "moe3"} if (out / "moe3").exists() else {}),
+                    "distilled": students[student_name(0)]}, shards, out)
     if "report" in args.stages:
-        print(f"wrote {report_stage(args.work, args.results)}")
+        print(f"wrote {report_stage(args.work, args.seeds, args.results)}")
     return 0
 
 

@@ -64,6 +64,17 @@ class TaskAnswers:
     answers: MemberAnswers
     targets: torch.Tensor  # [N] class index, IGNORE_INDEX when unknown
     conditions: list[str] = field(default_factory=list)  # [N] the condition each row was read under
+    qtypes: list[str] = field(default_factory=list)  # [N] the sample's meta.qtype ("" where it has none)
+
+
+@dataclass
+class RuleScore:
+    """A combination rule's cross-fitted figures under one condition."""
+
+    accuracy: float
+    ece: float
+    auroc: float | None  # of the confidence for wrong answers; None where every answer is right (or wrong)
+    by_qtype: dict[str, float] = field(default_factory=dict)  # accuracy per meta.qtype, where samples carry one
 
 
 @dataclass
@@ -105,15 +116,16 @@ def collect_answers(model: EnsembleModel, loader, progress: bool = True, conditi
         out = model(batch)
         for task, x in out.answers.items():
             rows = out.tasks[task].rows.tolist()
-            parts.setdefault(task, []).append(([batch["ids"][r] for r in rows], x, batch["labels"][rows]))
+            parts.setdefault(task, []).append(([batch["ids"][r] for r in rows], x, batch["labels"][rows],
+                                               [str(batch["meta"][r].get("qtype", "")) for r in rows]))
     count_into(counts, getattr(loader, "tail_counts", None) or {})
     result = {}
     for task, chunks in parts.items():
         result[task] = TaskAnswers(
-            ids=[i for ids, _, _ in chunks for i in ids],
-            answers=MemberAnswers(*(torch.cat([getattr(x, k) for _, x, _ in chunks])
+            ids=[i for ids, *_ in chunks for i in ids],
+            answers=MemberAnswers(*(torch.cat([getattr(x, k) for _, x, *_ in chunks])
                                     for k in ("probs", "answers", "present"))),
-            targets=torch.cat([y for _, _, y in chunks]))
+            targets=torch.cat([y for _, _, y, _ in chunks]), qtypes=[q for *_, qs in chunks for q in qs])
         result[task].conditions = [condition] * len(result[task].ids)
         result[task].answers.calibrate = torch.full((len(result[task].ids),), condition == FULL)
     return result, counts
@@ -134,10 +146,10 @@ def member_scores(a: TaskAnswers) -> tuple[list[float | None], list[float]]:
 
 
 def rule_scores(a: TaskAnswers, rule: str, folds: int, features: list[str],
-                scored_only: set[str] = frozenset()) -> dict[str, tuple[float, float, float | None]]:
-    """{condition: (accuracy, ECE, AUROC of the confidence for wrong answers)} of `rule`, cross-fitted over `folds`
-    on the rows of every condition not in `scored_only` together (the copies of a sample share its fold: `fold_of`
-    hashes the id), scored per condition."""
+                scored_only: set[str] = frozenset()) -> dict[str, RuleScore]:
+    """{condition: figures} of `rule`, cross-fitted over `folds` on the rows of every condition not in
+    `scored_only` together (the copies of a sample share its fold: `fold_of` hashes the id), scored per condition
+    (and per question type, where the samples carry meta.qtype)."""
     fit = lambda x, y: fit_combiner(rule, x, y, features)  # noqa: E731
     mask = [c not in scored_only for c in a.conditions]
     crossed = cross_fit(a.ids, a.answers, a.targets, folds, fit, mask).combined
@@ -147,8 +159,13 @@ def rule_scores(a: TaskAnswers, rule: str, folds: int, features: list[str],
     for condition in dict.fromkeys(a.conditions):
         rows = [i for i, c in enumerate(a.conditions) if c == condition]
         right, conf = [correct[i] for i in rows], [confidence[i] for i in rows]
-        scores[condition] = (sum(right) / len(right), expected_calibration_error(conf, right),
-                             error_detection_auroc([-c for c in conf], [not r for r in right]))
+        by_qtype: dict[str, list[bool]] = {}
+        for i in rows:
+            if a.qtypes and a.qtypes[i]:
+                by_qtype.setdefault(a.qtypes[i], []).append(correct[i])
+        scores[condition] = RuleScore(sum(right) / len(right), expected_calibration_error(conf, right),
+                                      error_detection_auroc([-c for c in conf], [not r for r in right]),
+                                      {q: sum(v) / len(v) for q, v in sorted(by_qtype.items())})
     return scores
 
 
@@ -206,7 +223,8 @@ def concat_answers(parts: list[TaskAnswers]) -> TaskAnswers:
                        answers=MemberAnswers(*(torch.cat([getattr(p.answers, k) for p in parts])
                                                for k in ("probs", "answers", "present", "calibrate"))),
                        targets=torch.cat([p.targets for p in parts]),
-                       conditions=[c for p in parts for c in p.conditions])
+                       conditions=[c for p in parts for c in p.conditions],
+                       qtypes=[q for p in parts for q in (p.qtypes or [""] * len(p.ids))])
 
 
 def load_members(folders: list[Path]) -> dict[str, MultimodalMoEModel]:
@@ -250,10 +268,12 @@ def build_ensemble(folders: list[Path], shards: list[str], out: Path, split: str
     for task, a in answers.items():
         best[task] = score_members(model.member_names, by_condition, task, figures)
         for rule in RULES:
-            for condition, (accuracy, ece, auroc) in rule_scores(a, rule, folds, features, scored_only).items():
-                figures.setdefault(figure_key("ensemble", rule, condition), {})[task] = accuracy
-                figures.setdefault(figure_key("ece", rule, condition), {})[task] = ece
-                figures.setdefault(figure_key("auroc", rule, condition), {})[task] = auroc
+            for condition, score in rule_scores(a, rule, folds, features, scored_only).items():
+                figures.setdefault(figure_key("ensemble", rule, condition), {})[task] = score.accuracy
+                figures.setdefault(figure_key("ece", rule, condition), {})[task] = score.ece
+                figures.setdefault(figure_key("auroc", rule, condition), {})[task] = score.auroc
+                for qtype, accuracy in score.by_qtype.items() if condition == FULL else ():
+                    figures.setdefault(figure_key("qtype", f"{rule}:{qtype}", condition), {})[task] = accuracy
     answers = {task: concat_answers([c[task] for name, c in by_condition.items() if name not in scored_only])
                for task in by_condition[FULL]}  # the final combiner: fit on every row the folds fit on
     final = {task: fit_combiner(combine, a.answers, a.targets, features, task=task) for task, a in answers.items()}
@@ -313,5 +333,5 @@ def format_build(build: EnsembleBuild) -> str:
     return "\n".join(line.rstrip() for line in lines if line is not None)
 
 
-__all__ = ["EnsembleBuild", "TaskAnswers", "build_ensemble", "collect_answers", "collect_conditions", "concat_answers",
+__all__ = ["EnsembleBuild", "RuleScore", "TaskAnswers", "build_ensemble", "collect_answers", "collect_conditions", "concat_answers",
            "fit_drops", "format_build", "load_members", "member_names", "member_scores", "rule_scores", "score_members"]

@@ -88,8 +88,9 @@ class EnsembleConfig(Config):
     figures: dict[str, dict[str, float | None]] = field(default_factory=dict)
     """Accuracy per task on the split: `member:NAME` (over the samples it answers), `coverage:NAME` (the share it
     answers), `best member`; for each rule, cross-fitted, `ensemble:RULE`, `ece:RULE` and `auroc:RULE` (of the
-    confidence for wrong answers); the same with ` @ MODALITY removed` for each of fit_drops and ` @ CORRUPTION` for
-    each of scored_corruptions."""
+    confidence for wrong answers), and `qtype:RULE:QTYPE` (accuracy per question type, meta.qtype, under full inputs
+    only, where the samples carry one); the same with ` @ MODALITY removed` for each of fit_drops and
+    ` @ CORRUPTION` for each of scored_corruptions."""
     parameters: int = 0
     """Parameters of all members together."""
     parameters_deduplicated: int = 0
@@ -233,6 +234,7 @@ def ensemble_card(cfg: EnsembleConfig, name: str) -> str:
         lines += ["", f"### Under {c} (cross-fitted; the combiner never saw corrupted inputs)", "",
                   "| model | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
         lines += _figure_rows(cfg, c, tasks)
+    lines += _qtype_rows(cfg, tasks)
     lines += ["", "A member's accuracy is over the samples it answers (a member without any of a sample's "
               "modalities abstains); its share of them:", ""]
     for m in cfg.members:
@@ -257,13 +259,24 @@ def _figure_rows(cfg: EnsembleConfig, condition: str, tasks: list[str]) -> list[
     """The card's table rows of one condition: members, best member, the ensemble under every rule."""
     lines = []
     for key, row in condition_figures(cfg.figures, condition).items():
-        if key.startswith(("coverage:", "ece:", "auroc:")):
+        if key.startswith(("coverage:", "ece:", "auroc:", "qtype:")):
             continue
         label = key.replace("member:", "member ").replace("ensemble:", "ensemble, ")
         if key == f"ensemble:{cfg.combine}":
             label += " (this folder)"
         lines.append(f"| {label} | " + " | ".join(_pct(row.get(t)) for t in tasks) + " |")
     return lines
+
+
+def _qtype_rows(cfg: EnsembleConfig, tasks: list[str]) -> list[str]:
+    """The card's accuracy per question type (meta.qtype) of this folder's rule, under full inputs; none without."""
+    prefix = f"qtype:{cfg.combine}:"
+    rows = {k[len(prefix):]: v for k, v in condition_figures(cfg.figures, FULL).items() if k.startswith(prefix)}
+    if not rows:
+        return []
+    return ["", f"### By question type (`{cfg.combine}`, cross-fitted, the split as it is)", "",
+            "| question type | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks),
+            *(f"| {q} | " + " | ".join(_pct(v.get(t)) for t in tasks) + " |" for q, v in rows.items())]
 
 
 def _pct(value: float | None) -> str:
