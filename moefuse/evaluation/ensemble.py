@@ -333,5 +333,6 @@ def format_build(build: EnsembleBuild) -> str:
     return "\n".join(line.rstrip() for line in lines if line is not None)
 
 
-__all__ = ["EnsembleBuild", "RuleScore", "TaskAnswers", "build_ensemble", "collect_answers", "collect_conditions", "concat_answers",
-           "fit_drops", "format_build", "load_members", "member_names", "member_scores", "rule_scores", "score_members"]
+__all__ = ["EnsembleBuild", "RuleScore", "TaskAnswers", "build_ensemble", "collect_answers", "collect_conditions",
+           "concat_answers", "fit_drops", "format_build", "load_members", "member_names", "member_scores",
+           "rule_scores", "score_members"]
