@@ -397,10 +397,13 @@ def report_stage(work: Path, seeds: list[int], results: Path) -> Path:
               *calibration_rows(r)]
     lines += ["", "avqa by question type (full inputs):", "", *qtype_rows(r)]
     threads = next(iter(r.cost.values()))["threads"]
-    lines += ["", f"Cost (seed 0's models), measured side by side in one process ({threads} torch threads; batch-1 "
+    lines += ["", f"Cost (seed 0's models), measured side by side in one process ({threads} torch thread"
+              f"{'s' if threads != 1 else ''}; batch-1 "
               "p50 with cold encoder caches and batch-32 time per sample, median over rounds; the parameters of an "
               "ensemble count an encoder shared by identical weights once):", "", *cost_rows(r.cost)]
-    lines += ["", "Targets (on the means over the seeds):", "", *target_lines(r), "", END]
+    lines += ["", "Distillation tried: the `distill:` section's defaults (T = 2, weight 0.5) on every seed, and on "
+              "seed 0 " + "; ".join(" ".join(o) for o in TRIED.values()) + " (chosen before any run, not picked on the "
+              "validation figures).", "", "Targets (on the means over the seeds):", "", *target_lines(r), "", END]
     text = results.read_text() if results.exists() else ""
     if START in text:
         text = text[: text.index(START)] + "\n".join(lines) + text[text.index(END) + len(END):]
