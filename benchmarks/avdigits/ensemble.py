@@ -155,17 +155,20 @@ def ensembles_stage(work: Path, seeds: list[int], shards: Path) -> dict[str, Pat
     return built
 
 
-def distill_stage(args: argparse.Namespace, extra: list[str]) -> dict[str, Path]:
-    """{student: its model folder}: per seed of --seeds, the MoE config taught by that seed's ensemble with the
-    section's defaults, and (seed 0) each setting of TRIED; each trained in a fresh process."""
-    students = [(student_name(s), s) for s in args.seeds] + [(student_name(0, t), 0) for t in TRIED if 0 in args.seeds]
-    for name, seed in students:
+def students_of(seeds: list[int]) -> dict[str, int]:
+    """{student: its seed}: per seed the defaults' student, and (with seed 0) each setting of TRIED."""
+    return {**{student_name(s): s for s in seeds}, **{student_name(0, t): 0 for t in TRIED if 0 in seeds}}
+
+
+def distill_stage(args: argparse.Namespace, extra: list[str]) -> None:
+    """Train each student of --seeds (`students_of`) that WORK lacks, in a fresh process: the MoE config taught by
+    its seed's ensemble."""
+    for name, seed in students_of(args.seeds).items():
         if not (args.work / name / "model" / "model.safetensors").exists():
             teacher = args.work / "ensemble" / f"seed{seed}"
             print(f"[{name}] training in a fresh process, teacher {teacher}", flush=True)
             subprocess.run([sys.executable, __file__, "--data", str(args.data), "--work", str(args.work),
                             "--train-member", name, *extra, f"distill.teacher={teacher}"], check=True)
-    return {name: args.work / name / "model" for name, _ in students}
 
 
 def evaluate_stage(folders: dict[str, Path], shards: Path, out: Path) -> dict[str, dict]:
@@ -258,9 +261,8 @@ class Results:
         self.cost = json.loads((out / "cost.json").read_text())
 
     def over_seeds(self, kind: str, name: str, condition: str, task: str) -> list[float | None]:
-        """One ensemble figure of each seed; `name` may hold {kind} for the member of that seed."""
-        return [figure(self.ens[s], kind, name.format(seed=s) if "{" in name else name, condition, task)
-                for s in self.seeds]
+        """One figure of each seed's ensemble."""
+        return [figure(self.ens[s], kind, name, condition, task) for s in self.seeds]
 
     def distilled_acc(self, evals: list[dict], condition: str, task: str) -> list[float | None]:
         return [e.get(condition, {}).get(task, {}).get("accuracy") for e in evals]
@@ -436,9 +438,9 @@ def main(argv: list[str] | None = None) -> int:
         members_stage(args, args.overrides)
     if "ensembles" in args.stages:
         ensembles_stage(args.work, args.seeds, shards)
-    students = distill_stage(args, args.overrides) if "distill" in args.stages else {
-        name: args.work / name / "model" for name in [student_name(s) for s in args.seeds]
-        + [student_name(0, t) for t in TRIED if 0 in args.seeds]}
+    if "distill" in args.stages:
+        distill_stage(args, args.overrides)
+    students = {name: args.work / name / "model" for name in students_of(args.seeds)}
     if "evaluate" in args.stages:
         evaluate_stage({n: f for n, f in students.items() if (f / "model.safetensors").exists()}, shards,
                        args.work / "ensemble")
